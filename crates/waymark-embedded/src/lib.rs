@@ -1,0 +1,1 @@
+//! The embedded default: a durable log and projection store on redb

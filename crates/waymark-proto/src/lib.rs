@@ -1,0 +1,1 @@
+//! Generated protobuf and gRPC types of waymark.v1

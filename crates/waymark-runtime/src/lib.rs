@@ -1,0 +1,1 @@
+//! The processor runtime: log and projection-store seams, batching, offsets, dead letters, shutdown

@@ -1,0 +1,1 @@
+//! Validation of raw events against the JSON Schemas in schemas/, and upcasting

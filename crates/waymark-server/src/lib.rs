@@ -1,0 +1,1 @@
+//! gRPC services Query, Ingest and Admin

@@ -1,0 +1,1 @@
+//! topology.yaml: topics, processors and projections, parsed strictly

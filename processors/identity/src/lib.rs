@@ -1,0 +1,1 @@
+//! The identity processor: a pure fold over Waymark events

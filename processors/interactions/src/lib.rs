@@ -1,0 +1,1 @@
+//! The interactions processor: a pure fold over Waymark events

@@ -1,0 +1,1 @@
+//! The journey processor: a pure fold over Waymark events

@@ -1,0 +1,1 @@
+//! The learning processor: a pure fold over Waymark events

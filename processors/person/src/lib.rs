@@ -1,0 +1,1 @@
+//! The person processor: a pure fold over Waymark events
