@@ -1,1 +1,104 @@
-//! topology.yaml: topics, processors and projections, parsed strictly
+//! `topology.yaml`: the topics, the processors and how they are wired,
+//! parsed strictly.
+//!
+//! ```
+//! let topology = waymark_topology::Topology::default_for(&[
+//!     "identity", "person", "interactions", "journey", "learning",
+//! ])?;
+//! assert_eq!(topology.topics.events.name, "waymark.events");
+//! assert_eq!(topology.processor("identity").unwrap().inputs, ["waymark.inputs"]);
+//! # Ok::<(), waymark_topology::TopologyErrors>(())
+//! ```
+//!
+//! # Layout
+//! - [`parse`] / [`load`] / [`Topology::default_for`]: the entry points;
+//!   [`default_yaml`] is the repository's `topology.yaml`, built in.
+//! - `model.rs`: the parsed data ([`Topology`], [`Topics`], [`TopicSpec`],
+//!   [`ProcessorSpec`]) and the defaults ([`DEFAULT_DEDUPE_WINDOW`],
+//!   [`DEFAULT_PROCESSOR_RETENTION`]).
+//! - `parse.rs`: the parser. It walks a `marked-yaml` node tree, which keeps
+//!   the line and column of every node, instead of deserializing with serde,
+//!   so that it can report every mistake at once rather than the first.
+//! - `duration.rs`: the duration syntax (`<n>ms|s|m|h|d|w`, `forever`).
+//! - `error.rs`: [`TopologyErrors`] (a parse) and [`LoadError`] (a load).
+//!
+//! # Guarantees
+//! - Strict: an unknown field, a missing required field, a value of the
+//!   wrong type (`"6"` is a string, not a number), a bad duration, a
+//!   partition count or projection version below 1, a topic name Kafka
+//!   would refuse, two topics with one name, a processor input or output
+//!   that is not a declared topic, an unknown processor (the message lists
+//!   the known ones) and a known processor missing from the file are all
+//!   errors. Duplicate YAML keys, anchors, aliases and tags are refused.
+//! - Every error is reported in one [`TopologyErrors`], in file order, each
+//!   as `file:line:column: message` (1-based, lowercase, no trailing
+//!   period). Only a YAML syntax error or duplicate key stops the walk,
+//!   since the tree after it cannot be trusted.
+//! - Defaults live in one place (`model.rs`): `compaction` false,
+//!   `dedupe_window` 7 days, a processor's `retention` 365 days.
+//! - No IO except [`load`], which reads one file.
+
+mod duration;
+mod error;
+mod model;
+mod parse;
+
+use std::path::Path;
+
+pub use duration::{format_duration, parse_duration, parse_retention, DurationError, Retention};
+pub use error::{LoadError, TopologyError, TopologyErrorKind, TopologyErrors};
+pub use model::{
+    ProcessorSpec, TopicRole, TopicSpec, Topics, Topology, DEFAULT_DEDUPE_WINDOW,
+    DEFAULT_PROCESSOR_RETENTION, PROCESSORS_WITH_RETENTION,
+};
+
+/// The name used in error locations for text given to [`parse`].
+pub const DEFAULT_ORIGIN: &str = "topology.yaml";
+
+/// The name used in error locations for [`default_yaml`].
+const BUILT_IN_ORIGIN: &str = "<built-in topology.yaml>";
+
+/// The repository's `topology.yaml`, compiled into the binary: the topology
+/// used when no file is given.
+pub fn default_yaml() -> &'static str {
+    include_str!("../../../topology.yaml")
+}
+
+/// Parses a topology from `text`, naming it [`DEFAULT_ORIGIN`] in errors.
+///
+/// `known_processors` are the processors the binary has (its registration
+/// table): each must be configured in the file, and the file may configure
+/// no other.
+pub fn parse(text: &str, known_processors: &[&str]) -> Result<Topology, TopologyErrors> {
+    parse_with_origin(text, DEFAULT_ORIGIN, known_processors)
+}
+
+/// Like [`parse`], naming the text `origin` (e.g. its path) in errors.
+pub fn parse_with_origin(
+    text: &str,
+    origin: &str,
+    known_processors: &[&str],
+) -> Result<Topology, TopologyErrors> {
+    parse::parse(text, origin, known_processors)
+}
+
+/// Reads and parses the topology file at `path`; errors name the path as
+/// given.
+pub fn load(path: &Path, known_processors: &[&str]) -> Result<Topology, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let origin = path.display().to_string();
+    Ok(parse_with_origin(&text, &origin, known_processors)?)
+}
+
+impl Topology {
+    /// Parses the built-in [`default_yaml`].
+    pub fn default_for(known_processors: &[&str]) -> Result<Topology, TopologyErrors> {
+        parse_with_origin(default_yaml(), BUILT_IN_ORIGIN, known_processors)
+    }
+}
+
+#[cfg(test)]
+mod tests;
