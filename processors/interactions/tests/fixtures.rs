@@ -1,0 +1,16 @@
+//! Golden fixtures: `tests/fixtures/<case>/events.jsonl` folded per person
+//! must give `expected.json`.
+
+mod common;
+
+use waymark_interactions::InteractionsFold;
+
+#[test]
+fn every_fixture_case_matches_its_expected_state() {
+    let cases = common::fixture_cases();
+    assert!(cases.len() >= 2, "at least two fixture cases");
+    for case in cases {
+        let (actual, expected) = common::run_fixture(&InteractionsFold::default(), &case);
+        assert_eq!(actual, expected, "fixture {}", case.display());
+    }
+}
