@@ -1,1 +1,18 @@
-//! The waymark command line
+//! The `waymark` command line and the assembly of a Waymark process.
+//!
+//! # Layout
+//! - [`registry`]: the explicit processor table (name → handler).
+//! - [`dev`]: `waymark dev` — embedded log and store, every processor, the
+//!   gRPC services, metrics and the Kafka-protocol front door in one process.
+//! - [`publish`]: `waymark publish`.
+//! - [`metrics_http`]: the Prometheus endpoint.
+//!
+//! # Guarantees
+//! See `waymark-runtime` for processing guarantees. `waymark dev` keeps
+//! every acknowledged event and every projection across restarts (including
+//! `kill -9`): the log and store are crash-safe redb files in `--data-dir`.
+
+pub mod dev;
+pub mod metrics_http;
+pub mod publish;
+pub mod registry;

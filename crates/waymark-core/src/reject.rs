@@ -58,7 +58,7 @@ impl fmt::Display for RejectKind {
 pub struct Rejection {
     /// Which rule it broke.
     pub kind: RejectKind,
-    /// Lowercase, human-readable reason, e.g. `data.stage: "" is shorter than 1 character`.
+    /// Lowercase, human-readable reason, e.g. `/data/stage: "" is shorter than 1 character`.
     pub message: String,
 }
 

@@ -1,1 +1,52 @@
-//! The processor runtime: log and projection-store seams, batching, offsets, dead letters, shutdown
+//! The processor runtime shared by every Waymark processor.
+//!
+//! # Layout
+//! - [`log`]: the log seam ([`Log`], [`LogConsumer`]) and the key partitioner.
+//! - [`store`]: the projection-store seam ([`ProjectionStore`]).
+//! - [`handler`]: what a processor does with a batch ([`Handler`]);
+//!   [`ProjectionHandler`] runs any [`waymark_core::Fold`];
+//!   [`IdentityHandler`] resolves identities.
+//! - [`runner`]: the loop that owns polling, retries, store writes,
+//!   positions, commits and dead letters ([`Runner`]).
+//! - [`dead_letter`]: dead-letter records and their headers (contract §5).
+//! - [`metrics`]: metric names.
+//!
+//! # Guarantees
+//! - **Per-key ordering.** Records of one partition are handled in offset
+//!   order, one batch at a time, and producers key events by identity or
+//!   person, so every person's events are applied in log order.
+//! - **At-least-once delivery, exactly-once effects.** A batch's outputs are
+//!   appended (durably) before its rows, and its rows are written together
+//!   with the next offsets they reflect ([`store::WriteBatch`]). On
+//!   assignment a partition is read from the position stored with the rows,
+//!   not from the group's committed offset. Every row also records the
+//!   position it reflects and the event ids applied within the dedupe window
+//!   ([`waymark_core::Tracked`]), so a redelivered record or a duplicate
+//!   event id changes nothing. Outputs of a batch that is retried after a
+//!   crash are appended again; they carry the same event ids and are
+//!   deduplicated downstream.
+//! - **Dead letters.** A record that cannot be decoded or validated is
+//!   appended to the dead-letter topic with its original key, value and the
+//!   headers of contract §5 before the position past it is stored; it never
+//!   stops the processor.
+//! - **Failures.** A store or log error is retried with exponential backoff;
+//!   nothing past the failing batch is stored or committed meanwhile.
+//! - **Shutdown.** On cancellation the runner stops polling, finishes the
+//!   batch in hand (outputs, rows, positions, commit) and returns.
+
+pub mod dead_letter;
+pub mod handler;
+pub mod identity;
+pub mod log;
+pub mod metrics;
+pub mod runner;
+pub mod store;
+
+pub use handler::{BatchOutput, BatchStats, HandleError, Handler, ProjectionHandler};
+pub use identity::IdentityHandler;
+pub use log::{
+    partition_for, Appended, ConsumerEvent, Log, LogConsumer, LogError, OutRecord, Record,
+    TopicConfig,
+};
+pub use runner::{RunError, Runner, RunnerConfig};
+pub use store::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};

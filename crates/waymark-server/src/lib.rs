@@ -1,1 +1,116 @@
-//! gRPC services Query, Ingest and Admin
+//! Waymark's gRPC services (contract §6), served by `waymark dev` and
+//! `waymark serve`.
+//!
+//! # Layout
+//! - [`QueryService`] (`query.rs`) reads projections through
+//!   [`Projections`] (`projections.rs`).
+//! - [`IngestService`] (`ingest.rs`) validates and appends events.
+//! - [`AdminService`] (`admin.rs`) lists dead letters.
+//! - `error.rs` maps every error to a status code, in one place;
+//!   `convert.rs` maps domain types to protobuf.
+//! - [`serve`] wires them with reflection (v1 and v1alpha), health, request
+//!   size and concurrency limits.
+//!
+//! # Guarantees
+//! - Malformed requests get `INVALID_ARGUMENT`, unknown persons, identities,
+//!   journeys and courses `NOT_FOUND`, an unreachable store or log
+//!   `UNAVAILABLE`; never `INTERNAL` for a client's mistake.
+//! - `Ingest.Publish` answers only after every accepted event is durable in
+//!   the log; a log failure fails the whole call with `UNAVAILABLE` (retry
+//!   is safe: event ids deduplicate).
+
+mod admin;
+mod convert;
+mod error;
+mod ingest;
+mod projections;
+mod query;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use waymark_proto::v1::admin_server::AdminServer;
+use waymark_proto::v1::ingest_server::IngestServer;
+use waymark_proto::v1::query_server::QueryServer;
+
+pub use admin::AdminService;
+pub use error::ApiError;
+pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
+pub use projections::{ProjectionTables, Projections};
+pub use query::QueryService;
+
+/// Largest request the Ingest service decodes (1000 events of typical size;
+/// a single event is at most 1 MiB).
+pub const MAX_INGEST_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Largest request the other services decode.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Concurrent requests per connection.
+pub const MAX_CONCURRENT_REQUESTS_PER_CONNECTION: usize = 256;
+
+/// The services to serve.
+#[derive(Clone)]
+pub struct Services {
+    /// `waymark.v1.Query`.
+    pub query: QueryService,
+    /// `waymark.v1.Ingest`.
+    pub ingest: IngestService,
+    /// `waymark.v1.Admin`.
+    pub admin: AdminService,
+}
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Reflection could not be built from the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The transport failed.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `services` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    services: Services,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<QueryServer<QueryService>>()
+        .await;
+    health_reporter
+        .set_serving::<IngestServer<IngestService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(waymark_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(waymark_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
+        .timeout(Duration::from_secs(30))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(QueryServer::new(services.query).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            IngestServer::new(services.ingest).max_decoding_message_size(MAX_INGEST_REQUEST_BYTES),
+        )
+        .add_service(AdminServer::new(services.admin).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await?;
+    Ok(())
+}

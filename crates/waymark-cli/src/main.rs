@@ -1,0 +1,216 @@
+//! `waymark`: run, feed and check a Waymark platform.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use waymark_cli::dev::{Dev, DevOptions};
+use waymark_cli::publish::{publish, Target};
+use waymark_cli::registry::PROCESSORS;
+
+/// Waymark: Kafka-centric, event-sourced per-person state, served over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "waymark", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole platform in one process: a durable embedded log and
+    /// projection store, every processor, the gRPC services and a
+    /// Kafka-protocol endpoint. Nothing else to install.
+    Dev {
+        /// Where the log, the projections and dev.json live.
+        #[arg(long, default_value = ".waymark", env = "WAYMARK_DATA_DIR")]
+        data_dir: PathBuf,
+        /// gRPC listen address (Query, Ingest, Admin, reflection, health).
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: SocketAddr,
+        /// Prometheus metrics listen address (an ephemeral port if busy).
+        #[arg(long, default_value = "127.0.0.1:9464", env = "WAYMARK_METRICS_ADDR")]
+        metrics_addr: SocketAddr,
+        /// Topology file; the built-in topology.yaml when not given.
+        #[arg(long, env = "WAYMARK_TOPOLOGY")]
+        topology: Option<PathBuf>,
+        /// Do not start the Kafka-protocol endpoint.
+        #[arg(long)]
+        no_kafka: bool,
+    },
+    /// Validate JSON-lines events (FILE or stdin) and publish them.
+    ///
+    /// Rejected lines are reported with their line number; the exit code is
+    /// non-zero when any line was rejected.
+    Publish {
+        /// Ingest service address (the default target; lossless).
+        #[arg(long, default_value = "127.0.0.1:50051", conflicts_with = "bootstrap")]
+        grpc_addr: String,
+        /// Publish straight to Kafka at HOST:PORT with an idempotent producer.
+        #[arg(long)]
+        bootstrap: Option<String>,
+        /// Topic for --bootstrap.
+        #[arg(long, default_value = "waymark.inputs", requires = "bootstrap")]
+        topic: String,
+        /// JSON-lines file; stdin when absent or "-".
+        file: Option<PathBuf>,
+    },
+    /// Work with topology.yaml.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCommand {
+    /// Check a topology file; reports every error at once with its location.
+    Check {
+        /// The file to check.
+        #[arg(default_value = "topology.yaml")]
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev {
+            data_dir,
+            grpc_addr,
+            metrics_addr,
+            topology,
+            no_kafka,
+        } => {
+            let topology = match topology {
+                Some(path) => {
+                    waymark_topology::load(&path, PROCESSORS).map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                None => waymark_topology::Topology::default_for(PROCESSORS)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
+            let dev = Dev::start(DevOptions {
+                data_dir: data_dir.clone(),
+                grpc_addr,
+                metrics_addr,
+                topology,
+                kafka_endpoint: !no_kafka,
+            })
+            .await?;
+            println!("waymark dev is ready (data in {})", data_dir.display());
+            println!("  grpc:    {}", dev.info.grpc_addr);
+            if !dev.info.kafka_bootstrap.is_empty() {
+                println!("  kafka:   {}", dev.info.kafka_bootstrap);
+            }
+            println!("  metrics: http://{}/metrics", dev.info.metrics_addr);
+            println!("  info:    {}", data_dir.join("dev.json").display());
+            dev.run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish {
+            grpc_addr,
+            bootstrap,
+            topic,
+            file,
+        } => {
+            let input = match &file {
+                Some(path) if path.as_os_str() != "-" => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                _ => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("cannot read stdin")?;
+                    s
+                }
+            };
+            let target = match bootstrap {
+                Some(bootstrap) => Target::Kafka { bootstrap, topic },
+                None => Target::Grpc(grpc_addr),
+            };
+            let report = publish(&input, &target).await?;
+            for (line, kind, message) in &report.rejected {
+                eprintln!("line {line}: rejected: {kind}: {message}");
+            }
+            println!(
+                "published {} events, rejected {}",
+                report.accepted,
+                report.rejected.len()
+            );
+            Ok(if report.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Topology {
+            command: TopologyCommand::Check { file },
+        } => match waymark_topology::load(&file, PROCESSORS) {
+            Ok(t) => {
+                println!(
+                    "{}: ok ({} topics, {} processors)",
+                    file.display(),
+                    t.topics.iter().count(),
+                    t.processors.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

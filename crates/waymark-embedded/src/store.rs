@@ -1,0 +1,169 @@
+//! The embedded projection store: one redb table per projection table, and
+//! a positions table, written in one durable transaction per batch.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use tracing::info;
+use waymark_runtime::{ProjectionStore, StoreError, WriteBatch};
+
+const POSITIONS: TableDefinition<'static, &str, u64> = TableDefinition::new("_positions");
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn position_key(consumer: &str, topic: &str, partition: u32) -> String {
+    format!("{consumer}\u{0}{topic}\u{0}{partition:010}")
+}
+
+fn position_prefix(consumer: &str, topic: &str) -> String {
+    format!("{consumer}\u{0}{topic}\u{0}")
+}
+
+/// The embedded projection store of `waymark dev`. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in file `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(unavailable)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(POSITIONS).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        info!(path = %path.display(), "embedded store open");
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(unavailable)?
+    }
+}
+
+fn table_def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+#[async_trait]
+impl ProjectionStore for EmbeddedStore {
+    async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
+        let tables = tables.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            for t in &tables {
+                txn.open_table(table_def(t)).map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_many(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let table = table.to_owned();
+        let keys = keys.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = match txn.open_table(table_def(&table)) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => {
+                    return Err(StoreError::UnknownTable(table))
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            keys.iter()
+                .map(|k| {
+                    Ok(t.get(k.as_str())
+                        .map_err(unavailable)?
+                        .map(|v| v.value().to_vec()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut rows = batch.rows;
+                rows.sort_by(|a, b| a.table.cmp(&b.table));
+                let mut i = 0;
+                while i < rows.len() {
+                    let name = rows[i].table.clone();
+                    let mut t = txn.open_table(table_def(&name)).map_err(unavailable)?;
+                    while i < rows.len() && rows[i].table == name {
+                        let row = &rows[i];
+                        match &row.value {
+                            Some(v) => {
+                                t.insert(row.key.as_str(), v.as_slice())
+                                    .map_err(unavailable)?;
+                            }
+                            None => {
+                                t.remove(row.key.as_str()).map_err(unavailable)?;
+                            }
+                        }
+                        i += 1;
+                    }
+                }
+                let mut positions = txn.open_table(POSITIONS).map_err(unavailable)?;
+                for p in &batch.positions {
+                    positions
+                        .insert(
+                            position_key(&p.consumer, &p.topic, p.partition).as_str(),
+                            p.next_offset,
+                        )
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn positions(
+        &self,
+        consumer: &str,
+        topic: &str,
+    ) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let prefix = position_prefix(consumer, topic);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(POSITIONS).map_err(unavailable)?;
+            let mut out = BTreeMap::new();
+            for entry in t.range(prefix.as_str()..).map_err(unavailable)? {
+                let (k, v) = entry.map_err(unavailable)?;
+                let Some(partition) = k.value().strip_prefix(prefix.as_str()) else {
+                    break;
+                };
+                if let Ok(p) = partition.parse() {
+                    out.insert(p, v.value());
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

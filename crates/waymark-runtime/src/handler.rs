@@ -1,0 +1,213 @@
+//! Batch handlers: how a processor turns a batch of records into row
+//! writes, output records and dead letters. The runner owns everything
+//! else (polling, retries, store writes, positions, commits).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use waymark_core::{ApplyOutcome, Event, Fold, Position, RejectKind, Rejection, Tracked};
+
+use crate::log::{OutRecord, Record};
+use crate::store::{ProjectionStore, RowWrite, StoreError};
+
+/// Counts of what a batch did, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Events that changed state (or were forwarded).
+    pub applied: u64,
+    /// Events ignored as duplicate ids within the dedupe window.
+    pub duplicates: u64,
+    /// Records ignored because their position was already applied.
+    pub redelivered: u64,
+}
+
+/// The effects of one batch, written by the runner in this order: output
+/// records (durable), then rows with positions (atomic), then the commit.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// Records to append to output topics, in order.
+    pub produce: Vec<OutRecord>,
+    /// Records of the batch that are bad input, by index in the batch.
+    pub rejected: Vec<(usize, Rejection)>,
+    /// Row writes.
+    pub rows: Vec<RowWrite>,
+    /// Counts.
+    pub stats: BatchStats,
+}
+
+/// Why a batch could not be handled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandleError {
+    /// Reading state failed; retry the batch.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl HandleError {
+    /// Whether retrying can help.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, HandleError::Store(StoreError::Corrupt { .. }))
+    }
+}
+
+/// A processor as the runner sees it.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Processor name (metrics, dead-letter header).
+    fn processor(&self) -> &str;
+
+    /// The store tables it writes.
+    fn tables(&self) -> Vec<String>;
+
+    /// Handles records read from `topic`, in log order per partition.
+    async fn handle(
+        &self,
+        store: &dyn ProjectionStore,
+        topic: &str,
+        records: &[Record],
+    ) -> Result<BatchOutput, HandleError>;
+}
+
+/// Encodes a stored row.
+pub fn encode_row<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard cannot fail on the plain data types used for rows.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+/// Decodes a stored row.
+pub fn decode_row<T: DeserializeOwned>(
+    table: &str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table: table.to_owned(),
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs a [`Fold`] over `waymark.events`: one [`Tracked`] row per person in
+/// `table`, applied exactly once per log position and event id.
+pub struct ProjectionHandler<F: Fold> {
+    processor: String,
+    table: String,
+    fold: F,
+    window: chrono::Duration,
+}
+
+impl<F: Fold> ProjectionHandler<F> {
+    /// A handler for `fold`, storing into `table`, deduplicating within `window`.
+    pub fn new(
+        processor: impl Into<String>,
+        table: impl Into<String>,
+        fold: F,
+        window: chrono::Duration,
+    ) -> Self {
+        Self {
+            processor: processor.into(),
+            table: table.into(),
+            fold,
+            window,
+        }
+    }
+
+    /// Applies decoded events to loaded rows (the pure part, shared with tests).
+    pub fn apply_all(
+        &self,
+        rows: &mut HashMap<String, Tracked<F::State>>,
+        events: &[(Position, Event)],
+        stats: &mut BatchStats,
+    ) {
+        for (position, event) in events {
+            let Some(person) = event.person_id else {
+                continue;
+            };
+            let row = rows.entry(person.to_string()).or_default();
+            match row.apply(&self.fold, event, *position, self.window) {
+                ApplyOutcome::Applied => stats.applied += 1,
+                ApplyOutcome::Duplicate => stats.duplicates += 1,
+                ApplyOutcome::Redelivered => stats.redelivered += 1,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<F: Fold> Handler for ProjectionHandler<F> {
+    fn processor(&self) -> &str {
+        &self.processor
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec![self.table.clone()]
+    }
+
+    async fn handle(
+        &self,
+        store: &dyn ProjectionStore,
+        _topic: &str,
+        records: &[Record],
+    ) -> Result<BatchOutput, HandleError> {
+        let mut out = BatchOutput::default();
+        let mut events = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            match decode_event(record) {
+                Ok(event) => events.push((Position::new(record.partition, record.offset), event)),
+                Err(rejection) => out.rejected.push((i, rejection)),
+            }
+        }
+        let mut keys: Vec<String> = events
+            .iter()
+            .filter_map(|(_, e)| e.person_id.map(|p| p.to_string()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let loaded = store.get_many(&self.table, &keys).await?;
+        let mut rows = HashMap::with_capacity(keys.len());
+        for (key, value) in keys.iter().zip(loaded) {
+            if let Some(bytes) = value {
+                rows.insert(key.clone(), decode_row(&self.table, key, &bytes)?);
+            }
+        }
+        self.apply_all(&mut rows, &events, &mut out.stats);
+        out.rows = rows
+            .into_iter()
+            .map(|(key, row)| RowWrite {
+                table: self.table.clone(),
+                key,
+                value: Some(encode_row(&row)),
+            })
+            .collect();
+        Ok(out)
+    }
+}
+
+/// Decodes a record of `waymark.events`: a canonical event with a person id.
+fn decode_event(record: &Record) -> Result<Event, Rejection> {
+    let value = record
+        .value
+        .as_deref()
+        .ok_or_else(|| Rejection::new(RejectKind::MalformedJson, "record has no value"))?;
+    if value.len() > waymark_schemas::MAX_EVENT_BYTES {
+        return Err(Rejection::new(
+            RejectKind::TooLarge,
+            format!(
+                "event is {} bytes, more than {}",
+                value.len(),
+                waymark_schemas::MAX_EVENT_BYTES
+            ),
+        ));
+    }
+    let event = Event::from_json(value)?;
+    if event.person_id.is_none() {
+        return Err(Rejection::new(
+            RejectKind::InvalidEnvelope,
+            "events on the resolved topic must carry person_id",
+        ));
+    }
+    Ok(event)
+}

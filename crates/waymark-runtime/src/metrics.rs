@@ -1,0 +1,59 @@
+//! Metric names of the runtime, declared in one place.
+//!
+//! Labels are limited to processor, topic, partition and kind — never a
+//! person id. Counters are bumped once per batch, not per event.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+/// Events applied (state changed or forwarded), by processor.
+pub const EVENTS_APPLIED: &str = "waymark_processor_events_applied_total";
+/// Events ignored as duplicate ids, by processor.
+pub const EVENTS_DUPLICATE: &str = "waymark_processor_events_duplicate_total";
+/// Records ignored because already applied (redelivery), by processor.
+pub const EVENTS_REDELIVERED: &str = "waymark_processor_events_redelivered_total";
+/// Dead letters written, by processor and kind.
+pub const DEAD_LETTERS: &str = "waymark_processor_dead_letters_total";
+/// Time from polling a batch to committing it, by processor.
+pub const BATCH_DURATION: &str = "waymark_processor_batch_duration_seconds";
+/// Records per batch, by processor.
+pub const BATCH_SIZE: &str = "waymark_processor_batch_records";
+/// Records not yet applied, by processor and partition.
+pub const LAG: &str = "waymark_processor_lag_records";
+/// Retries after a store or log error, by processor and stage.
+pub const RETRIES: &str = "waymark_processor_retries_total";
+
+/// Registers descriptions with the installed recorder.
+pub fn describe() {
+    describe_counter!(
+        EVENTS_APPLIED,
+        Unit::Count,
+        "events applied to projections or forwarded"
+    );
+    describe_counter!(
+        EVENTS_DUPLICATE,
+        Unit::Count,
+        "events ignored as duplicate ids within the dedupe window"
+    );
+    describe_counter!(
+        EVENTS_REDELIVERED,
+        Unit::Count,
+        "records ignored because their position was already applied"
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "records written to the dead-letter topic"
+    );
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "time from poll to commit of one batch"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "records per batch");
+    describe_gauge!(
+        LAG,
+        Unit::Count,
+        "records in the input partition not yet applied"
+    );
+    describe_counter!(RETRIES, Unit::Count, "retries after a store or log error");
+}

@@ -1,0 +1,422 @@
+//! The processor loop: poll a batch → handle → produce outputs and dead
+//! letters → write rows and positions atomically → commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::dead_letter::dead_letter;
+use crate::handler::{BatchOutput, HandleError, Handler};
+use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, Record};
+use crate::metrics as m;
+use crate::store::{PositionWrite, ProjectionStore, StoreError, WriteBatch};
+
+/// How one processor instance runs.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Consumer id under which positions are stored, e.g. `journey.v1`;
+    /// also the consumer group name (prefixed with `waymark.`).
+    pub consumer: String,
+    /// Input topic.
+    pub input_topic: String,
+    /// Dead-letter topic.
+    pub dlq_topic: String,
+    /// Most records per batch.
+    pub max_batch: usize,
+    /// First retry delay.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl RunnerConfig {
+    /// Defaults for `consumer` reading `input_topic`.
+    pub fn new(
+        consumer: impl Into<String>,
+        input_topic: impl Into<String>,
+        dlq_topic: impl Into<String>,
+    ) -> Self {
+        Self {
+            consumer: consumer.into(),
+            input_topic: input_topic.into(),
+            dlq_topic: dlq_topic.into(),
+            max_batch: 2000,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+
+    /// The consumer group this processor joins.
+    pub fn group(&self) -> String {
+        format!("waymark.{}", self.consumer)
+    }
+}
+
+/// Why a runner stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// A stored row is corrupt; retrying cannot help.
+    #[error("processor {processor} stopped: {source}")]
+    Fatal {
+        /// Processor.
+        processor: String,
+        /// Cause.
+        source: HandleError,
+    },
+}
+
+/// Runs one processor until `shutdown` is cancelled.
+pub struct Runner {
+    log: Arc<dyn Log>,
+    store: Arc<dyn ProjectionStore>,
+    handler: Arc<dyn Handler>,
+    config: RunnerConfig,
+}
+
+/// Where the batch got to, so a retry resumes instead of redoing effects.
+#[derive(Default)]
+struct Progress {
+    output: Option<BatchOutput>,
+    produced: bool,
+    written: bool,
+}
+
+impl Runner {
+    /// A runner for `handler`.
+    pub fn new(
+        log: Arc<dyn Log>,
+        store: Arc<dyn ProjectionStore>,
+        handler: Arc<dyn Handler>,
+        config: RunnerConfig,
+    ) -> Self {
+        Self {
+            log,
+            store,
+            handler,
+            config,
+        }
+    }
+
+    /// Polls and applies batches until `shutdown` is cancelled. On
+    /// cancellation the batch in hand is finished (written and committed)
+    /// unless it is stuck retrying, in which case nothing past it is
+    /// committed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let processor = self.handler.processor().to_owned();
+        let mut backoff = Backoff::new(&self.config);
+        let mut consumer = loop {
+            match self
+                .log
+                .subscribe(&self.config.group(), &self.config.input_topic)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    warn!(%processor, error = %e, "subscribe failed, retrying");
+                    if !backoff.sleep(&shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // Next offset to apply per assigned partition; records below it are
+        // stale fetches from before a seek.
+        let mut next: HashMap<u32, u64> = HashMap::new();
+        let mut last_lag = Instant::now() - Duration::from_secs(60);
+        info!(%processor, topic = %self.config.input_topic, "processor started");
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                event = consumer.next(self.config.max_batch) => event,
+            };
+            let event = match event {
+                Ok(event) => {
+                    backoff.reset();
+                    event
+                }
+                Err(e) => {
+                    warn!(%processor, error = %e, "poll failed, retrying");
+                    if !backoff.sleep(&shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                ConsumerEvent::Assigned(partitions) => {
+                    let Some(stored) = self.positions(&shutdown, &mut backoff).await else {
+                        break;
+                    };
+                    for p in partitions {
+                        let offset = stored.get(&p).copied().unwrap_or(0);
+                        if let Err(e) = consumer.seek(p, offset).await {
+                            warn!(%processor, partition = p, error = %e, "seek failed");
+                        }
+                        next.insert(p, offset);
+                        debug!(%processor, partition = p, offset, "partition assigned");
+                    }
+                }
+                ConsumerEvent::Revoked(partitions) => {
+                    for p in partitions {
+                        next.remove(&p);
+                    }
+                }
+                ConsumerEvent::Records(records) => {
+                    let records: Vec<Record> = records
+                        .into_iter()
+                        .filter(|r| next.get(&r.partition).is_some_and(|n| r.offset >= *n))
+                        .collect();
+                    if records.is_empty() {
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let Some(positions) = self
+                        .apply_batch(&records, &mut consumer, &shutdown, &mut backoff)
+                        .await?
+                    else {
+                        break;
+                    };
+                    for (p, offset) in &positions {
+                        next.insert(*p, *offset);
+                    }
+                    metrics::histogram!(m::BATCH_DURATION, "processor" => processor.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(m::BATCH_SIZE, "processor" => processor.clone())
+                        .record(records.len() as f64);
+                    if last_lag.elapsed() >= Duration::from_secs(1) {
+                        last_lag = Instant::now();
+                        self.report_lag(&next).await;
+                    }
+                }
+            }
+        }
+        info!(%processor, "processor stopped");
+        Ok(())
+    }
+
+    async fn positions(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Option<std::collections::BTreeMap<u32, u64>> {
+        loop {
+            match self
+                .store
+                .positions(&self.config.consumer, &self.config.input_topic)
+                .await
+            {
+                Ok(p) => return Some(p),
+                Err(e) => {
+                    warn!(processor = %self.handler.processor(), error = %e, "reading positions failed, retrying");
+                    self.retried("positions");
+                    if !backoff.sleep(shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one batch, retrying each step until it succeeds. Returns the
+    /// next offset per partition, or `None` when shut down before the batch
+    /// was durably applied (nothing was committed past it).
+    async fn apply_batch(
+        &self,
+        records: &[Record],
+        consumer: &mut Box<dyn LogConsumer>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<Option<Vec<(u32, u64)>>, RunError> {
+        let processor = self.handler.processor();
+        let mut positions: HashMap<u32, u64> = HashMap::new();
+        for r in records {
+            let e = positions.entry(r.partition).or_insert(0);
+            *e = (*e).max(r.offset + 1);
+        }
+        let mut positions: Vec<(u32, u64)> = positions.into_iter().collect();
+        positions.sort_unstable();
+
+        let mut progress = Progress::default();
+        loop {
+            match self.try_apply(records, &positions, &mut progress).await {
+                Ok(()) => break,
+                Err(StepError::Handle(e)) if !e.is_retryable() => {
+                    return Err(RunError::Fatal {
+                        processor: processor.to_owned(),
+                        source: e,
+                    })
+                }
+                Err(e) => {
+                    warn!(%processor, error = %e, "batch failed, retrying without committing");
+                    self.retried(e.stage());
+                    if !backoff.sleep(shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        backoff.reset();
+        if let Some(output) = progress.output {
+            let stats = output.stats;
+            let label = processor.to_owned();
+            metrics::counter!(m::EVENTS_APPLIED, "processor" => label.clone())
+                .increment(stats.applied);
+            if stats.duplicates > 0 {
+                metrics::counter!(m::EVENTS_DUPLICATE, "processor" => label.clone())
+                    .increment(stats.duplicates);
+            }
+            if stats.redelivered > 0 {
+                metrics::counter!(m::EVENTS_REDELIVERED, "processor" => label.clone())
+                    .increment(stats.redelivered);
+            }
+            for (_, rejection) in &output.rejected {
+                metrics::counter!(m::DEAD_LETTERS, "processor" => label.clone(), "kind" => rejection.kind.as_str())
+                    .increment(1);
+            }
+        }
+        // Kafka's committed offsets are for lag tooling; the store is the truth.
+        if let Err(e) = consumer.commit(&positions).await {
+            debug!(%processor, error = %e, "commit failed; positions are safe in the store");
+        }
+        Ok(Some(positions))
+    }
+
+    async fn try_apply(
+        &self,
+        records: &[Record],
+        positions: &[(u32, u64)],
+        progress: &mut Progress,
+    ) -> Result<(), StepError> {
+        if progress.output.is_none() {
+            let output = self
+                .handler
+                .handle(self.store.as_ref(), &self.config.input_topic, records)
+                .await
+                .map_err(StepError::Handle)?;
+            progress.output = Some(output);
+        }
+        let output = progress.output.as_ref().ok_or(StepError::Internal)?;
+        if !progress.produced {
+            let mut produce = output.produce.clone();
+            for (i, rejection) in &output.rejected {
+                warn!(
+                    processor = %self.handler.processor(),
+                    partition = records[*i].partition,
+                    offset = records[*i].offset,
+                    kind = %rejection.kind,
+                    message = %rejection.message,
+                    "dead letter"
+                );
+                produce.push(dead_letter(
+                    &self.config.dlq_topic,
+                    &self.config.input_topic,
+                    &records[*i],
+                    rejection,
+                    self.handler.processor(),
+                ));
+            }
+            if !produce.is_empty() {
+                self.log.produce(produce).await.map_err(StepError::Log)?;
+            }
+            progress.produced = true;
+        }
+        if !progress.written {
+            let batch = WriteBatch {
+                rows: output.rows.clone(),
+                positions: positions
+                    .iter()
+                    .map(|(partition, next_offset)| PositionWrite {
+                        consumer: self.config.consumer.clone(),
+                        topic: self.config.input_topic.clone(),
+                        partition: *partition,
+                        next_offset: *next_offset,
+                    })
+                    .collect(),
+            };
+            self.store.write(batch).await.map_err(StepError::Store)?;
+            progress.written = true;
+        }
+        Ok(())
+    }
+
+    async fn report_lag(&self, next: &HashMap<u32, u64>) {
+        for (partition, offset) in next {
+            if let Ok((_, high)) = self
+                .log
+                .watermarks(&self.config.input_topic, *partition)
+                .await
+            {
+                metrics::gauge!(
+                    m::LAG,
+                    "processor" => self.handler.processor().to_owned(),
+                    "partition" => partition.to_string()
+                )
+                .set(high.saturating_sub(*offset) as f64);
+            }
+        }
+    }
+
+    fn retried(&self, stage: &'static str) {
+        metrics::counter!(m::RETRIES, "processor" => self.handler.processor().to_owned(), "stage" => stage)
+            .increment(1);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("handling failed: {0}")]
+    Handle(HandleError),
+    #[error("producing failed: {0}")]
+    Log(LogError),
+    #[error("writing failed: {0}")]
+    Store(StoreError),
+    #[error("batch output missing")]
+    Internal,
+}
+
+impl StepError {
+    fn stage(&self) -> &'static str {
+        match self {
+            StepError::Handle(_) => "read",
+            StepError::Log(_) => "produce",
+            StepError::Store(_) => "write",
+            StepError::Internal => "internal",
+        }
+    }
+}
+
+/// Exponential backoff that gives up when shutdown is requested.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(config: &RunnerConfig) -> Self {
+        Self {
+            min: config.backoff_min,
+            max: config.backoff_max,
+            current: config.backoff_min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    /// Sleeps; `false` when shutdown was requested meanwhile.
+    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.current;
+        self.current = (self.current * 2).min(self.max);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}

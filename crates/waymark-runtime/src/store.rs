@@ -1,0 +1,105 @@
+//! The projection-store seam: batch reads and atomic batch writes of
+//! projection rows together with consumer positions.
+//!
+//! Implemented by the embedded store of `waymark dev` (`waymark-embedded`)
+//! and by the CQL store for ScyllaDB/Cassandra. Rows are opaque bytes keyed
+//! by string within a named table; the runtime encodes them.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+/// One row write: `value: None` deletes the row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowWrite {
+    /// Table name, e.g. `journey_v1`.
+    pub table: String,
+    /// Row key.
+    pub key: String,
+    /// New value, or `None` to delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The next offset a consumer reads from one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionWrite {
+    /// Consumer id: processor and projection version, e.g. `journey.v1`.
+    pub consumer: String,
+    /// Input topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The next offset to read (last applied + 1).
+    pub next_offset: u64,
+}
+
+/// Rows and positions written together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// Row writes.
+    pub rows: Vec<RowWrite>,
+    /// Consumer positions the rows reflect.
+    pub positions: Vec<PositionWrite>,
+}
+
+impl WriteBatch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.positions.is_empty()
+    }
+}
+
+/// A store error. Every store error is retryable unless it says otherwise.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store cannot be reached or failed to persist.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The table does not exist.
+    #[error("unknown table {0}")]
+    UnknownTable(String),
+    /// A stored row could not be decoded (not retryable).
+    #[error("corrupt row {key} in {table}: {reason}")]
+    Corrupt {
+        /// Table.
+        table: String,
+        /// Row key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A projection store.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync + 'static {
+    /// Creates the tables that are missing.
+    async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError>;
+
+    /// Reads rows by key, in the order of `keys`.
+    async fn get_many(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
+
+    /// Reads one row.
+    async fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut rows = self.get_many(table, &[key.to_owned()]).await?;
+        Ok(rows.pop().flatten())
+    }
+
+    /// Writes rows and positions. On the embedded store the whole batch is
+    /// one atomic, durable transaction; stores that cannot do that keep every
+    /// row idempotent under redelivery (rows record the log position they
+    /// reflect) and write positions only after the rows.
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// The stored next-offsets of `consumer` on `topic`, by partition.
+    async fn positions(
+        &self,
+        consumer: &str,
+        topic: &str,
+    ) -> Result<BTreeMap<u32, u64>, StoreError>;
+}
