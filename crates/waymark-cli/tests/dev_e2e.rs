@@ -2,6 +2,8 @@
 //! through its Kafka endpoint (rdkafka) and through `Ingest`, answers over
 //! a real gRPC connection.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

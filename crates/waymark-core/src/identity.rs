@@ -70,7 +70,7 @@ mod tests {
 
     #[test]
     fn identities_sort_by_platform_then_id() {
-        let mut ids = vec![
+        let mut ids = [
             Identity::new("web", "a"),
             Identity::new("telegram", "b"),
             Identity::new("telegram", "a"),

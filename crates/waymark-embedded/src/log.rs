@@ -189,7 +189,7 @@ fn commit_requests(inner: &Inner, requests: Vec<Request>) {
     // Offsets are assigned from a local copy of the high watermarks and
     // published only after the transaction is durable.
     let mut next: HashMap<(String, u32), u64> = HashMap::new();
-    let mut results: Vec<Result<Vec<(Arc<Topic>, u32, u64)>, LogError>> = Vec::new();
+    let mut results: Vec<Result<AppendedIn, LogError>> = Vec::new();
     let mut replies = Vec::new();
     let txn_result = (|| -> Result<(), LogError> {
         let txn = inner.db.begin_write().map_err(unavailable)?;

@@ -178,8 +178,9 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
             .into_iter()
             .map(|(key, row)| RowWrite {
                 table: self.table.clone(),
-                key,
+                order: row.position.map(|p| p.offset + 1),
                 value: Some(encode_row(&row)),
+                key,
             })
             .collect();
         Ok(out)

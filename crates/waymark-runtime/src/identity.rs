@@ -174,6 +174,7 @@ impl Handler for IdentityHandler {
                     table: self.tables.links.clone(),
                     key: identity.key(),
                     value: Some(encode_row(&IdentityRow { person_id: *person })),
+                    order: None,
                 });
             }
         }
@@ -183,6 +184,7 @@ impl Handler for IdentityHandler {
                     table: self.tables.persons.clone(),
                     key: person.to_string(),
                     value: Some(encode_row(links)),
+                    order: None,
                 });
             }
         }

@@ -18,6 +18,12 @@ pub struct RowWrite {
     pub key: String,
     /// New value, or `None` to delete.
     pub value: Option<Vec<u8>>,
+    /// A number that grows with every write of this row (the log offset it
+    /// reflects, + 1), when the writer has one. Stores that cannot write a
+    /// batch atomically use it so that a late, redelivered write never
+    /// overwrites a newer one (e.g. CQL `USING TIMESTAMP`); `None` means
+    /// the store's own clock decides.
+    pub order: Option<u64>,
 }
 
 /// The next offset a consumer reads from one partition.

@@ -1,5 +1,11 @@
 //! Helpers shared by the end-to-end tests.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::future::Future;
 use std::path::Path;
