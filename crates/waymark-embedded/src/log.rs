@@ -23,6 +23,9 @@ use crate::codec;
 
 const TOPICS: TableDefinition<'static, &str, u32> = TableDefinition::new("_topics");
 const GROUPS: TableDefinition<'static, &str, u64> = TableDefinition::new("_group_offsets");
+/// Page cache of the log file (redb's default is 1 GiB; appends and tail
+/// reads need little).
+const LOG_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Group-committed requests per transaction, at most.
 const MAX_REQUESTS_PER_COMMIT: usize = 256;
 
@@ -99,7 +102,10 @@ pub struct EmbeddedLog {
 impl EmbeddedLog {
     /// Opens (or creates) the log in file `path`.
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = Database::builder()
+            .set_cache_size(LOG_CACHE_BYTES)
+            .create(path)
+            .map_err(unavailable)?;
         let mut topics = HashMap::new();
         {
             let txn = db.begin_write().map_err(unavailable)?;

@@ -10,6 +10,9 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use tracing::info;
 use waymark_runtime::{ProjectionStore, StoreError, WriteBatch};
 
+/// Page cache of the store file (redb's default is 1 GiB).
+const STORE_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
 const POSITIONS: TableDefinition<'static, &str, u64> = TableDefinition::new("_positions");
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -33,7 +36,10 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store in file `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+            .map_err(unavailable)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(POSITIONS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
