@@ -17,7 +17,8 @@ use waymark_kafka::FrontDoor;
 use waymark_runtime::{Log, ProjectionStore, Runner, RunnerConfig, TopicConfig};
 use waymark_schemas::Validator;
 use waymark_server::{
-    AdminService, IngestService, ProjectionTables, Projections, QueryService, Services,
+    AdminService, IngestService, KafkaEndpointStatus, ProjectionTables, Projections, QueryService,
+    Services,
 };
 use waymark_topology::Topology;
 
@@ -163,6 +164,29 @@ impl Dev {
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
         let grpc_addr = grpc.local_addr()?;
+        let front_door = if options.kafka_endpoint {
+            let inputs = &topology.topics.inputs;
+            Some(
+                FrontDoor::start(shared_log.clone(), &inputs.name, inputs.partitions)
+                    .context("cannot start the kafka front door")?,
+            )
+        } else {
+            None
+        };
+        let mut admin = AdminService::new(shared_log.clone(), topology.topics.dlq.name.clone());
+        if let Some(door) = &front_door {
+            let status = door.status();
+            let bootstrap = door.bootstrap().to_owned();
+            admin = admin.with_kafka_endpoint(Arc::new(move || {
+                let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                KafkaEndpointStatus {
+                    bootstrap: bootstrap.clone(),
+                    bridged: s.bridged,
+                    lost: s.lost,
+                    last_loss: s.last_loss,
+                }
+            }));
+        }
         let services = Services {
             query: QueryService::new(Projections::new(shared_store.clone(), tables)),
             ingest: IngestService::new(
@@ -170,7 +194,7 @@ impl Dev {
                 validator.clone(),
                 topology.topics.inputs.name.clone(),
             ),
-            admin: AdminService::new(shared_log.clone(), topology.topics.dlq.name.clone()),
+            admin,
         };
         let token = shutdown.clone();
         tasks.spawn(async move {
@@ -190,15 +214,6 @@ impl Dev {
             ("metrics".to_owned(), Ok(()))
         });
 
-        let front_door = if options.kafka_endpoint {
-            let inputs = &topology.topics.inputs;
-            Some(
-                FrontDoor::start(shared_log.clone(), &inputs.name, inputs.partitions)
-                    .context("cannot start the kafka front door")?,
-            )
-        } else {
-            None
-        };
         let info = DevInfo {
             kafka_bootstrap: front_door
                 .as_ref()

@@ -145,6 +145,43 @@ async fn every_event_type_through_ingest_and_kafka() {
         .into_inner();
     assert_eq!(resolved.person_id, alice.to_string());
 
+    // Each projection is folded by its own processor: wait until all have
+    // caught up with alice's last event of their kind.
+    let alice_id = alice.to_string();
+    eventually("every projection caught up", || {
+        let mut q = q.clone();
+        let person_id = alice_id.clone();
+        async move {
+            let i = q
+                .list_interactions(pb::ListInteractionsRequest {
+                    person_id: person_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let j = q
+                .get_journey(pb::GetJourneyRequest {
+                    person_id: person_id.clone(),
+                    journey_id: "onboarding".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let l = q
+                .get_learning_progress(pb::GetLearningProgressRequest {
+                    person_id,
+                    course_id: "c1".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (i.interactions.len() == 3 && j.completed_at.is_some() && l.quizzes_answered == 1)
+                .then_some(())
+        }
+    })
+    .await;
+
     // Interactions: newest event time first, defaults applied, paging.
     let page = q
         .list_interactions(pb::ListInteractionsRequest {
@@ -365,6 +402,19 @@ async fn every_event_type_through_ingest_and_kafka() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The Kafka endpoint moved every record into the durable log, losing none.
+    let status = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let endpoint = status
+        .kafka_endpoint
+        .expect("dev reports its kafka endpoint");
+    assert_eq!(endpoint.bootstrap, dev.info.kafka_bootstrap);
+    assert_eq!(endpoint.bridged, records.len() as u64);
+    assert_eq!(endpoint.lost, 0);
 
     dev.stop().await.unwrap();
 }

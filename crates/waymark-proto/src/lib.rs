@@ -135,7 +135,10 @@ mod tests {
             ("Ingest", vec!["Publish(PublishRequest) -> PublishResponse"]),
             (
                 "Admin",
-                vec!["ListDeadLetters(ListDeadLettersRequest) -> ListDeadLettersResponse"],
+                vec![
+                    "ListDeadLetters(ListDeadLettersRequest) -> ListDeadLettersResponse",
+                    "GetStatus(GetStatusRequest) -> GetStatusResponse",
+                ],
             ),
         ]
         .into_iter()
@@ -239,6 +242,11 @@ mod tests {
             (
                 "ListDeadLettersResponse",
                 &["dead_letters", "next_page_token"],
+            ),
+            ("GetStatusResponse", &["kafka_endpoint"]),
+            (
+                "KafkaEndpointStatus",
+                &["bootstrap", "bridged", "lost", "last_loss"],
             ),
         ];
         for (name, fields) in expected {

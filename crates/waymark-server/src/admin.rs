@@ -12,11 +12,28 @@ use waymark_runtime::{Log, Record};
 
 use crate::error::{page_size, ApiError};
 
+/// The state of the Kafka-protocol endpoint of `waymark dev`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaEndpointStatus {
+    /// `host:port` for Kafka clients.
+    pub bootstrap: String,
+    /// Records moved into the durable log.
+    pub bridged: u64,
+    /// Records lost before they reached the durable log.
+    pub lost: u64,
+    /// What was lost last.
+    pub last_loss: Option<String>,
+}
+
+/// Reports the Kafka endpoint's status on demand.
+pub type KafkaEndpointProbe = Arc<dyn Fn() -> KafkaEndpointStatus + Send + Sync>;
+
 /// `waymark.v1.Admin`.
 #[derive(Clone)]
 pub struct AdminService {
     log: Arc<dyn Log>,
     dlq_topic: String,
+    kafka_endpoint: Option<KafkaEndpointProbe>,
 }
 
 impl AdminService {
@@ -25,7 +42,14 @@ impl AdminService {
         Self {
             log,
             dlq_topic: dlq_topic.into(),
+            kafka_endpoint: None,
         }
+    }
+
+    /// Also reports the Kafka endpoint of `waymark dev` in `GetStatus`.
+    pub fn with_kafka_endpoint(mut self, probe: KafkaEndpointProbe) -> Self {
+        self.kafka_endpoint = Some(probe);
+        self
     }
 }
 
@@ -57,6 +81,23 @@ fn format_token(next: &BTreeMap<u32, u64>) -> String {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    #[instrument(skip_all)]
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let kafka_endpoint = self.kafka_endpoint.as_ref().map(|probe| {
+            let s = probe();
+            pb::KafkaEndpointStatus {
+                bootstrap: s.bootstrap,
+                bridged: s.bridged,
+                lost: s.lost,
+                last_loss: s.last_loss.unwrap_or_default(),
+            }
+        });
+        Ok(Response::new(pb::GetStatusResponse { kafka_endpoint }))
+    }
+
     #[instrument(skip_all)]
     async fn list_dead_letters(
         &self,

@@ -35,7 +35,7 @@ use waymark_proto::v1::admin_server::AdminServer;
 use waymark_proto::v1::ingest_server::IngestServer;
 use waymark_proto::v1::query_server::QueryServer;
 
-pub use admin::AdminService;
+pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus};
 pub use error::ApiError;
 pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
 pub use projections::{ProjectionTables, Projections};
