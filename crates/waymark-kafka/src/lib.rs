@@ -1,16 +1,32 @@
 //! The Kafka edge of Waymark.
 //!
 //! # Layout
+//! - [`log`]: [`KafkaLog`], the [`waymark_runtime::Log`] on a Kafka cluster
+//!   through rdkafka — an idempotent producer, consumer-group members on
+//!   their own threads, topic creation, watermarks and random reads.
 //! - [`frontdoor`]: the Kafka-protocol endpoint of `waymark dev` — an
 //!   in-process librdkafka mock cluster plus a bridge into the durable log,
 //!   with loss detection.
 //!
 //! # Guarantees
+//! - A [`KafkaLog`] produce returns once every record is acknowledged by all
+//!   in-sync replicas (`acks=all`); records of one partition keep their order
+//!   (idempotent producer). Keyed records are partitioned with
+//!   [`waymark_runtime::partition_for`], like Kafka's Java client.
+//! - A group member hands out `Assigned` before any record of a newly
+//!   assigned partition, and those records start exactly at the offset the
+//!   runner seeks to. A revocation takes effect only while the runner waits
+//!   in `next` (every record handed out before has been applied), and no
+//!   record of a revoked partition is handed out after it. Records of a
+//!   partition come in offset order. Offsets are committed only when asked
+//!   (no auto-commit): the projection store holds the positions.
 //! - The front door preserves per-key order: records of one key land in one
 //!   door partition, are bridged in offset order, and are re-partitioned by
 //!   key with the same partitioner as every other producer.
 //! - Any gap between door offsets is detected and reported, never silent.
 
 pub mod frontdoor;
+pub mod log;
 
 pub use frontdoor::{FrontDoor, FrontDoorError, FrontDoorStatus};
+pub use log::{KafkaConfig, KafkaLog, KafkaLogError};
