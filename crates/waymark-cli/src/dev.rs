@@ -11,18 +11,15 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
 use waymark_kafka::FrontDoor;
-use waymark_runtime::{Log, ProjectionStore, Runner, RunnerConfig, TopicConfig};
+use waymark_runtime::{Log, ProjectionStore};
 use waymark_schemas::Validator;
-use waymark_server::{
-    AdminService, IngestService, KafkaEndpointStatus, ProjectionTables, Projections, QueryService,
-    Services,
-};
+use waymark_server::KafkaEndpointStatus;
 use waymark_topology::Topology;
 
-use crate::registry::{self, PROCESSORS};
+use crate::platform;
 
 /// How long shutdown may take to drain, flush and commit.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,32 +63,6 @@ pub struct Dev {
     front_door: Option<FrontDoor>,
 }
 
-/// Table names of the projections each processor version writes.
-pub fn projection_tables(topology: &Topology) -> ProjectionTables {
-    let version = |name: &str| topology.processor(name).map_or(1, |p| p.projection_version);
-    ProjectionTables {
-        identity: waymark_runtime::identity::IdentityTables::for_version(version("identity")),
-        person: registry::projection_table("person", version("person")),
-        interactions: registry::projection_table("interactions", version("interactions")),
-        journey: registry::projection_table("journey", version("journey")),
-        learning: registry::projection_table("learning", version("learning")),
-    }
-}
-
-/// The topics of `topology`, as the log creates them.
-pub fn topic_configs(topology: &Topology) -> Vec<TopicConfig> {
-    topology
-        .topics
-        .iter()
-        .map(|(_, t)| TopicConfig {
-            name: t.name.clone(),
-            partitions: t.partitions,
-            retention: t.retention.as_duration(),
-            compaction: t.compaction,
-        })
-        .collect()
-}
-
 async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
@@ -119,46 +90,27 @@ impl Dev {
         let mut topology = options.topology.clone();
         topology.topics.inputs.partitions = 1;
         let topology = &topology;
-        log.ensure_topics(&topic_configs(topology)).await?;
+        log.ensure_topics(&platform::topic_configs(topology))
+            .await?;
         let validator = Arc::new(Validator::new()?);
         let shared_log: Arc<dyn Log> = Arc::new(log.clone());
         let shared_store: Arc<dyn ProjectionStore> = Arc::new(store.clone());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        for name in PROCESSORS {
-            let Some(spec) = topology.processor(name) else {
-                continue;
-            };
-            let handler = registry::handler(name, topology, &validator)?;
-            shared_store.ensure_tables(&handler.tables()).await?;
-            let input = spec
-                .inputs
-                .first()
-                .ok_or_else(|| anyhow!("processor {name} has no input topic"))?;
-            let config = RunnerConfig::new(
-                format!("{name}.v{}", spec.projection_version),
-                input.clone(),
-                topology.topics.dlq.name.clone(),
-            );
-            let runner = Runner::new(shared_log.clone(), shared_store.clone(), handler, config);
-            let token = shutdown.clone();
-            let task = format!("processor {name}");
-            tasks
-                .spawn(async move { (task, runner.run(token).await.map_err(anyhow::Error::from)) });
-        }
-        // Query tables must exist even before the first write.
-        let tables = projection_tables(topology);
-        shared_store
-            .ensure_tables(&[
-                tables.identity.links.clone(),
-                tables.identity.persons.clone(),
-                tables.person.clone(),
-                tables.interactions.clone(),
-                tables.journey.clone(),
-                tables.learning.clone(),
-            ])
-            .await?;
+        let names = platform::select_processors(&[], topology)?;
+        platform::spawn_processors(
+            &mut tasks,
+            &shared_log,
+            &shared_store,
+            topology,
+            &validator,
+            &names,
+            "waymark",
+            &shutdown,
+        )
+        .await?;
+        platform::ensure_query_tables(shared_store.as_ref(), topology).await?;
 
         let grpc = TcpListener::bind(options.grpc_addr)
             .await
@@ -173,11 +125,11 @@ impl Dev {
         } else {
             None
         };
-        let mut admin = AdminService::new(shared_log.clone(), topology.topics.dlq.name.clone());
+        let mut services = platform::services(&shared_log, &shared_store, topology, &validator);
         if let Some(door) = &front_door {
             let status = door.status();
             let bootstrap = door.bootstrap().to_owned();
-            admin = admin.with_kafka_endpoint(Arc::new(move || {
+            services.admin = services.admin.with_kafka_endpoint(Arc::new(move || {
                 let s = status.lock().map(|s| s.clone()).unwrap_or_default();
                 KafkaEndpointStatus {
                     bootstrap: bootstrap.clone(),
@@ -187,15 +139,6 @@ impl Dev {
                 }
             }));
         }
-        let services = Services {
-            query: QueryService::new(Projections::new(shared_store.clone(), tables)),
-            ingest: IngestService::new(
-                shared_log.clone(),
-                validator.clone(),
-                topology.topics.inputs.name.clone(),
-            ),
-            admin,
-        };
         let token = shutdown.clone();
         tasks.spawn(async move {
             let result = waymark_server::serve(grpc, services, token).await;
@@ -239,44 +182,23 @@ impl Dev {
         mut self,
         stop: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        tokio::pin!(stop);
-        let failure = tokio::select! {
-            _ = &mut stop => None,
-            Some(done) = self.tasks.join_next() => Some(match done {
-                Ok((task, Ok(()))) => anyhow!("{task} stopped unexpectedly"),
-                Ok((task, Err(e))) => anyhow!("{task} failed: {e:#}"),
-                Err(e) => anyhow!("a task panicked: {e}"),
-            }),
+        let door = self.front_door.take();
+        let stop = async move {
+            stop.await;
+            // Stop the door first so what it took is bridged before the
+            // processors stop.
+            if let Some(door) = door {
+                let _ = tokio::task::spawn_blocking(move || door.stop()).await;
+            }
         };
-        if let Some(e) = &failure {
-            error!("{e:#}; shutting down");
-        }
-        self.stop().await?;
-        failure.map_or(Ok(()), Err)
+        platform::supervise(&mut self.tasks, stop, &self.shutdown, DRAIN_TIMEOUT).await
     }
 
     /// Stops polling, drains, flushes, commits and closes, within
     /// [`DRAIN_TIMEOUT`].
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> anyhow::Result<()> {
         info!("shutting down");
-        if let Some(door) = self.front_door.take() {
-            // Stop the door first so what it took is bridged before the
-            // processors stop.
-            tokio::task::spawn_blocking(move || door.stop()).await?;
-        }
-        self.shutdown.cancel();
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Some(done) = self.tasks.join_next().await {
-                if let Ok((task, Err(e))) = done {
-                    warn!(%task, error = %e, "task ended with an error during shutdown");
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            self.tasks.abort_all();
-            return Err(anyhow!("shutdown did not finish within {DRAIN_TIMEOUT:?}"));
-        }
+        self.run_until(async {}).await?;
         info!("stopped");
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! - [`registry`]: the explicit processor table (name → handler).
 //! - [`dev`]: `waymark dev` — embedded log and store, every processor, the
 //!   gRPC services, metrics and the Kafka-protocol front door in one process.
+//! - [`platform`]: assembly shared by `dev`, `run` and `serve`.
 //! - [`publish`]: `waymark publish`.
 //! - [`metrics_http`]: the Prometheus endpoint.
 //!
@@ -14,5 +15,6 @@
 
 pub mod dev;
 pub mod metrics_http;
+pub mod platform;
 pub mod publish;
 pub mod registry;

@@ -17,9 +17,11 @@ use crate::store::{PositionWrite, ProjectionStore, StoreError, WriteBatch};
 /// How one processor instance runs.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// Consumer id under which positions are stored, e.g. `journey.v1`;
-    /// also the consumer group name (prefixed with `waymark.`).
+    /// Consumer id under which positions are stored, e.g. `journey.v1`.
     pub consumer: String,
+    /// The consumer group this processor joins, `waymark.<consumer>` by
+    /// default.
+    pub group: String,
     /// Input topic.
     pub input_topic: String,
     /// Dead-letter topic.
@@ -39,8 +41,10 @@ impl RunnerConfig {
         input_topic: impl Into<String>,
         dlq_topic: impl Into<String>,
     ) -> Self {
+        let consumer = consumer.into();
         Self {
-            consumer: consumer.into(),
+            group: format!("waymark.{consumer}"),
+            consumer,
             input_topic: input_topic.into(),
             dlq_topic: dlq_topic.into(),
             max_batch: 2000,
@@ -49,9 +53,11 @@ impl RunnerConfig {
         }
     }
 
-    /// The consumer group this processor joins.
-    pub fn group(&self) -> String {
-        format!("waymark.{}", self.consumer)
+    /// Joins the group `<prefix>.<consumer>` instead (isolated test or
+    /// tenant deployments sharing one cluster).
+    pub fn with_group_prefix(mut self, prefix: &str) -> Self {
+        self.group = format!("{prefix}.{}", self.consumer);
+        self
     }
 }
 
@@ -111,7 +117,7 @@ impl Runner {
         let mut consumer = loop {
             match self
                 .log
-                .subscribe(&self.config.group(), &self.config.input_topic)
+                .subscribe(&self.config.group, &self.config.input_topic)
                 .await
             {
                 Ok(c) => break c,
