@@ -1,0 +1,130 @@
+//! The store's configuration: passed in by the binary, which owns the file
+//! format and the `WAYMARK_…` overrides; defaults live here.
+
+use std::time::Duration;
+
+use crate::cql::{validate_keyspace_name, Replication};
+
+/// Where and how to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CqlConfig {
+    /// Contact points, `host:port`. Use port 19042 (the shard-aware port)
+    /// on ScyllaDB when it is open; the driver finds the other nodes itself.
+    pub nodes: Vec<String>,
+    /// Keyspace of the projection tables, `[a-z0-9_]{1,48}`; created when
+    /// missing.
+    pub keyspace: String,
+    /// The replication map used when the keyspace has to be created, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
+    pub replication: String,
+    /// Client-side timeout of one request (each attempt of a statement).
+    pub request_timeout: Duration,
+    /// Timeout of opening one connection.
+    pub connect_timeout: Duration,
+    /// The local datacenter: requests go to its replicas first and
+    /// `LOCAL_QUORUM` counts in it. `None` treats all nodes alike (one-DC
+    /// clusters and development).
+    pub local_datacenter: Option<String>,
+    /// How many statements one `get_many` or `write` call keeps in flight.
+    pub concurrency: usize,
+}
+
+/// The replication of a keyspace the store creates when none is configured.
+pub const DEFAULT_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+/// The most statements one call may keep in flight.
+pub const MAX_CONCURRENCY: usize = 4096;
+
+impl Default for CqlConfig {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:9042".to_owned()],
+            keyspace: "waymark".to_owned(),
+            replication: DEFAULT_REPLICATION.to_owned(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            local_datacenter: None,
+            concurrency: 64,
+        }
+    }
+}
+
+impl CqlConfig {
+    /// Every problem of the configuration, empty when it is valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.nodes.is_empty() {
+            problems.push("nodes: no contact point".to_owned());
+        }
+        for node in &self.nodes {
+            let port_ok = node
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                problems.push(format!("nodes: {node:?} is not host:port"));
+            }
+        }
+        if let Err(e) = validate_keyspace_name(&self.keyspace) {
+            problems.push(format!("keyspace: {e}"));
+        }
+        if let Err(e) = Replication::parse(&self.replication) {
+            problems.push(format!("replication: {e}"));
+        }
+        if self.request_timeout.is_zero() {
+            problems.push("request_timeout: must be more than zero".to_owned());
+        }
+        if self.connect_timeout.is_zero() {
+            problems.push("connect_timeout: must be more than zero".to_owned());
+        }
+        if self.local_datacenter.as_deref() == Some("") {
+            problems.push("local_datacenter: empty; leave it unset instead".to_owned());
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            problems.push(format!(
+                "concurrency: {} is not in 1..={MAX_CONCURRENCY}",
+                self.concurrency
+            ));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(CqlConfig::default().problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let config = CqlConfig {
+            nodes: vec![
+                "localhost".to_owned(),
+                "h:99999".to_owned(),
+                ":9042".to_owned(),
+            ],
+            keyspace: "Waymark".to_owned(),
+            replication: "{'class': 'SimpleStrategy'}; DROP TABLE x".to_owned(),
+            request_timeout: Duration::ZERO,
+            connect_timeout: Duration::ZERO,
+            local_datacenter: Some(String::new()),
+            concurrency: 0,
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 9, "{problems:#?}");
+        assert!(problems[0].contains("\"localhost\""));
+        assert!(problems[3].starts_with("keyspace: invalid keyspace name \"Waymark\""));
+    }
+
+    #[test]
+    fn ipv6_and_names_are_host_port() {
+        let config = CqlConfig {
+            nodes: vec!["[::1]:9042".to_owned(), "scylla-0.scylla:19042".to_owned()],
+            ..CqlConfig::default()
+        };
+        assert_eq!(config.problems(), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,117 @@
+//! The projection store on ScyllaDB or Cassandra 5: [`CqlStore`]
+//! implements [`waymark_runtime::ProjectionStore`] with the `scylla` driver.
+//!
+//! # Layout
+//! - [`config`]: [`CqlConfig`], its defaults and its validation.
+//! - [`cql`]: table and keyspace name validation, the schema files and the
+//!   text of every prepared statement. Only a validated name
+//!   (`[a-z0-9_]{1,48}`, written double-quoted) or a validated replication
+//!   map is ever put into CQL text; keys, values, offsets and timestamps are
+//!   always bound.
+//! - [`store`]: [`CqlStore`] — connect, migrate, the statement cache per
+//!   table, reads and writes.
+//! - [`error`]: [`ConnectError`] and how driver errors become
+//!   [`StoreError`](waymark_runtime::StoreError)s.
+//! - `schema/`: the CQL, applied at every start, all `IF NOT EXISTS`:
+//!   `keyspace.cql` (created when missing), `schema_migrations.cql` (which
+//!   versions are applied), the versioned files `NNNN_name.cql` (listed in
+//!   [`cql::MIGRATIONS`]; `0001_positions.cql` is the positions table
+//!   `PRIMARY KEY ((consumer, topic), partition)`) and
+//!   `projection_table.cql`, the template of one projection table
+//!   (`key text PRIMARY KEY, value blob`) created by `ensure_tables`.
+//!
+//! # Guarantees
+//! A batch is not written atomically (that would need a logged batch across
+//! partitions, which is slow and still not isolated). Instead:
+//!
+//! - **Rows, then positions.** All row writes of a batch run concurrently
+//!   (at most [`CqlConfig::concurrency`] in flight) and all must succeed
+//!   before any position of the batch is written. A crash or an error in
+//!   between leaves rows ahead of the stored position; the runtime then
+//!   replays from the position and the rows make the replay harmless. A
+//!   position is never stored before its rows.
+//! - **A late write never overwrites a newer one.** A row write with
+//!   `order: Some(n)` is written `USING TIMESTAMP n` (a delete too: its
+//!   tombstone has timestamp `n`). ScyllaDB and Cassandra keep, per cell,
+//!   the write with the highest timestamp, whatever the order of arrival,
+//!   so a redelivered, retried or delayed write with a smaller order loses.
+//!   This is safe because a row key belongs to exactly one partition of the
+//!   input topic (events are keyed by the person or identity the row is
+//!   about) and a partition is applied in offset order by one owner at a
+//!   time, so the orders (`offset + 1`) of one key only grow. A stale owner
+//!   after a rebalance only re-applies records the new owner also applies,
+//!   so it writes the same values at orders no larger than the new
+//!   owner's. Equal timestamps are broken by comparing values, so the same
+//!   order must always mean the same value: folds are deterministic.
+//! - **Orders are not clock time.** A row with `order: None` is written
+//!   with this process's clock (microseconds since the epoch, strictly
+//!   increasing within the process, taken once per batch), which is far
+//!   above any offset. A table must therefore be written always with
+//!   orders or always without (the runtime does: folds always have one,
+//!   the identity tables never). To rebuild a table from offset 0, or after
+//!   the input topic is recreated, write a new table version
+//!   (`journey_v2`) rather than reusing the old one. Keep time-window
+//!   compaction and Cassandra 5's `minimum_timestamp_*` guardrails (off by
+//!   default) away from these tables.
+//! - **Rows without an order** are last-writer-wins by the writers'
+//!   clocks: within a process later batches win; across processes (only
+//!   around a rebalance) this relies on synchronised clocks.
+//! - **Positions** are written with the clock too: last writer wins. A
+//!   stale owner can at worst move a position back, which replays records
+//!   the rows already reflect.
+//! - **Exactly-once effects without LWT.** The position guard (the runtime
+//!   reads from the stored position and rows record what they applied) and
+//!   `USING TIMESTAMP` make every write idempotent and ordered per key, so
+//!   no compare-and-set is needed and there is no Paxos round trip (four
+//!   per write) or per-partition serialisation. LWT (`IF ...`, serial
+//!   consistency) would be justified where two writers can change one key
+//!   concurrently from different reads — a key not owned by one log
+//!   partition, a uniqueness claim such as "this email belongs to one
+//!   person", or fencing a writer that may compute a *different* value at a
+//!   higher order. None of that happens here.
+//! - **Retries.** Every statement binds its own timestamp, so repeating it
+//!   writes the same cell again; all are marked idempotent, and the driver
+//!   may retry or speculate them. Reads and writes use `LOCAL_QUORUM`, so a
+//!   partition's new owner reads what the previous owner wrote (R + W > RF
+//!   in the local datacenter).
+//! - **Errors.** Connection failures, timeouts, too few replicas and
+//!   overload are [`StoreError::Unavailable`](waymark_runtime::StoreError)
+//!   (the runtime backs off and retries the batch); a table that does not
+//!   exist, or a name that can never be one, is `UnknownTable` with the
+//!   reason; a stored value of the wrong shape is `Corrupt`.
+//!
+//! # ScyllaDB at scale
+//! - Sessions are token-aware (each statement goes to a replica of its
+//!   partition) and, on ScyllaDB, shard-aware: one connection per shard,
+//!   each statement sent to the shard that owns its token. List nodes with
+//!   the shard-aware port 19042 where it is reachable (behind NAT the
+//!   driver then still reaches the right shard).
+//! - Every projection key is its own partition, so load spreads with the
+//!   number of people. `get_many` issues concurrent single-partition
+//!   SELECTs rather than one `IN` query, so no coordinator fans out.
+//! - Tablets (ScyllaDB 6+) split and move a hot table's data across shards
+//!   and nodes; create the keyspace yourself with `AND tablets = {...}` and
+//!   `NetworkTopologyStrategy`, since that syntax is ScyllaDB's only. A
+//!   hot key (one person with a flood of events) is one partition: ScyllaDB's
+//!   `per_partition_rate_limit` table option can cap it.
+//! - Schema: ScyllaDB changes schema through Raft, so concurrent
+//!   `CREATE ... IF NOT EXISTS` from many processes is safe; on Cassandra 5
+//!   let one process create new tables first (concurrent creation of one
+//!   table on different nodes can leave a schema disagreement).
+//!
+//! # Portability
+//! The CQL used is accepted by both ScyllaDB and Cassandra 5: `CREATE
+//! KEYSPACE/TABLE IF NOT EXISTS`, the types `text`, `blob`, `int`, `bigint`,
+//! `timestamp`, `INSERT`/`DELETE ... USING TIMESTAMP ?`, single-partition
+//! `SELECT`s and `toTimestamp(now())`. No LWT, batches, materialized views,
+//! secondary indexes or vendor table options.
+
+pub mod config;
+pub mod cql;
+pub mod error;
+pub mod store;
+
+pub use config::{CqlConfig, DEFAULT_REPLICATION};
+pub use cql::{validate_table_name, NameError};
+pub use error::ConnectError;
+pub use store::CqlStore;

@@ -1,0 +1,667 @@
+//! [`CqlStore`]: the projection store on ScyllaDB or Cassandra.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Statement;
+use tracing::{debug, info};
+use waymark_runtime::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};
+
+use crate::config::CqlConfig;
+use crate::cql::{
+    self, Ident, InternalCql, Replication, TableCql, MIGRATIONS, MIGRATIONS_TABLE, POSITIONS_TABLE,
+};
+use crate::error::{
+    execution_to_connect, execution_to_store, name_to_store, prepare_to_connect, prepare_to_store,
+    ConnectError,
+};
+
+/// The projection store on ScyllaDB or Cassandra. Cheap to clone; clones
+/// share one session and one statement cache.
+#[derive(Clone)]
+pub struct CqlStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: Session,
+    keyspace: Ident,
+    concurrency: usize,
+    /// Prepared statements by table name.
+    tables: Mutex<HashMap<String, Arc<TableStatements>>>,
+    positions: PositionStatements,
+    clock: Clock,
+}
+
+struct TableStatements {
+    select: PreparedStatement,
+    upsert: PreparedStatement,
+    delete: PreparedStatement,
+}
+
+struct PositionStatements {
+    select: PreparedStatement,
+    upsert: PreparedStatement,
+}
+
+impl std::fmt::Debug for CqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlStore")
+            .field("keyspace", &self.inner.keyspace.as_str())
+            .field("concurrency", &self.inner.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CqlStore {
+    /// Connects, creates the keyspace when missing, applies the schema files
+    /// not yet recorded in `schema_migrations` and prepares the positions
+    /// statements.
+    ///
+    /// The session routes each statement to a replica of its partition
+    /// (token-aware, and shard-aware on ScyllaDB), in the local datacenter
+    /// when one is configured, with `LOCAL_QUORUM` and the configured
+    /// per-request timeout.
+    pub async fn connect(config: CqlConfig) -> Result<Self, ConnectError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ConnectError::Config { problems });
+        }
+        let keyspace = Ident::keyspace(&config.keyspace).map_err(|e| ConnectError::Config {
+            problems: vec![e.to_string()],
+        })?;
+        let replication = Replication::parse(&config.replication)
+            .map_err(|e| ConnectError::Config { problems: vec![e] })?;
+
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &config.local_datacenter {
+            policy = policy.prefer_datacenter(dc.clone());
+        }
+        let profile = ExecutionProfile::builder()
+            .request_timeout(Some(config.request_timeout))
+            .consistency(scylla::statement::Consistency::LocalQuorum)
+            .load_balancing_policy(policy.build())
+            .build();
+        let session = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(config.connect_timeout)
+            .default_execution_profile_handle(profile.into_handle())
+            .build()
+            .await
+            .map_err(|e| ConnectError::Unavailable {
+                reason: e.to_string(),
+            })?;
+        info!(nodes = ?config.nodes, keyspace = keyspace.as_str(), "cql session open");
+
+        for ddl in cql::keyspace_ddl(&keyspace, &replication) {
+            run_ddl(&session, &ddl).await?;
+        }
+        migrate(&session, &keyspace).await?;
+
+        let internal = InternalCql::new(&keyspace);
+        let positions = PositionStatements {
+            select: prepare_setup(&session, &internal.select_positions).await?,
+            upsert: prepare_setup(&session, &internal.upsert_position).await?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                session,
+                keyspace,
+                concurrency: config.concurrency,
+                tables: Mutex::new(HashMap::new()),
+                positions,
+                clock: Clock::default(),
+            }),
+        })
+    }
+
+    /// The keyspace this store writes to.
+    pub fn keyspace(&self) -> &str {
+        self.inner.keyspace.as_str()
+    }
+
+    /// The schema versions recorded in `schema_migrations`, ascending.
+    pub async fn schema_versions(&self) -> Result<Vec<i32>, StoreError> {
+        let text = InternalCql::new(&self.inner.keyspace).select_migrations;
+        applied_versions(&self.inner.session, &text)
+            .await
+            .map_err(|e| match e {
+                VersionsError::Execution(e) => execution_to_store(MIGRATIONS_TABLE, &e),
+                VersionsError::Decode(reason) => StoreError::Corrupt {
+                    table: MIGRATIONS_TABLE.to_owned(),
+                    key: String::new(),
+                    reason,
+                },
+            })
+    }
+
+    /// The prepared statements of `table`, prepared on first use.
+    async fn table(&self, table: &str) -> Result<Arc<TableStatements>, StoreError> {
+        if let Some(found) = self.cached(table) {
+            return Ok(found);
+        }
+        let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
+        let text = TableCql::new(&self.inner.keyspace, &ident);
+        let session = &self.inner.session;
+        let (select, upsert, delete) = futures::try_join!(
+            prepare(session, table, &text.select),
+            prepare(session, table, &text.upsert),
+            prepare(session, table, &text.delete),
+        )?;
+        let statements = Arc::new(TableStatements {
+            select,
+            upsert,
+            delete,
+        });
+        // Two callers may prepare the same table at once; either result is
+        // fine.
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(table.to_owned(), statements.clone());
+        Ok(statements)
+    }
+
+    fn cached(&self, table: &str) -> Option<Arc<TableStatements>> {
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .cloned()
+    }
+
+    /// The statements of every table in `rows`, before anything is written.
+    async fn tables_of(
+        &self,
+        rows: &[PlannedRow<'_>],
+    ) -> Result<HashMap<String, Arc<TableStatements>>, StoreError> {
+        let mut out: HashMap<String, Arc<TableStatements>> = HashMap::new();
+        for row in rows {
+            if !out.contains_key(row.table) {
+                out.insert(row.table.to_owned(), self.table(row.table).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_row(
+        &self,
+        statements: &TableStatements,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let result = self
+            .inner
+            .session
+            .execute_unpaged(&statements.select, (key,))
+            .await
+            .map_err(|e| execution_to_store(table, &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let row = rows
+            .maybe_first_row::<(Option<Vec<u8>>,)>()
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(row.and_then(|(value,)| value))
+    }
+
+    async fn write_row(
+        &self,
+        statements: &TableStatements,
+        row: &PlannedRow<'_>,
+    ) -> Result<(), StoreError> {
+        let session = &self.inner.session;
+        let result = match row.value {
+            Some(value) => {
+                session
+                    .execute_unpaged(&statements.upsert, (row.key, value, row.timestamp))
+                    .await
+            }
+            None => {
+                session
+                    .execute_unpaged(&statements.delete, (row.timestamp, row.key))
+                    .await
+            }
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| execution_to_store(row.table, &e))
+    }
+
+    async fn write_position(&self, p: &PositionWrite, timestamp: i64) -> Result<(), StoreError> {
+        let partition = i32::try_from(p.partition).map_err(|_| StoreError::Corrupt {
+            table: POSITIONS_TABLE.to_owned(),
+            key: format!("{}/{}/{}", p.consumer, p.topic, p.partition),
+            reason: "partition does not fit a cql int".to_owned(),
+        })?;
+        let next_offset = i64::try_from(p.next_offset).map_err(|_| StoreError::Corrupt {
+            table: POSITIONS_TABLE.to_owned(),
+            key: format!("{}/{}/{}", p.consumer, p.topic, p.partition),
+            reason: format!("next offset {} does not fit a cql bigint", p.next_offset),
+        })?;
+        self.inner
+            .session
+            .execute_unpaged(
+                &self.inner.positions.upsert,
+                (
+                    p.consumer.as_str(),
+                    p.topic.as_str(),
+                    partition,
+                    next_offset,
+                    timestamp,
+                ),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| execution_to_store(POSITIONS_TABLE, &e))
+    }
+}
+
+/// A row write checked and given its write timestamp.
+#[derive(Debug, PartialEq, Eq)]
+struct PlannedRow<'a> {
+    table: &'a str,
+    key: &'a str,
+    value: Option<&'a [u8]>,
+    timestamp: i64,
+}
+
+/// Checks every row of a batch before anything is written and gives each
+/// its write timestamp: `order` when the writer has one, else one reading of
+/// the store's clock for the whole batch. When a batch names one row twice,
+/// the later write wins (it is the only one written).
+fn plan_rows<'a>(rows: &'a [RowWrite], clock: &Clock) -> Result<Vec<PlannedRow<'a>>, StoreError> {
+    let now = clock.next();
+    let mut last: HashMap<(&str, &str), usize> = HashMap::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        Ident::table(&row.table).map_err(|e| name_to_store(&row.table, &e))?;
+        last.insert((row.table.as_str(), row.key.as_str()), i);
+    }
+    let mut planned = Vec::with_capacity(last.len());
+    for (i, row) in rows.iter().enumerate() {
+        if last.get(&(row.table.as_str(), row.key.as_str())) != Some(&i) {
+            continue;
+        }
+        let timestamp = match row.order {
+            Some(order) => i64::try_from(order).map_err(|_| StoreError::Corrupt {
+                table: row.table.clone(),
+                key: row.key.clone(),
+                reason: format!("write order {order} does not fit a cql timestamp"),
+            })?,
+            None => now,
+        };
+        planned.push(PlannedRow {
+            table: &row.table,
+            key: &row.key,
+            value: row.value.as_deref(),
+            timestamp,
+        });
+    }
+    Ok(planned)
+}
+
+/// The positions of a batch, the later one winning when a batch names one
+/// (consumer, topic, partition) twice.
+fn plan_positions(positions: &[PositionWrite]) -> Vec<&PositionWrite> {
+    let mut last: HashMap<(&str, &str, u32), usize> = HashMap::with_capacity(positions.len());
+    for (i, p) in positions.iter().enumerate() {
+        last.insert((&p.consumer, &p.topic, p.partition), i);
+    }
+    positions
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| last.get(&(&p.consumer, &p.topic, p.partition)) == Some(i))
+        .map(|(_, p)| p)
+        .collect()
+}
+
+#[async_trait]
+impl ProjectionStore for CqlStore {
+    async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
+        let idents = tables
+            .iter()
+            .map(|t| Ident::table(t).map_err(|e| name_to_store(t, &e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for ident in idents {
+            if self.cached(ident.as_str()).is_some() {
+                continue;
+            }
+            for ddl in cql::projection_table_ddl(&self.inner.keyspace, &ident) {
+                let mut statement = Statement::new(ddl);
+                statement.set_is_idempotent(true);
+                self.inner
+                    .session
+                    .query_unpaged(statement, ())
+                    .await
+                    .map_err(|e| execution_to_store(ident.as_str(), &e))?;
+            }
+            self.table(ident.as_str()).await?;
+            debug!(table = ident.as_str(), "projection table ready");
+        }
+        Ok(())
+    }
+
+    async fn get_many(
+        &self,
+        table: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statements = self.table(table).await?;
+        // The futures are made up front (they do nothing until polled) so
+        // that the stream holds no borrowing closure, which the `Send`
+        // bound of the trait's boxed future cannot see through.
+        let reads: Vec<_> = keys
+            .iter()
+            .map(|key| self.read_row(&statements, table, key))
+            .collect();
+        futures::stream::iter(reads)
+            .buffered(self.inner.concurrency)
+            .try_collect()
+            .await
+    }
+
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows = plan_rows(&batch.rows, &self.inner.clock)?;
+        let statements = self.tables_of(&rows).await?;
+        // Rows first, all of them; a failure stops here, before any position.
+        let mut writes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let table = statements
+                .get(row.table)
+                .ok_or_else(|| StoreError::UnknownTable(row.table.to_owned()))?;
+            writes.push(self.write_row(table, row));
+        }
+        futures::stream::iter(writes)
+            .buffer_unordered(self.inner.concurrency)
+            .try_for_each(|()| futures::future::ready(Ok(())))
+            .await?;
+        // Then the positions the rows reflect.
+        let timestamp = self.inner.clock.next();
+        let writes: Vec<_> = plan_positions(&batch.positions)
+            .into_iter()
+            .map(|p| self.write_position(p, timestamp))
+            .collect();
+        futures::stream::iter(writes)
+            .buffer_unordered(self.inner.concurrency)
+            .try_for_each(|()| futures::future::ready(Ok(())))
+            .await
+    }
+
+    async fn positions(
+        &self,
+        consumer: &str,
+        topic: &str,
+    ) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let result = self
+            .inner
+            .session
+            .execute_unpaged(&self.inner.positions.select, (consumer, topic))
+            .await
+            .map_err(|e| execution_to_store(POSITIONS_TABLE, &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: POSITIONS_TABLE.to_owned(),
+            key: format!("{consumer}/{topic}"),
+            reason,
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut out = BTreeMap::new();
+        for row in rows
+            .rows::<(i32, i64)>()
+            .map_err(|e| corrupt(e.to_string()))?
+        {
+            let (partition, next_offset) = row.map_err(|e| corrupt(e.to_string()))?;
+            let partition = u32::try_from(partition)
+                .map_err(|_| corrupt(format!("negative partition {partition}")))?;
+            let next_offset = u64::try_from(next_offset)
+                .map_err(|_| corrupt(format!("negative next offset {next_offset}")))?;
+            out.insert(partition, next_offset);
+        }
+        Ok(out)
+    }
+}
+
+/// Runs one schema statement during setup.
+async fn run_ddl(session: &Session, ddl: &str) -> Result<(), ConnectError> {
+    let mut statement = Statement::new(ddl.to_owned());
+    statement.set_is_idempotent(true);
+    session
+        .query_unpaged(statement, ())
+        .await
+        .map(|_| ())
+        .map_err(|e| execution_to_connect(ddl, &e))
+}
+
+/// Creates `schema_migrations` and applies the schema files it does not
+/// record yet, in version order. Every file is `IF NOT EXISTS` throughout,
+/// so two processes migrating at once, or a crash between a file and its
+/// record, only repeat harmless statements.
+async fn migrate(session: &Session, keyspace: &Ident) -> Result<(), ConnectError> {
+    for ddl in cql::migrations_table_ddl(keyspace) {
+        run_ddl(session, &ddl).await?;
+    }
+    let internal = InternalCql::new(keyspace);
+    let applied = applied_versions(session, &internal.select_migrations)
+        .await
+        .map_err(|e| match e {
+            VersionsError::Execution(e) => execution_to_connect(&internal.select_migrations, &e),
+            VersionsError::Decode(reason) => ConnectError::Schema {
+                statement: internal.select_migrations.clone(),
+                reason,
+            },
+        })?;
+    let record = prepare_setup(session, &internal.record_migration).await?;
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        for ddl in cql::migration_ddl(keyspace, migration) {
+            run_ddl(session, &ddl).await?;
+        }
+        session
+            .execute_unpaged(&record, (migration.version, migration.name))
+            .await
+            .map_err(|e| execution_to_connect(&internal.record_migration, &e))?;
+        info!(
+            keyspace = keyspace.as_str(),
+            version = migration.version,
+            name = migration.name,
+            "schema migration applied"
+        );
+    }
+    Ok(())
+}
+
+/// Why the applied schema versions could not be read.
+enum VersionsError {
+    Execution(Box<scylla::errors::ExecutionError>),
+    Decode(String),
+}
+
+async fn applied_versions(session: &Session, select: &str) -> Result<Vec<i32>, VersionsError> {
+    let mut statement = Statement::new(select.to_owned());
+    statement.set_is_idempotent(true);
+    let result = session
+        .query_unpaged(statement, ())
+        .await
+        .map_err(|e| VersionsError::Execution(Box::new(e)))?;
+    let decode = |e: &dyn std::fmt::Display| VersionsError::Decode(e.to_string());
+    let rows = result.into_rows_result().map_err(|e| decode(&e))?;
+    let mut versions = Vec::new();
+    for row in rows.rows::<(i32,)>().map_err(|e| decode(&e))? {
+        versions.push(row.map_err(|e| decode(&e))?.0);
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Prepares an idempotent statement on `table`.
+async fn prepare(
+    session: &Session,
+    table: &str,
+    text: &str,
+) -> Result<PreparedStatement, StoreError> {
+    let mut prepared = session
+        .prepare(text.to_owned())
+        .await
+        .map_err(|e| prepare_to_store(table, &e))?;
+    prepared.set_is_idempotent(true);
+    Ok(prepared)
+}
+
+/// Prepares an idempotent statement during setup.
+async fn prepare_setup(session: &Session, text: &str) -> Result<PreparedStatement, ConnectError> {
+    let mut prepared = session
+        .prepare(text.to_owned())
+        .await
+        .map_err(|e| prepare_to_connect(text, &e))?;
+    prepared.set_is_idempotent(true);
+    Ok(prepared)
+}
+
+/// Write timestamps for writes without an order: microseconds since the
+/// epoch, strictly increasing within the process, so two batches written
+/// one after the other apply in that order even if the wall clock steps
+/// back. Taken once per write, so a retried statement rewrites exactly the
+/// same cell.
+#[derive(Debug, Default)]
+struct Clock {
+    last: AtomicI64,
+}
+
+impl Clock {
+    fn next(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut last = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(table: &str, key: &str, value: Option<&[u8]>, order: Option<u64>) -> RowWrite {
+        RowWrite {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            value: value.map(<[u8]>::to_vec),
+            order,
+        }
+    }
+
+    #[test]
+    fn clock_is_strictly_increasing_and_in_microseconds() {
+        let clock = Clock::default();
+        let mut last = 0;
+        for _ in 0..10_000 {
+            let t = clock.next();
+            assert!(t > last);
+            last = t;
+        }
+        // 2020-01-01 in microseconds.
+        assert!(last > 1_577_836_800_000_000);
+    }
+
+    #[test]
+    fn order_is_the_write_timestamp() {
+        let clock = Clock::default();
+        let rows = [
+            row("journey_v1", "a", Some(b"x"), Some(6)),
+            row("journey_v1", "b", None, Some(4)),
+            row("identity_v1_links", "c", Some(b"y"), None),
+        ];
+        let planned = plan_rows(&rows, &clock).unwrap();
+        assert_eq!(planned.len(), 3);
+        assert_eq!(planned[0].timestamp, 6);
+        assert_eq!(planned[1].timestamp, 4);
+        assert_eq!(planned[1].value, None);
+        assert!(planned[2].timestamp > 1_577_836_800_000_000);
+    }
+
+    #[test]
+    fn a_row_named_twice_keeps_the_later_write() {
+        let clock = Clock::default();
+        let rows = [
+            row("t", "a", Some(b"1"), None),
+            row("u", "a", Some(b"other table"), None),
+            row("t", "a", None, None),
+        ];
+        let planned = plan_rows(&rows, &clock).unwrap();
+        assert_eq!(planned.len(), 2);
+        assert_eq!(
+            (planned[0].table, planned[0].value),
+            ("u", Some(&b"other table"[..]))
+        );
+        assert_eq!((planned[1].table, planned[1].value), ("t", None));
+    }
+
+    #[test]
+    fn a_bad_row_fails_the_batch_before_any_write() {
+        let clock = Clock::default();
+        let rows = [
+            row("t", "a", Some(b"1"), None),
+            row("T;DROP", "a", Some(b"1"), None),
+        ];
+        assert!(matches!(
+            plan_rows(&rows, &clock),
+            Err(StoreError::UnknownTable(msg)) if msg.starts_with("T;DROP (invalid table name")
+        ));
+        let rows = [row("t", "a", Some(b"1"), Some(u64::MAX))];
+        assert!(matches!(
+            plan_rows(&rows, &clock),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_position_named_twice_keeps_the_later_one() {
+        let p = |partition, next_offset| PositionWrite {
+            consumer: "journey.v1".to_owned(),
+            topic: "waymark.events".to_owned(),
+            partition,
+            next_offset,
+        };
+        let positions = [p(0, 10), p(1, 5), p(0, 12)];
+        let planned: Vec<(u32, u64)> = plan_positions(&positions)
+            .into_iter()
+            .map(|p| (p.partition, p.next_offset))
+            .collect();
+        assert_eq!(planned, [(1, 5), (0, 12)]);
+    }
+}
