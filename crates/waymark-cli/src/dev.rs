@@ -191,7 +191,16 @@ impl Dev {
                 let _ = tokio::task::spawn_blocking(move || door.stop()).await;
             }
         };
-        platform::supervise(&mut self.tasks, stop, &self.shutdown, DRAIN_TIMEOUT).await
+        let result =
+            platform::supervise(&mut self.tasks, stop, &self.shutdown, DRAIN_TIMEOUT).await;
+        // Release the data directory even if a client still holds a handle.
+        let (log, store) = (self.log.clone(), self.store.clone());
+        tokio::task::spawn_blocking(move || {
+            log.close();
+            store.close();
+        })
+        .await?;
+        result
     }
 
     /// Stops polling, drains, flushes, commits and closes, within

@@ -5,6 +5,7 @@
 //! - [`dev`]: `waymark dev` — embedded log and store, every processor, the
 //!   gRPC services, metrics and the Kafka-protocol front door in one process.
 //! - [`platform`]: assembly shared by `dev`, `run` and `serve`.
+//! - [`scale`]: `waymark run` and `waymark serve` on Kafka and ScyllaDB/Cassandra.
 //! - [`publish`]: `waymark publish`.
 //! - [`metrics_http`]: the Prometheus endpoint.
 //!
@@ -18,3 +19,4 @@ pub mod metrics_http;
 pub mod platform;
 pub mod publish;
 pub mod registry;
+pub mod scale;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use waymark_cli::dev::{Dev, DevOptions};
 use waymark_cli::publish::{publish, Target};
 use waymark_cli::registry::PROCESSORS;
+use waymark_cli::scale::EngineOptions;
 
 /// Waymark: Kafka-centric, event-sourced per-person state, served over gRPC.
 #[derive(Debug, Parser)]
@@ -41,6 +42,34 @@ enum Command {
         #[arg(long)]
         no_kafka: bool,
     },
+    /// Run processors on Apache Kafka and ScyllaDB/Cassandra (all by
+    /// default). Start as many as you like: each processor is a Kafka
+    /// consumer group, and its members split the partitions.
+    Run {
+        /// Processors to run: identity, person, interactions, journey, learning.
+        processors: Vec<String>,
+        #[command(flatten)]
+        engines: EngineArgs,
+        /// Prometheus metrics listen address (an ephemeral port if busy).
+        #[arg(long, default_value = "127.0.0.1:9464", env = "WAYMARK_METRICS_ADDR")]
+        metrics_addr: SocketAddr,
+    },
+    /// Serve the gRPC API (Query, Ingest, Admin) on Kafka and
+    /// ScyllaDB/Cassandra.
+    Serve {
+        /// gRPC listen address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: SocketAddr,
+        #[command(flatten)]
+        engines: EngineArgs,
+        /// Prometheus metrics listen address (an ephemeral port if busy).
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9465",
+            env = "WAYMARK_SERVE_METRICS_ADDR"
+        )]
+        metrics_addr: SocketAddr,
+    },
     /// Validate JSON-lines events (FILE or stdin) and publish them.
     ///
     /// Rejected lines are reported with their line number; the exit code is
@@ -63,6 +92,62 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
+}
+
+/// Where Kafka and the CQL cluster are.
+#[derive(Debug, clap::Args)]
+struct EngineArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9092",
+        env = "WAYMARK_KAFKA_BOOTSTRAP"
+    )]
+    bootstrap: String,
+    /// A librdkafka property, KEY=VALUE (repeatable), e.g.
+    /// security.protocol=SASL_SSL; env: comma-separated.
+    #[arg(long = "kafka-property", value_parser = waymark_cli::scale::parse_property, env = "WAYMARK_KAFKA_PROPERTIES", value_delimiter = ',')]
+    kafka_properties: Vec<(String, String)>,
+    /// CQL contact points, host:port, comma-separated (ScyllaDB or Cassandra).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9042",
+        env = "WAYMARK_CQL_NODES",
+        value_delimiter = ','
+    )]
+    cql_nodes: Vec<String>,
+    /// Keyspace of the projections (created when missing).
+    #[arg(long, default_value = "waymark", env = "WAYMARK_KEYSPACE")]
+    keyspace: String,
+    /// Prefix of the consumer groups: <prefix>.<processor>.v<version>.
+    #[arg(long, default_value = "waymark", env = "WAYMARK_GROUP_PREFIX")]
+    group_prefix: String,
+    /// Topology file; the built-in topology.yaml when not given.
+    #[arg(long, env = "WAYMARK_TOPOLOGY")]
+    topology: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    fn options(self, metrics_addr: SocketAddr) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
+            bootstrap: self.bootstrap,
+            kafka_properties: self.kafka_properties,
+            cql_nodes: self.cql_nodes,
+            keyspace: self.keyspace,
+            group_prefix: self.group_prefix,
+            topology: load_topology(self.topology.as_deref())?,
+            metrics_addr,
+        })
+    }
+}
+
+fn load_topology(path: Option<&std::path::Path>) -> anyhow::Result<waymark_topology::Topology> {
+    match path {
+        Some(path) => waymark_topology::load(path, PROCESSORS).map_err(|e| anyhow::anyhow!("{e}")),
+        None => {
+            waymark_topology::Topology::default_for(PROCESSORS).map_err(|e| anyhow::anyhow!("{e}"))
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +220,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  metrics: http://{}/metrics", dev.info.metrics_addr);
             println!("  info:    {}", data_dir.join("dev.json").display());
             dev.run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            processors,
+            engines,
+            metrics_addr,
+        } => {
+            waymark_cli::scale::run(
+                engines.options(metrics_addr)?,
+                &processors,
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            grpc_addr,
+            engines,
+            metrics_addr,
+        } => {
+            waymark_cli::scale::serve(engines.options(metrics_addr)?, grpc_addr, shutdown_signal())
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish {

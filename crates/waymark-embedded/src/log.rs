@@ -65,11 +65,19 @@ impl Topic {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` once closed: dropping the database releases its file lock.
+    db: RwLock<Option<Database>>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
 }
 
 impl Inner {
+    /// Runs `f` on the open database.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, LogError>) -> Result<T, LogError> {
+        let guard = self.db.read().map_err(|_| LogError::Closed)?;
+        let db = guard.as_ref().ok_or(LogError::Closed)?;
+        f(db)
+    }
+
     fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
         self.topics
             .read()
@@ -135,7 +143,7 @@ impl EmbeddedLog {
             }
         }
         let inner = Arc::new(Inner {
-            db,
+            db: RwLock::new(Some(db)),
             topics: RwLock::new(topics),
         });
         let (tx, rx) = mpsc::channel(1024);
@@ -151,19 +159,49 @@ impl EmbeddedLog {
     /// Reads the committed offsets of `group` on `topic` (lag tooling).
     pub fn committed(&self, group: &str, topic: &str) -> Result<HashMap<u32, u64>, LogError> {
         let topic = self.inner.topic(topic)?;
-        let txn = self.inner.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(GROUPS).map_err(unavailable)?;
-        let mut out = HashMap::new();
-        for p in 0..topic.partitions() {
-            if let Some(v) = table
-                .get(group_key(group, &topic.name, p).as_str())
-                .map_err(unavailable)?
-            {
-                out.insert(p, v.value());
+        self.inner.with_db(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(GROUPS).map_err(unavailable)?;
+            let mut out = HashMap::new();
+            for p in 0..topic.partitions() {
+                if let Some(v) = table
+                    .get(group_key(group, &topic.name, p).as_str())
+                    .map_err(unavailable)?
+                {
+                    out.insert(p, v.value());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Closes the log: waits for the transaction in progress, then releases
+    /// the file. Every clone answers [`LogError::Closed`] afterwards.
+    pub fn close(&self) {
+        if let Ok(mut db) = self.inner.db.write() {
+            db.take();
+        }
+    }
+}
+
+/// Registers missing topics; returns the ones created.
+fn create_topics(db: &Database, topics: &[TopicConfig]) -> Result<Vec<(String, u32)>, LogError> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let mut created = Vec::new();
+    {
+        let mut table = txn.open_table(TOPICS).map_err(unavailable)?;
+        for t in topics {
+            if table.get(t.name.as_str()).map_err(unavailable)?.is_none() {
+                let partitions = t.partitions.max(1);
+                table
+                    .insert(t.name.as_str(), partitions)
+                    .map_err(unavailable)?;
+                created.push((t.name.clone(), partitions));
             }
         }
-        Ok(out)
     }
+    txn.commit().map_err(unavailable)?;
+    Ok(created)
 }
 
 impl Topic {
@@ -197,8 +235,8 @@ fn commit_requests(inner: &Inner, requests: Vec<Request>) {
     let mut next: HashMap<(String, u32), u64> = HashMap::new();
     let mut results: Vec<Result<AppendedIn, LogError>> = Vec::new();
     let mut replies = Vec::new();
-    let txn_result = (|| -> Result<(), LogError> {
-        let txn = inner.db.begin_write().map_err(unavailable)?;
+    let txn_result = inner.with_db(|db| {
+        let txn = db.begin_write().map_err(unavailable)?;
         let timestamp = now_ms();
         for request in &requests {
             match request {
@@ -221,7 +259,7 @@ fn commit_requests(inner: &Inner, requests: Vec<Request>) {
             }
         }
         txn.commit().map_err(unavailable)
-    })();
+    });
     for request in requests {
         if let Request::Produce { reply, .. } = request {
             replies.push(reply);
@@ -315,7 +353,17 @@ fn read_range(
     from: u64,
     max: usize,
 ) -> Result<Vec<Record>, LogError> {
-    let txn = inner.db.begin_read().map_err(unavailable)?;
+    inner.with_db(|db| read_range_in(db, topic, partition, from, max))
+}
+
+fn read_range_in(
+    db: &Database,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    max: usize,
+) -> Result<Vec<Record>, LogError> {
+    let txn = db.begin_read().map_err(unavailable)?;
     let name = partition_table(topic, partition);
     let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
     let table = match txn.open_table(def) {
@@ -341,21 +389,7 @@ impl Log for EmbeddedLog {
         let inner = self.inner.clone();
         let topics = topics.to_vec();
         tokio::task::spawn_blocking(move || {
-            let txn = inner.db.begin_write().map_err(unavailable)?;
-            let mut created = Vec::new();
-            {
-                let mut table = txn.open_table(TOPICS).map_err(unavailable)?;
-                for t in &topics {
-                    if table.get(t.name.as_str()).map_err(unavailable)?.is_none() {
-                        let partitions = t.partitions.max(1);
-                        table
-                            .insert(t.name.as_str(), partitions)
-                            .map_err(unavailable)?;
-                        created.push((t.name.clone(), partitions));
-                    }
-                }
-            }
-            txn.commit().map_err(unavailable)?;
+            let created = inner.with_db(|db| create_topics(db, &topics))?;
             let mut map = inner.topics.write().map_err(|_| LogError::Closed)?;
             for (name, partitions) in created {
                 info!(topic = %name, partitions, "topic created");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -30,7 +30,8 @@ fn position_prefix(consumer: &str, topic: &str) -> String {
 /// The embedded projection store of `waymark dev`. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// `None` once closed: dropping the database releases its file lock.
+    db: Arc<RwLock<Option<Database>>>,
 }
 
 impl EmbeddedStore {
@@ -44,7 +45,17 @@ impl EmbeddedStore {
         txn.open_table(POSITIONS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         info!(path = %path.display(), "embedded store open");
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(RwLock::new(Some(db))),
+        })
+    }
+
+    /// Closes the store: waits for the transaction in progress, then
+    /// releases the file. Every clone answers `Unavailable` afterwards.
+    pub fn close(&self) {
+        if let Ok(mut db) = self.db.write() {
+            db.take();
+        }
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -53,9 +64,17 @@ impl EmbeddedStore {
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(unavailable)?
+        tokio::task::spawn_blocking(move || {
+            let guard = db
+                .read()
+                .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
+            let db = guard
+                .as_ref()
+                .ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+            f(db)
+        })
+        .await
+        .map_err(unavailable)?
     }
 }
 

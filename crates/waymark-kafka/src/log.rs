@@ -91,9 +91,19 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands a member thread can have queued.
 const COMMAND_QUEUE: usize = 16;
 
+/// Largest record Waymark topics accept, `max.message.bytes`. Events are at
+/// most 1 MiB (contract §2); topics take more so that an oversized event
+/// reaches the dead-letter topic as `too_large` (with its headers) instead
+/// of being refused at produce time.
+pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+
+const MAX_RECORD_BYTES_TEXT: &str = "4194304";
+
 /// Producer settings a deployment may override through properties.
 const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
+    // Room for a dead letter of an oversized event plus its headers.
+    ("message.max.bytes", "4194304"),
     ("batch.num.messages", "10000"),
     ("compression.type", "zstd"),
     // A produce blocks the runner's batch: fail it (the runner retries) after
@@ -457,6 +467,7 @@ impl Log for KafkaLog {
                 )
                 .set("retention.ms", retention)
                 .set("cleanup.policy", policy)
+                .set("max.message.bytes", MAX_RECORD_BYTES_TEXT)
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(TOPIC_VISIBLE_TIMEOUT));
@@ -1138,6 +1149,13 @@ impl Member {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn record_size_limits_agree() {
+        assert_eq!(MAX_RECORD_BYTES_TEXT, MAX_RECORD_BYTES.to_string());
+        assert!(PRODUCER_DEFAULTS.contains(&("message.max.bytes", MAX_RECORD_BYTES_TEXT)));
+    }
+
     use super::*;
 
     #[test]

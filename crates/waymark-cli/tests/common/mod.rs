@@ -7,15 +7,23 @@
     clippy::expect_used
 )]
 
+pub mod contract;
+pub mod engines;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::json;
 use tonic::transport::Channel;
 use waymark_cli::dev::{Dev, DevOptions};
 use waymark_cli::registry::PROCESSORS;
+use waymark_core::default_person_id;
+use waymark_proto::v1 as pb;
 use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::ingest_client::IngestClient;
+use waymark_proto::v1::publish_result::Outcome;
 use waymark_proto::v1::query_client::QueryClient;
 
 /// Starts `waymark dev` in-process on ephemeral ports.
@@ -86,4 +94,89 @@ pub fn event(
         "data": data,
     })
     .to_string()
+}
+
+/// `n` events spread over `persons` people; returns the events and the
+/// number of events per person.
+pub fn workload(tag: &str, n: usize, persons: usize) -> (Vec<String>, BTreeMap<String, u64>) {
+    let mut events = Vec::with_capacity(n);
+    let mut per_person = BTreeMap::new();
+    for i in 0..n {
+        let who = format!("{tag}-{}", i % persons);
+        let minute = i / persons;
+        let time = format!(
+            "2026-04-01T{:02}:{:02}:{:02}Z",
+            minute / 3600 % 24,
+            minute / 60 % 60,
+            minute % 60
+        );
+        let e = match i % 3 {
+            0 => event(
+                &format!("{tag}-{i}"),
+                "interaction.recorded",
+                &time,
+                ("web", &who),
+                json!({"kind": "message", "content_type": "text", "content": "x"}),
+            ),
+            1 => event(
+                &format!("{tag}-{i}"),
+                "journey.stage_entered",
+                &time,
+                ("web", &who),
+                json!({"journey_id": "j", "stage": format!("s{i}")}),
+            ),
+            _ => event(
+                &format!("{tag}-{i}"),
+                "learning.quiz_answered",
+                &time,
+                ("web", &who),
+                json!({"course_id": "c", "quiz_id": format!("q{i}"), "correct": i % 2 == 0}),
+            ),
+        };
+        events.push(e);
+        *per_person.entry(who).or_insert(0) += 1;
+    }
+    (events, per_person)
+}
+
+pub async fn publish_all(addr: &str, events: &[String]) {
+    let mut c = clients(addr).await;
+    for chunk in events.chunks(500) {
+        let results = c
+            .ingest
+            .publish(pb::PublishRequest {
+                events: chunk.to_vec(),
+            })
+            .await
+            .expect("publish")
+            .into_inner()
+            .results;
+        assert!(results
+            .iter()
+            .all(|r| matches!(r.outcome, Some(Outcome::Accepted(_)))));
+    }
+}
+
+/// Waits until every person's event count is as expected, then checks it
+/// stays there (no late double counting).
+pub async fn assert_counts(addr: &str, expected: &BTreeMap<String, u64>) {
+    let c = clients(addr).await;
+    for (who, count) in expected {
+        let id = default_person_id("web", who).to_string();
+        let q = c.query.clone();
+        let got = eventually(&format!("{who} has {count} events"), || {
+            let mut q = q.clone();
+            let id = id.clone();
+            async move {
+                let p = q
+                    .get_person(pb::GetPersonRequest { person_id: id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (p.event_count >= *count).then_some(p.event_count)
+            }
+        })
+        .await;
+        assert_eq!(got, *count, "{who}: event count");
+    }
 }

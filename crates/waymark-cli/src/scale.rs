@@ -1,0 +1,234 @@
+//! `waymark run` and `waymark serve`: the same processors and services on
+//! Apache Kafka and ScyllaDB/Cassandra, scaled out as consumer-group
+//! members (run any number of `waymark run` processes per processor; Kafka
+//! splits the partitions between them).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use waymark_cql::{CqlConfig, CqlStore};
+use waymark_kafka::{KafkaConfig, KafkaLog};
+use waymark_runtime::{Log, ProjectionStore};
+use waymark_schemas::Validator;
+use waymark_topology::Topology;
+
+use crate::platform::{self, Tasks};
+
+/// How long shutdown may take to drain, flush and commit.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the engines are.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// librdkafka properties passed through (TLS, SASL, tuning).
+    pub kafka_properties: Vec<(String, String)>,
+    /// CQL contact points, `host:port`.
+    pub cql_nodes: Vec<String>,
+    /// Keyspace of the projections.
+    pub keyspace: String,
+    /// Prefix of consumer group names (`<prefix>.<processor>.v<version>`).
+    pub group_prefix: String,
+    /// The topology.
+    pub topology: Topology,
+    /// Prometheus listen address (an ephemeral port if busy).
+    pub metrics_addr: SocketAddr,
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_property(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if k.trim().is_empty() {
+        return Err(format!("{text:?} has an empty key"));
+    }
+    Ok((k.trim().to_owned(), v.to_owned()))
+}
+
+struct Engines {
+    log: Arc<dyn Log>,
+    store: Arc<dyn ProjectionStore>,
+    validator: Arc<Validator>,
+}
+
+async fn connect(
+    options: &EngineOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Engines>> {
+    let mut kafka = KafkaConfig::new(options.bootstrap.clone());
+    for (k, v) in &options.kafka_properties {
+        kafka = kafka.property(k.clone(), v.clone());
+    }
+    let log = KafkaLog::new(kafka).map_err(|e| anyhow!("{e}"))?;
+    let cql = CqlConfig {
+        nodes: options.cql_nodes.clone(),
+        keyspace: options.keyspace.clone(),
+        ..CqlConfig::default()
+    };
+    // The engines may still be starting: retry with backoff until shutdown.
+    let mut delay = Duration::from_millis(200);
+    let store = loop {
+        match CqlStore::connect(cql.clone()).await {
+            Ok(store) => break store,
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "cql cluster not reachable yet, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        }
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match log
+            .ensure_topics(&platform::topic_configs(&options.topology))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %e, "kafka not reachable yet, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let store: Arc<dyn ProjectionStore> = Arc::new(store);
+    platform::ensure_query_tables(store.as_ref(), &options.topology).await?;
+    Ok(Some(Engines {
+        log: Arc::new(log),
+        store,
+        validator: Arc::new(Validator::new()?),
+    }))
+}
+
+async fn start_metrics(
+    tasks: &mut Tasks,
+    addr: SocketAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    crate::metrics_http::recorder();
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "metrics address busy, using an ephemeral port");
+            TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?
+        }
+    };
+    let bound = listener.local_addr()?;
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        crate::metrics_http::serve(listener, token).await;
+        ("metrics".to_owned(), Ok(()))
+    });
+    Ok(bound)
+}
+
+/// `waymark run [PROCESSOR...]`: runs processors until `stop`.
+pub async fn run(
+    options: EngineOptions,
+    processors: &[String],
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let names = platform::select_processors(processors, &options.topology)?;
+    let shutdown = CancellationToken::new();
+    tokio::pin!(stop);
+    let engines = tokio::select! {
+        engines = connect(&options, &shutdown) => engines?,
+        _ = &mut stop => return Ok(()),
+    };
+    let Some(engines) = engines else {
+        return Ok(());
+    };
+    let mut tasks = Tasks::new();
+    platform::spawn_processors(
+        &mut tasks,
+        &engines.log,
+        &engines.store,
+        &options.topology,
+        &engines.validator,
+        &names,
+        &options.group_prefix,
+        &shutdown,
+    )
+    .await?;
+    let metrics = start_metrics(&mut tasks, options.metrics_addr, &shutdown).await?;
+    println!(
+        "waymark run: {} on kafka {} and cql {}",
+        names.join(", "),
+        options.bootstrap,
+        options.cql_nodes.join(",")
+    );
+    println!("  metrics: http://{metrics}/metrics");
+    info!(processors = %names.join(","), "waymark run ready");
+    platform::supervise(&mut tasks, stop, &shutdown, DRAIN_TIMEOUT).await
+}
+
+/// `waymark serve`: serves Query, Ingest and Admin until `stop`.
+pub async fn serve(
+    options: EngineOptions,
+    grpc_addr: SocketAddr,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {grpc_addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::pin!(stop);
+    let engines = tokio::select! {
+        engines = connect(&options, &shutdown) => engines?,
+        _ = &mut stop => return Ok(()),
+    };
+    let Some(engines) = engines else {
+        return Ok(());
+    };
+    let mut tasks = Tasks::new();
+    let services = platform::services(
+        &engines.log,
+        &engines.store,
+        &options.topology,
+        &engines.validator,
+    );
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        let result = waymark_server::serve(listener, services, token).await;
+        (
+            "grpc server".to_owned(),
+            result.map_err(anyhow::Error::from),
+        )
+    });
+    let metrics = start_metrics(&mut tasks, options.metrics_addr, &shutdown).await?;
+    println!(
+        "waymark serve: grpc {bound} on kafka {} and cql {}",
+        options.bootstrap,
+        options.cql_nodes.join(",")
+    );
+    println!("  metrics: http://{metrics}/metrics");
+    info!(grpc = %bound, "waymark serve ready");
+    platform::supervise(&mut tasks, stop, &shutdown, DRAIN_TIMEOUT).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse() {
+        assert_eq!(parse_property("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_property("nope").is_err());
+        assert!(parse_property("=x").is_err());
+    }
+}
