@@ -59,13 +59,13 @@ pub async fn clients(grpc_addr: &str) -> Clients {
     }
 }
 
-/// Polls `check` until it returns `Some`, for at most 60 s.
+/// Polls `check` until it returns `Some`, for at most 120 s.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(v) = check().await {
             return v;
