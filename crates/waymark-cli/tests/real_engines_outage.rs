@@ -24,10 +24,15 @@ fn dev_services(args: &[&str]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cassandra_outage_under_traffic_is_ridden_out() {
-    let Some((bootstrap, cql)) = engines() else { return };
+    let Some((bootstrap, cql)) = engines() else {
+        return;
+    };
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if !dev_services(&["status", "cassandra"]) {
-        assert!(!ci, "CI=true: cassandra must be managed by scripts/dev-services for the outage test");
+        assert!(
+            !ci,
+            "CI=true: cassandra must be managed by scripts/dev-services for the outage test"
+        );
         eprintln!("skipped: cassandra is not managed by scripts/dev-services, cannot stop it");
         return;
     }
@@ -54,6 +59,9 @@ async fn cassandra_outage_under_traffic_is_ridden_out() {
 
     assert_counts(&addr, &expected).await;
     let log = run.log();
-    assert!(log.contains("retrying"), "processors reported the outage and retried:\n{log}");
+    assert!(
+        log.contains("retrying"),
+        "processors reported the outage and retried:\n{log}"
+    );
     assert!(run.terminate().success(), "{}", run.log());
 }
