@@ -1,7 +1,7 @@
 //! Property tests of the fold laws for [`InteractionsFold`], plus the
 //! retention and paging invariants checked against a naive model.
 
-mod common;
+use waymark_foldtest as common;
 
 use chrono::Duration;
 use proptest::prelude::*;

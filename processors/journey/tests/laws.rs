@@ -1,6 +1,6 @@
 //! Property tests of the fold laws for [`JourneyFold`].
 
-mod common;
+use waymark_foldtest as common;
 
 use proptest::prelude::*;
 use waymark_core::{EventData, Identity};

@@ -1,7 +1,7 @@
 //! Property tests of the fold laws for [`LearningFold`], and of the derived
 //! values against a naive model.
 
-mod common;
+use waymark_foldtest as common;
 
 use std::collections::BTreeMap;
 

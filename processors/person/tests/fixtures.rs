@@ -1,13 +1,13 @@
 //! Golden fixtures: `tests/fixtures/<case>/events.jsonl` folded per person
 //! must give `expected.json`.
 
-mod common;
+use waymark_foldtest as common;
 
 use waymark_person::PersonFold;
 
 #[test]
 fn every_fixture_case_matches_its_expected_state() {
-    let cases = common::fixture_cases();
+    let cases = common::fixture_cases(env!("CARGO_MANIFEST_DIR"));
     assert!(cases.len() >= 2, "at least two fixture cases");
     for case in cases {
         let (actual, expected) = common::run_fixture(&PersonFold, &case);

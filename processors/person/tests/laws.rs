@@ -1,6 +1,6 @@
 //! Property tests of the fold laws for [`PersonFold`].
 
-mod common;
+use waymark_foldtest as common;
 
 use proptest::prelude::*;
 use waymark_core::{ContentType, EventData, Identity, InteractionKind, LessonResult};

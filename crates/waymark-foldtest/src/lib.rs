@@ -1,9 +1,9 @@
-//! Test support shared by this crate's integration tests: the golden fixture
-//! runner, an event generator and the fold laws (house style: "applying twice
-//! equals once, replay equals live").
+//! Test support shared by the processors' tests: the golden fixture runner,
+//! an event generator and the fold laws (house style: "applying twice equals
+//! once, replay equals live").
 //!
-//! Generic over [`Fold`]; each test file brings its own `EventData` strategy.
-#![allow(dead_code, unreachable_pub)]
+//! Generic over [`Fold`]; each test brings its own `EventData` strategy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,10 @@ pub fn time_at(millis: i64) -> DateTime<Utc> {
     base + Duration::milliseconds(millis)
 }
 
-/// The fixture cases of this crate: every directory under `tests/fixtures`.
-pub fn fixture_cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+/// The fixture cases of a crate: every directory under
+/// `<manifest_dir>/tests/fixtures` (pass `env!("CARGO_MANIFEST_DIR")`).
+pub fn fixture_cases(manifest_dir: &str) -> Vec<PathBuf> {
+    let root = Path::new(manifest_dir).join("tests/fixtures");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("tests/fixtures exists")
         .map(|e| e.expect("readable dir entry").path())
