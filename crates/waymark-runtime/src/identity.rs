@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 use waymark_core::{Event, Identity, Rejection};
-use waymark_identity::{IdentityRow, IdentityView, PersonLinks};
+use waymark_identity::{IdentityRow, MemoryView};
 use waymark_schemas::Validator;
 
 use crate::handler::{decode_row, encode_row, BatchOutput, HandleError, Handler};
@@ -61,35 +61,6 @@ impl IdentityHandler {
     }
 }
 
-/// The identity rows a batch may touch, loaded up front, plus its changes.
-#[derive(Default)]
-struct BatchView {
-    links: HashMap<Identity, Option<Uuid>>,
-    persons: HashMap<Uuid, Option<PersonLinks>>,
-    changed_links: BTreeSet<Identity>,
-    changed_persons: BTreeSet<Uuid>,
-}
-
-impl IdentityView for BatchView {
-    fn identity(&self, id: &Identity) -> Option<Uuid> {
-        self.links.get(id).copied().flatten()
-    }
-
-    fn set_identity(&mut self, id: &Identity, person: Uuid) {
-        self.links.insert(id.clone(), Some(person));
-        self.changed_links.insert(id.clone());
-    }
-
-    fn person(&self, person: Uuid) -> Option<PersonLinks> {
-        self.persons.get(&person).cloned().flatten()
-    }
-
-    fn put_person(&mut self, person: Uuid, links: PersonLinks) {
-        self.persons.insert(person, Some(links));
-        self.changed_persons.insert(person);
-    }
-}
-
 #[async_trait]
 impl Handler for IdentityHandler {
     fn processor(&self) -> &str {
@@ -115,9 +86,10 @@ impl Handler for IdentityHandler {
             }
         }
 
-        // Preload every row the batch can touch: the identities it names,
-        // then their persons, their default persons and the given persons.
-        let mut view = BatchView::default();
+        // Preload every row the batch can touch (closed over the batch, see
+        // `waymark_identity::needed_persons`): the identities it names, then
+        // their stored persons, their default persons and the given persons.
+        let mut view = MemoryView::new();
         let identities: BTreeSet<Identity> = events
             .iter()
             .flat_map(|(_, e)| waymark_identity::needed_identities(e))
@@ -125,31 +97,25 @@ impl Handler for IdentityHandler {
         let identities: Vec<Identity> = identities.into_iter().collect();
         let keys: Vec<String> = identities.iter().map(Identity::key).collect();
         let rows = store.get_many(&self.tables.links, &keys).await?;
-        let mut persons: BTreeSet<Uuid> = events.iter().filter_map(|(_, e)| e.person_id).collect();
+        let mut stored: HashMap<Identity, Uuid> = HashMap::new();
         for ((identity, key), row) in identities.iter().zip(&keys).zip(rows) {
-            let person = match row {
-                Some(bytes) => {
-                    Some(decode_row::<IdentityRow>(&self.tables.links, key, &bytes)?.person_id)
-                }
-                None => None,
-            };
-            persons.extend(person);
-            persons.insert(identity.default_person_id());
-            view.links.insert(identity.clone(), person);
+            if let Some(bytes) = row {
+                let row: IdentityRow = decode_row(&self.tables.links, key, &bytes)?;
+                stored.insert(identity.clone(), row.person_id);
+                view.load_identity(identity.clone(), row);
+            }
         }
+        let persons: BTreeSet<Uuid> = events
+            .iter()
+            .flat_map(|(_, e)| waymark_identity::needed_persons(e, |id| stored.get(id).copied()))
+            .collect();
         let persons: Vec<Uuid> = persons.into_iter().collect();
         let keys: Vec<String> = persons.iter().map(Uuid::to_string).collect();
         let rows = store.get_many(&self.tables.persons, &keys).await?;
         for ((person, key), row) in persons.iter().zip(&keys).zip(rows) {
-            let links = match row {
-                Some(bytes) => Some(decode_row::<PersonLinks>(
-                    &self.tables.persons,
-                    key,
-                    &bytes,
-                )?),
-                None => None,
-            };
-            view.persons.insert(*person, links);
+            if let Some(bytes) = row {
+                view.load_person(*person, decode_row(&self.tables.persons, key, &bytes)?);
+            }
         }
 
         for (i, mut event) in events {
@@ -168,25 +134,22 @@ impl Handler for IdentityHandler {
             out.stats.applied += 1;
         }
 
-        for identity in &view.changed_links {
-            if let Some(Some(person)) = view.links.get(identity) {
-                out.rows.push(RowWrite {
-                    table: self.tables.links.clone(),
-                    key: identity.key(),
-                    value: Some(encode_row(&IdentityRow { person_id: *person })),
-                    order: None,
-                });
-            }
+        let changes = view.take_changes();
+        for (identity, row) in changes.identities {
+            out.rows.push(RowWrite {
+                table: self.tables.links.clone(),
+                key: identity.key(),
+                value: Some(encode_row(&row)),
+                order: None,
+            });
         }
-        for person in &view.changed_persons {
-            if let Some(Some(links)) = view.persons.get(person) {
-                out.rows.push(RowWrite {
-                    table: self.tables.persons.clone(),
-                    key: person.to_string(),
-                    value: Some(encode_row(links)),
-                    order: None,
-                });
-            }
+        for (person, links) in changes.persons {
+            out.rows.push(RowWrite {
+                table: self.tables.persons.clone(),
+                key: person.to_string(),
+                value: Some(encode_row(&links)),
+                order: None,
+            });
         }
         Ok(out)
     }
