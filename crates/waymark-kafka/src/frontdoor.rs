@@ -103,6 +103,9 @@ impl FrontDoor {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("fetch.wait.max.ms", "5")
+            // Read ahead little: what the bridge holds but has not appended is
+            // not durable, and a bounded buffer keeps memory flat under lag.
+            .set("queued.max.messages.kbytes", "2048")
             .create()
             .map_err(|e| FrontDoorError::Kafka(e.to_string()))?;
         let mut assignment = TopicPartitionList::new();
