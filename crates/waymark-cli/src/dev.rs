@@ -21,6 +21,9 @@ use waymark_topology::Topology;
 
 use crate::platform;
 
+/// How often the embedded log's retention runs.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How long shutdown may take to drain, flush and commit.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -146,6 +149,33 @@ impl Dev {
                 "grpc server".to_owned(),
                 result.map_err(anyhow::Error::from),
             )
+        });
+
+        // Time-based retention of the embedded log, as Kafka does it.
+        let retained: Vec<(String, Duration)> = topology
+            .topics
+            .iter()
+            .filter_map(|(_, t)| t.retention.as_duration().map(|d| (t.name.clone(), d)))
+            .collect();
+        let (retention_log, token) = (log.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                for (topic, age) in &retained {
+                    let (log, topic, age) = (retention_log.clone(), topic.clone(), *age);
+                    match tokio::task::spawn_blocking(move || log.apply_retention(&topic, age))
+                        .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %e, "retention failed; retrying later"),
+                        Err(e) => warn!(error = %e, "retention task failed"),
+                    }
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+                }
+            }
+            ("retention".to_owned(), Ok(()))
         });
 
         crate::metrics_http::recorder();

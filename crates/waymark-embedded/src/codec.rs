@@ -63,6 +63,11 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The append timestamp of a stored record.
+pub(crate) fn timestamp(bytes: &[u8]) -> Option<i64> {
+    Reader { buf: bytes }.i64()
+}
+
 /// Decodes a stored record; `None` if the bytes are not a record.
 pub(crate) fn decode(partition: u32, offset: u64, bytes: &[u8]) -> Option<Record> {
     let mut r = Reader { buf: bytes };

@@ -52,6 +52,8 @@ struct Topic {
     name: String,
     /// Next offset per partition.
     high: Vec<AtomicU64>,
+    /// First stored offset per partition (moves with retention).
+    low: Vec<AtomicU64>,
     /// Woken after every commit that appended to this topic.
     appended: Notify,
     /// Round-robin counter for records without key or partition.
@@ -126,20 +128,29 @@ impl EmbeddedLog {
                 let (name, partitions) = entry.map_err(unavailable)?;
                 let name = name.value().to_owned();
                 let mut high = Vec::new();
+                let mut low = Vec::new();
                 for p in 0..partitions.value() {
                     let table_name = partition_table(&name, p);
                     let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
-                    let next = match txn.open_table(def) {
-                        Ok(t) => t
-                            .last()
-                            .map_err(unavailable)?
-                            .map_or(0, |(k, _)| k.value() + 1),
-                        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                    let (first, next) = match txn.open_table(def) {
+                        Ok(t) => {
+                            let next = t
+                                .last()
+                                .map_err(unavailable)?
+                                .map_or(0, |(k, _)| k.value() + 1);
+                            let first = t
+                                .first()
+                                .map_err(unavailable)?
+                                .map_or(next, |(k, _)| k.value());
+                            (first, next)
+                        }
+                        Err(redb::TableError::TableDoesNotExist(_)) => (0, 0),
                         Err(e) => return Err(unavailable(e)),
                     };
                     high.push(AtomicU64::new(next));
+                    low.push(AtomicU64::new(first));
                 }
-                topics.insert(name.clone(), Arc::new(Topic::new(name, high)));
+                topics.insert(name.clone(), Arc::new(Topic::new(name, high, low)));
             }
         }
         let inner = Arc::new(Inner {
@@ -175,6 +186,55 @@ impl EmbeddedLog {
         })
     }
 
+    /// Deletes the records of `topic` appended more than `max_age` ago, like
+    /// Kafka's time-based retention, and returns how many were deleted. The
+    /// newest record of each partition is always kept, so offsets keep
+    /// growing across restarts and are never reused.
+    pub fn apply_retention(
+        &self,
+        topic: &str,
+        max_age: std::time::Duration,
+    ) -> Result<u64, LogError> {
+        let topic = self.inner.topic(topic)?;
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+        let mut deleted = 0;
+        self.inner.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut new_low = Vec::new();
+            for p in 0..topic.partitions() {
+                let high = topic.high[p as usize].load(Ordering::Acquire);
+                let name = partition_table(&topic.name, p);
+                let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
+                let mut table = txn.open_table(def).map_err(unavailable)?;
+                let mut expired = Vec::new();
+                for entry in table.range(..high.saturating_sub(1)).map_err(unavailable)? {
+                    let (offset, bytes) = entry.map_err(unavailable)?;
+                    match codec::timestamp(bytes.value()) {
+                        Some(ts) if ts < cutoff => expired.push(offset.value()),
+                        _ => break,
+                    }
+                }
+                for offset in &expired {
+                    table.remove(*offset).map_err(unavailable)?;
+                }
+                deleted += expired.len() as u64;
+                if let Some(last) = expired.last() {
+                    new_low.push((p, last + 1));
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            for (p, low) in new_low {
+                topic.low[p as usize].fetch_max(low, Ordering::AcqRel);
+            }
+            Ok(())
+        })?;
+        if deleted > 0 {
+            info!(topic = %topic.name, deleted, "retention applied");
+        }
+        Ok(deleted)
+    }
+
     /// Closes the log: waits for the transaction in progress, then releases
     /// the file. Every clone answers [`LogError::Closed`] afterwards.
     pub fn close(&self) {
@@ -205,10 +265,11 @@ fn create_topics(db: &Database, topics: &[TopicConfig]) -> Result<Vec<(String, u
 }
 
 impl Topic {
-    fn new(name: String, high: Vec<AtomicU64>) -> Self {
+    fn new(name: String, high: Vec<AtomicU64>, low: Vec<AtomicU64>) -> Self {
         Self {
             name,
             high,
+            low,
             appended: Notify::new(),
             round_robin: AtomicU64::new(0),
         }
@@ -394,7 +455,8 @@ impl Log for EmbeddedLog {
             for (name, partitions) in created {
                 info!(topic = %name, partitions, "topic created");
                 let high = (0..partitions).map(|_| AtomicU64::new(0)).collect();
-                map.insert(name.clone(), Arc::new(Topic::new(name, high)));
+                let low = (0..partitions).map(|_| AtomicU64::new(0)).collect();
+                map.insert(name.clone(), Arc::new(Topic::new(name, high, low)));
             }
             Ok(())
         })
@@ -440,7 +502,8 @@ impl Log for EmbeddedLog {
                     topic: topic.name.clone(),
                     partition,
                 })?;
-        Ok((0, high.load(Ordering::Acquire)))
+        let low = topic.low[partition as usize].load(Ordering::Acquire);
+        Ok((low, high.load(Ordering::Acquire)))
     }
 
     async fn read(
