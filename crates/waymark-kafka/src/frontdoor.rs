@@ -14,18 +14,22 @@
 //! that need no-loss use `Ingest` or a real Kafka cluster.
 
 use std::collections::HashMap;
+use std::ffi::CString;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use waymark_runtime::{Log, OutRecord};
+
+use crate::proxy::Proxy;
 
 /// Metric: records the door lost before they reached the durable log.
 pub const LOST_RECORDS: &str = "waymark_frontdoor_lost_records_total";
@@ -73,21 +77,44 @@ impl FrontDoor {
         let cluster_thread = std::thread::Builder::new()
             .name("waymark-frontdoor".into())
             .spawn(move || {
-                let cluster = match MockCluster::new(1) {
-                    Ok(c) => c,
+                // A client that owns a mock cluster of one broker.
+                let owner: BaseProducer = match ClientConfig::new()
+                    .set("test.mock.num.brokers", "1")
+                    .create()
+                {
+                    Ok(p) => p,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                         return;
                     }
                 };
-                if let Err(e) = cluster.create_topic(&topic_name, partitions as i32, 1) {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                let started = (|| {
+                    let cluster = owner.client().mock_cluster().ok_or("no mock cluster")?;
+                    cluster
+                        .create_topic(&topic_name, partitions as i32, 1)
+                        .map_err(|e| e.to_string())?;
+                    let upstream: SocketAddr = cluster
+                        .bootstrap_servers()
+                        .split(',')
+                        .next()
+                        .and_then(|a| a.parse().ok())
+                        .ok_or("mock cluster has no address")?;
+                    let proxy = Proxy::start(upstream).map_err(|e| e.to_string())?;
+                    advertise(&owner, proxy.addr())?;
+                    Ok::<_, String>(proxy)
+                })();
+                let proxy = match started {
+                    Ok(proxy) => proxy,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(proxy.addr().to_string()));
                 // Keep the cluster alive until stopped (or the door dropped).
                 let _ = stop_rx.recv();
-                drop(cluster);
+                drop(proxy);
+                drop(owner);
             })
             .map_err(|e| FrontDoorError::Kafka(e.to_string()))?;
         let bootstrap = ready_rx
@@ -186,6 +213,30 @@ impl Drop for FrontDoor {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Makes the mock cluster of `owner` advertise `addr` (the proxy) as its
+/// broker address in metadata, so clients never bypass the proxy.
+#[allow(unsafe_code)]
+fn advertise(owner: &BaseProducer, addr: SocketAddr) -> Result<(), String> {
+    let host = CString::new(addr.ip().to_string()).map_err(|e| e.to_string())?;
+    // SAFETY: `owner` was created with `test.mock.num.brokers`, so its handle
+    // owns a mock cluster that lives as long as `owner`, which outlives this
+    // call; librdkafka copies `host` before returning. Broker ids of a mock
+    // cluster start at 1.
+    unsafe {
+        let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+        if cluster.is_null() {
+            return Err("the client has no mock cluster".into());
+        }
+        rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+            cluster,
+            1,
+            host.as_ptr(),
+            i32::from(addr.port()),
+        );
+    }
+    Ok(())
 }
 
 const BRIDGE_BATCH: usize = 1000;

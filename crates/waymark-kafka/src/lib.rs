@@ -27,6 +27,7 @@
 
 pub mod frontdoor;
 pub mod log;
+mod proxy;
 
 pub use frontdoor::{FrontDoor, FrontDoorError, FrontDoorStatus};
 pub use log::{KafkaConfig, KafkaLog, KafkaLogError};
