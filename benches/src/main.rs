@@ -1,0 +1,217 @@
+//! `waymark-bench`: the end-to-end benchmark harness of issue 4. Every
+//! scenario measures its own baseline in the same run, on the same machine,
+//! and reports the ratio. `benches/run` builds this binary in release and
+//! runs it; see `docs/performance.md` for the results and how to read them.
+//!
+//! # Layout
+//! - `s1.rs` rebuild: every folding processor replays `waymark.events` from
+//!   offset 0 into empty projections, vs a raw scan of the same partitions.
+//! - `s3.rs` `GetPerson` / `ListInteractions` over tonic on 127.0.0.1, vs a
+//!   tonic handler that returns canned responses of the same sizes.
+//! - `s2.rs` publish → visible latency, open loop at 50 % of S1's rate, vs
+//!   append → read latency of a raw reader of the same log.
+//! - `s4.rs` `Ingest.Publish` (validate + durable append), vs a raw append
+//!   of the same bytes with the same durability.
+//! - `s5.rs` peak RSS of the release `waymark dev` while a lag drains.
+//! - `report.rs` the report (`target/bench/report.json`) and the table;
+//!   `machine.rs` what the machine is; `common.rs` shared set-up.
+//!
+//! # Guarantees
+//! - Scenarios run one after another, never overlapping, and each baseline
+//!   runs right next to its scenario with the same sizes, batching,
+//!   concurrency and durability.
+//! - Every loop is bounded in count and time; servers listen on 127.0.0.1
+//!   only and stop with the scenario.
+
+mod common;
+mod machine;
+mod report;
+mod s1;
+mod s2;
+mod s3;
+mod s4;
+mod s5;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+
+/// Sizes and switches of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) quick: bool,
+    pub(crate) out: PathBuf,
+    pub(crate) work: PathBuf,
+    pub(crate) waymark: PathBuf,
+    pub(crate) only: Option<BTreeSet<String>>,
+    /// S1: events on the resolved topic (persons = events / 10).
+    pub(crate) s1_events: u64,
+    /// S3: measured seconds per side.
+    pub(crate) s3_secs: f64,
+    /// S3: requests in flight.
+    pub(crate) s3_concurrency: usize,
+    /// S2: seconds of open-loop publishing per side.
+    pub(crate) s2_secs: f64,
+    /// S4: events published per side.
+    pub(crate) s4_events: u64,
+    /// S5: events of lag on the inputs topic.
+    pub(crate) s5_events: u64,
+}
+
+const USAGE: &str =
+    "usage: waymark-bench [--quick] [--real] [--out FILE] [--work DIR] [--waymark BIN]
+                     [--only S1,S2,...] [--s1-events N] [--s4-events N] [--s5-events N]
+                     [--s2-secs S] [--s3-secs S] [--s3-concurrency N]";
+
+impl Options {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<(Self, bool)> {
+        let args: Vec<String> = args.collect();
+        let quick = args.iter().any(|a| a == "--quick");
+        let real = args.iter().any(|a| a == "--real");
+        let mut o = Options {
+            quick,
+            out: PathBuf::from("target/bench/report.json"),
+            work: PathBuf::from("target/bench/work"),
+            waymark: PathBuf::from("target/release/waymark"),
+            only: None,
+            s1_events: if quick { 100_000 } else { 1_000_000 },
+            s3_secs: if quick { 5.0 } else { 15.0 },
+            s3_concurrency: 16,
+            s2_secs: if quick { 10.0 } else { 30.0 },
+            s4_events: if quick { 50_000 } else { 200_000 },
+            s5_events: if quick { 100_000 } else { 1_000_000 },
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"))
+            };
+            match arg.as_str() {
+                "--quick" | "--real" => {}
+                "--out" => o.out = value()?.into(),
+                "--work" => o.work = value()?.into(),
+                "--waymark" => o.waymark = value()?.into(),
+                "--only" => {
+                    o.only = Some(
+                        value()?
+                            .split(',')
+                            .map(|s| s.trim().to_uppercase())
+                            .collect(),
+                    )
+                }
+                "--s1-events" => o.s1_events = value()?.parse()?,
+                "--s4-events" => o.s4_events = value()?.parse()?,
+                "--s5-events" => o.s5_events = value()?.parse()?,
+                "--s2-secs" => o.s2_secs = value()?.parse()?,
+                "--s3-secs" => o.s3_secs = value()?.parse()?,
+                "--s3-concurrency" => o.s3_concurrency = value()?.parse()?,
+                "-h" | "--help" => return Err(anyhow!("{USAGE}")),
+                other => return Err(anyhow!("unknown argument {other}\n{USAGE}")),
+            }
+        }
+        Ok((o, real))
+    }
+
+    pub(crate) fn wants(&self, id: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(id))
+    }
+
+    pub(crate) fn mode(&self) -> &'static str {
+        if self.quick {
+            "quick"
+        } else {
+            "default"
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let (options, real) = match Options::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if real {
+        eprintln!(
+            "waymark-bench: --real (the scenarios on Kafka + Cassandra from scripts/dev-services) \
+             is not implemented yet; see docs/performance.md"
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("waymark-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waymark-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(o: Options) -> anyhow::Result<()> {
+    if o.work.exists() {
+        std::fs::remove_dir_all(&o.work)
+            .with_context(|| format!("cannot clear {}", o.work.display()))?;
+    }
+    std::fs::create_dir_all(&o.work)?;
+    if let Some(parent) = o.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    eprintln!("== machine");
+    let machine = machine::describe(&o.work);
+    let mut scenarios = Vec::new();
+
+    if o.wants("S1") || o.wants("S2") || o.wants("S3") {
+        eprintln!("== S1 rebuild ({} events)", o.s1_events);
+        let s1 = s1::run(&o).await?;
+        let rate = s1.rate;
+        scenarios.push(s1.scenario.clone());
+        if o.wants("S3") {
+            eprintln!("== S3 queries over tonic");
+            scenarios.push(s3::run(&o, &s1).await?);
+        }
+        if o.wants("S2") {
+            eprintln!("== S2 publish → visible at {:.0} events/s", rate / 2.0);
+            scenarios.push(s2::run(&o, &s1, rate / 2.0).await?);
+        }
+        s1.stop().await?;
+    }
+    if o.wants("S4") {
+        eprintln!("== S4 ingest ({} events)", o.s4_events);
+        scenarios.push(s4::run(&o).await?);
+    }
+    if o.wants("S5") {
+        eprintln!(
+            "== S5 peak RSS of waymark dev ({} events of lag)",
+            o.s5_events
+        );
+        scenarios.push(s5::run(&o).await?);
+    }
+
+    let report = report::Report { machine, scenarios };
+    report::print_table(&report);
+    std::fs::write(&o.out, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", o.out.display()))?;
+    println!("report: {}", o.out.display());
+    if !o.quick || o.only.is_some() {
+        return Ok(());
+    }
+    // A quick run keeps nothing but the report.
+    let _ = std::fs::remove_dir_all(&o.work);
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! S4: `Ingest.Publish` over tonic on 127.0.0.1 (validate every event,
+//! then one durable append per call), in chunks of 500 events as `waymark
+//! publish` sends them, with a few calls in flight. No processor runs, so
+//! nothing else competes for the two cores. Baseline: the same bytes with
+//! the same keys appended straight to the same topic of the same embedded
+//! log (fsync per group commit, as Ingest's append), in the same chunks at
+//! the same concurrency.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use waymark_bench::measure::CpuTime;
+use waymark_bench::mix::{Mix, RawEvent};
+use waymark_cli::platform;
+use waymark_embedded::{EmbeddedLog, EmbeddedStore};
+use waymark_proto::v1 as pb;
+use waymark_proto::v1::ingest_client::IngestClient;
+use waymark_proto::v1::publish_result::Outcome;
+use waymark_runtime::{Log, OutRecord, ProjectionStore};
+use waymark_schemas::Validator;
+
+use crate::common::{self, ENGINE};
+use crate::report::{round, Baseline, Scenario};
+use crate::Options;
+
+/// Events per call (`waymark publish` sends 500).
+const CHUNK: usize = 500;
+/// Calls in flight.
+const IN_FLIGHT: usize = 4;
+
+/// Runs `work(i)` for every i < n on IN_FLIGHT workers; returns (wall, CPU).
+async fn drive<F, Fut>(n: usize, work: F) -> anyhow::Result<(f64, CpuTime)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let work = Arc::new(work);
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu = CpuTime::now();
+    let t = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (work, next) = (work.clone(), next.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                work(i).await?;
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done??;
+    }
+    Ok((t.elapsed().as_secs_f64(), CpuTime::now().since(&cpu)))
+}
+
+pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
+    let n = o.s4_events.max(1);
+    let dir = o.work.join("s4");
+    common::fresh_dir(&dir)?;
+    let topology = common::dev_topology()?;
+    let inputs = topology.topics.inputs.name.clone();
+    let log = EmbeddedLog::open(&dir.join("log.redb"))?;
+    let store = EmbeddedStore::open(&dir.join("store.redb"))?;
+    log.ensure_topics(&platform::topic_configs(&topology))
+        .await?;
+    let shared_log: Arc<dyn Log> = Arc::new(log.clone());
+    let shared_store: Arc<dyn ProjectionStore> = Arc::new(store.clone());
+    let validator = Arc::new(Validator::new()?);
+    let services = platform::services(&shared_log, &shared_store, &topology, &validator);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let token = CancellationToken::new();
+    let server = tokio::spawn(waymark_server::serve(listener, services, token.clone()));
+
+    let mix = Mix::new("s4", (n / 10).max(1));
+    let raws: Vec<RawEvent> = (0..n).map(|i| mix.raw(i)).collect();
+    let bytes: usize = raws.iter().map(|r| r.json.len()).sum();
+    let chunks: Vec<&[RawEvent]> = raws.chunks(CHUNK).collect();
+
+    // Baseline: raw appends of the same bytes and keys.
+    let batches: Arc<Vec<Vec<OutRecord>>> = Arc::new(
+        chunks
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|r| {
+                        OutRecord::keyed(inputs.clone(), r.key.clone(), r.json.clone().into_bytes())
+                    })
+                    .collect()
+            })
+            .collect(),
+    );
+    let raw_log = log.clone();
+    let (base_wall, base_cpu) = drive(batches.len(), move |i| {
+        let (log, batches) = (raw_log.clone(), batches.clone());
+        async move {
+            log.produce(batches[i].clone()).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    // Ingest.Publish over gRPC.
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await
+        .context("cannot connect to the ingest server")?;
+    let client = IngestClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let requests: Arc<Vec<pb::PublishRequest>> = Arc::new(
+        chunks
+            .iter()
+            .map(|c| pb::PublishRequest {
+                events: c.iter().map(|r| r.json.clone()).collect(),
+            })
+            .collect(),
+    );
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let counted = rejected.clone();
+    let (wall, cpu) = drive(requests.len(), move |i| {
+        let (mut client, requests, rejected) = (client.clone(), requests.clone(), counted.clone());
+        async move {
+            let results = client
+                .publish(requests[i].clone())
+                .await?
+                .into_inner()
+                .results;
+            let bad = results
+                .iter()
+                .filter(|r| !matches!(r.outcome, Some(Outcome::Accepted(_))))
+                .count();
+            rejected.fetch_add(bad, Ordering::Relaxed);
+            Ok(())
+        }
+    })
+    .await?;
+    token.cancel();
+    let _ = server.await;
+    let rejected = rejected.load(Ordering::Relaxed);
+    if rejected > 0 {
+        bail!("ingest rejected {rejected} generated events");
+    }
+    let high = log.watermarks(&inputs, 0).await?.1;
+    if high != 2 * n {
+        bail!("inputs holds {high} records, expected {}", 2 * n);
+    }
+    log.close();
+    store.close();
+
+    let nf = n as f64;
+    let rate = nf / wall;
+    let base_rate = nf / base_wall;
+    let ratio = rate / base_rate;
+    eprintln!("   ingest {rate:.0} events/s vs raw append {base_rate:.0} events/s");
+    Ok(Scenario {
+        id: "S4".into(),
+        name: "Ingest.Publish over tonic: validate + durable append".into(),
+        engine: ENGINE.into(),
+        value: round(rate, 0),
+        unit: "events/s".into(),
+        baseline: Some(Baseline {
+            name: "raw durable append of the same bytes to the same log".into(),
+            value: round(base_rate, 0),
+            unit: "events/s".into(),
+        }),
+        ratio: Some(round(ratio, 4)),
+        details: json!({
+            "mode": o.mode(),
+            "events": n,
+            "mean_event_bytes": bytes / raws.len().max(1),
+            "events_per_call": CHUNK,
+            "calls_in_flight": IN_FLIGHT,
+            "durability": "fsync per group commit (redb Durability::Immediate), both sides",
+            "wall_s": round(wall, 3),
+            "cpu_user_s": round(cpu.user.as_secs_f64(), 3),
+            "cpu_system_s": round(cpu.system.as_secs_f64(), 3),
+            "events_per_cpu_s": round(nf / cpu.total_secs(), 0),
+            "baseline_wall_s": round(base_wall, 3),
+            "baseline_cpu_user_s": round(base_cpu.user.as_secs_f64(), 3),
+            "baseline_cpu_system_s": round(base_cpu.system.as_secs_f64(), 3),
+            "baseline_events_per_cpu_s": round(nf / base_cpu.total_secs(), 0),
+            "client_in_process": true,
+            "target": "ratio >= 0.8",
+            "target_met": ratio >= 0.8,
+        }),
+    })
+}
