@@ -81,7 +81,7 @@ impl Options {
             s3_concurrency: 16,
             s2_secs: if quick { 10.0 } else { 30.0 },
             s4_events: if quick { 50_000 } else { 200_000 },
-            s5_events: if quick { 100_000 } else { 1_000_000 },
+            s5_events: if quick { 250_000 } else { 2_000_000 },
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {

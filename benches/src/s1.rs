@@ -95,6 +95,32 @@ async fn scans(
     Ok((t.elapsed().as_secs_f64(), CpuTime::now().since(&cpu)))
 }
 
+/// Batches per fold and their mean duration, from the in-process
+/// Prometheus recorder `waymark dev` installs.
+fn batch_stats() -> serde_json::Value {
+    let text = waymark_cli::metrics_http::recorder()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for name in FOLDS {
+        let value = |metric: &str| {
+            let prefix = format!("{metric}{{processor=\"{name}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        let count = value("waymark_processor_batch_duration_seconds_count");
+        let sum = value("waymark_processor_batch_duration_seconds_sum");
+        if let (Some(count), Some(sum)) = (count, sum) {
+            out.insert(
+                name.to_owned(),
+                json!({"batches": count, "mean_batch_ms": round(sum / count.max(1.0) * 1e3, 2)}),
+            );
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
 pub(crate) async fn run(o: &Options) -> anyhow::Result<S1> {
     let n = o.s1_events.max(1);
     let persons = (n / 10).max(1);
@@ -174,6 +200,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<S1> {
     }
     let wall = finished.values().copied().fold(0.0, f64::max);
     let used = CpuTime::now().since(&cpu);
+    let batches = batch_stats();
     eprintln!("   rebuild: {wall:.2}s, {:.2} CPU-s", used.total_secs());
 
     let nf = n as f64;
@@ -212,6 +239,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<S1> {
             "single_reader_scan_events_per_s": round(nf / one_wall, 0),
             "single_reader_scan_events_per_cpu_s": round(nf / one_cpu.total_secs(), 0),
             "cpu_ratio": round((nf / used.total_secs()) / (nf / base_cpu.total_secs()), 4),
+            "batches": batches,
             "log_file_bytes": common::file_size(&dir.join("log.redb")),
             "store_file_bytes": common::file_size(&dir.join("store.redb")),
             "target": "ratio >= 0.5",

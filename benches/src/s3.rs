@@ -19,11 +19,14 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use waymark_bench::measure::{CpuTime, Percentiles};
 use waymark_bench::mix::Mix;
+use waymark_cli::platform;
 use waymark_proto::v1 as pb;
 use waymark_proto::v1::query_client::QueryClient;
 use waymark_proto::v1::query_server::{Query, QueryServer};
+use waymark_runtime::ProjectionStore;
+use waymark_server::{Projections, QueryService};
 
-use crate::common::ENGINE;
+use crate::common::{self, ENGINE};
 use crate::report::{round, Baseline, Scenario};
 use crate::s1::S1;
 use crate::Options;
@@ -113,9 +116,9 @@ enum Transport {
     LikeWaymarkServer,
 }
 
-/// Serves `canned` with the limits `waymark_server::serve` uses.
-async fn serve_canned(
-    canned: Canned,
+/// Serves `service` with the limits `waymark_server::serve` uses.
+async fn serve_query<Q: Query>(
+    service: Q,
     transport: Transport,
     token: CancellationToken,
 ) -> anyhow::Result<String> {
@@ -128,7 +131,7 @@ async fn serve_canned(
             )
             .timeout(Duration::from_secs(30))
             .add_service(
-                QueryServer::new(canned)
+                QueryServer::new(service)
                     .max_decoding_message_size(waymark_server::MAX_REQUEST_BYTES),
             );
         let _ = match transport {
@@ -308,15 +311,25 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
         interactions: Arc::new(interactions),
     };
     let token = CancellationToken::new();
-    let stock = serve_canned(canned.clone(), Transport::Stock, token.clone()).await?;
-    let like = serve_canned(canned, Transport::LikeWaymarkServer, token.clone()).await?;
+    let stock = serve_query(canned.clone(), Transport::Stock, token.clone()).await?;
+    let like = serve_query(canned, Transport::LikeWaymarkServer, token.clone()).await?;
     let stock = connect(&stock).await?;
     let like = connect(&like).await?;
+    // Diagnostic: Waymark's own Query handlers on the stock transport.
+    let store: Arc<dyn ProjectionStore> = Arc::new(s1.dev.store.clone());
+    let topology = common::dev_topology()?;
+    let handlers = QueryService::new(Projections::new(
+        store,
+        platform::projection_tables(&topology),
+    ));
+    let handlers = serve_query(handlers, Transport::Stock, token.clone()).await?;
+    let handlers = connect(&handlers).await?;
 
     let c = o.s3_concurrency.max(1);
     let mut base = load(stock, ids.clone(), c, o.s3_secs).await?;
     let mut got = load(real, ids.clone(), c, o.s3_secs).await?;
     let mut like = load(like, ids.clone(), c, o.s3_secs).await?;
+    let mut own = load(handlers, ids.clone(), c, o.s3_secs).await?;
     token.cancel();
     let ratio = got.rate() / base.rate();
     let p99 = got.all().p99_ms;
@@ -354,6 +367,7 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
             "baseline": side(&mut base),
             "baseline_transport": "stock tonic (TCP_NODELAY on accepted sockets)",
             "canned_with_waymark_server_transport": side(&mut like),
+            "waymark_handlers_with_stock_transport": side(&mut own),
             "target": "ratio >= 0.5 and p99 < 5 ms",
             "target_met": ratio >= 0.5 && p99 < 5.0,
         }),

@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use waymark_bench::measure::CpuTime;
 use waymark_bench::mix::{Mix, RawEvent};
@@ -22,6 +23,7 @@ use waymark_cli::platform;
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
 use waymark_proto::v1 as pb;
 use waymark_proto::v1::ingest_client::IngestClient;
+use waymark_proto::v1::ingest_server::IngestServer;
 use waymark_proto::v1::publish_result::Outcome;
 use waymark_runtime::{Log, OutRecord, ProjectionStore};
 use waymark_schemas::Validator;
@@ -78,6 +80,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
     let shared_store: Arc<dyn ProjectionStore> = Arc::new(store.clone());
     let validator = Arc::new(Validator::new()?);
     let services = platform::services(&shared_log, &shared_store, &topology, &validator);
+    let ingest_service = services.ingest.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let token = CancellationToken::new();
@@ -127,6 +130,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
             })
             .collect(),
     );
+    let stock_requests = requests.clone();
     let rejected = Arc::new(AtomicUsize::new(0));
     let counted = rejected.clone();
     let (wall, cpu) = drive(requests.len(), move |i| {
@@ -146,15 +150,59 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
         }
     })
     .await?;
+    // Diagnostic: the same Ingest handlers on tonic's stock transport
+    // (TCP_NODELAY on accepted sockets), same calls.
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let stock_addr = listener.local_addr()?;
+    let stock_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                IngestServer::new(ingest_service)
+                    .max_decoding_message_size(waymark_server::MAX_INGEST_REQUEST_BYTES),
+            )
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                token.clone().cancelled_owned(),
+            ),
+    );
+    let stock_client = IngestClient::new(
+        Channel::from_shared(format!("http://{stock_addr}"))?
+            .connect()
+            .await?,
+    )
+    .max_encoding_message_size(64 * 1024 * 1024);
+    let counted = rejected.clone();
+    let (stock_wall, stock_cpu) = drive(stock_requests.len(), move |i| {
+        let (mut client, requests, rejected) = (
+            stock_client.clone(),
+            stock_requests.clone(),
+            counted.clone(),
+        );
+        async move {
+            let results = client
+                .publish(requests[i].clone())
+                .await?
+                .into_inner()
+                .results;
+            let bad = results
+                .iter()
+                .filter(|r| !matches!(r.outcome, Some(Outcome::Accepted(_))))
+                .count();
+            rejected.fetch_add(bad, Ordering::Relaxed);
+            Ok(())
+        }
+    })
+    .await?;
     token.cancel();
     let _ = server.await;
+    let _ = stock_server.await;
     let rejected = rejected.load(Ordering::Relaxed);
     if rejected > 0 {
         bail!("ingest rejected {rejected} generated events");
     }
     let high = log.watermarks(&inputs, 0).await?.1;
-    if high != 2 * n {
-        bail!("inputs holds {high} records, expected {}", 2 * n);
+    if high != 3 * n {
+        bail!("inputs holds {high} records, expected {}", 3 * n);
     }
     log.close();
     store.close();
@@ -192,6 +240,12 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
             "baseline_cpu_system_s": round(base_cpu.system.as_secs_f64(), 3),
             "baseline_events_per_cpu_s": round(nf / base_cpu.total_secs(), 0),
             "client_in_process": true,
+            "diagnostic_same_handlers_stock_tonic_transport": {
+                "what": "the same IngestService on tonic's stock transport (TCP_NODELAY on accepted sockets)",
+                "events_per_s": round(nf / stock_wall, 0),
+                "ratio_to_baseline": round((nf / stock_wall) / base_rate, 4),
+                "events_per_cpu_s": round(nf / stock_cpu.total_secs(), 0),
+            },
             "target": "ratio >= 0.8",
             "target_met": ratio >= 0.8,
         }),
