@@ -29,7 +29,6 @@ mod query;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use waymark_proto::v1::admin_server::AdminServer;
 use waymark_proto::v1::ingest_server::IngestServer;
@@ -110,7 +109,11 @@ pub async fn serve(
             IngestServer::new(services.ingest).max_decoding_message_size(MAX_INGEST_REQUEST_BYTES),
         )
         .add_service(AdminServer::new(services.admin).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        // Small unary answers must not wait for Nagle + delayed ACKs (~40 ms).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
         .await?;
     Ok(())
 }
