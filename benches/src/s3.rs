@@ -320,7 +320,9 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
     let topology = common::dev_topology()?;
     let handlers = QueryService::new(Projections::new(
         store,
-        platform::projection_tables(&topology),
+        waymark_cli::versions::projection_tables(|name| {
+            topology.processor(name).map_or(1, |p| p.projection_version)
+        }),
     ));
     let handlers = serve_query(handlers, Transport::Stock, token.clone()).await?;
     let handlers = connect(&handlers).await?;

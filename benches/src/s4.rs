@@ -79,11 +79,21 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
     let shared_log: Arc<dyn Log> = Arc::new(log.clone());
     let shared_store: Arc<dyn ProjectionStore> = Arc::new(store.clone());
     let validator = Arc::new(Validator::new()?);
-    let services = platform::services(&shared_log, &shared_store, &topology, &validator);
+    let token = CancellationToken::new();
+    let mut tasks = platform::Tasks::new();
+    let services = platform::services(
+        &mut tasks,
+        &shared_log,
+        &shared_store,
+        &topology,
+        &validator,
+        None,
+        &token,
+    )
+    .await?;
     let ingest_service = services.ingest.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let token = CancellationToken::new();
     let server = tokio::spawn(waymark_server::serve(listener, services, token.clone()));
 
     let mix = Mix::new("s4", (n / 10).max(1));

@@ -102,7 +102,7 @@ impl Dev {
         let mut tasks = JoinSet::new();
 
         let names = platform::select_processors(&[], topology)?;
-        platform::spawn_processors(
+        let controller = platform::spawn_processors(
             &mut tasks,
             &shared_log,
             &shared_store,
@@ -113,7 +113,6 @@ impl Dev {
             &shutdown,
         )
         .await?;
-        platform::ensure_query_tables(shared_store.as_ref(), topology).await?;
 
         let grpc = TcpListener::bind(options.grpc_addr)
             .await
@@ -128,7 +127,16 @@ impl Dev {
         } else {
             None
         };
-        let mut services = platform::services(&shared_log, &shared_store, topology, &validator);
+        let mut services = platform::services(
+            &mut tasks,
+            &shared_log,
+            &shared_store,
+            topology,
+            &validator,
+            Some(controller),
+            &shutdown,
+        )
+        .await?;
         if let Some(door) = &front_door {
             let status = door.status();
             let bootstrap = door.bootstrap().to_owned();

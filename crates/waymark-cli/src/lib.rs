@@ -7,6 +7,11 @@
 //! - [`platform`]: assembly shared by `dev`, `run` and `serve`.
 //! - [`scale`]: `waymark run` and `waymark serve` on Kafka and ScyllaDB/Cassandra.
 //! - [`publish`]: `waymark publish`.
+//! - [`ops`]: `waymark replay`, `projections`, `verify` and `inspect` (gRPC
+//!   clients of `Admin` and `Query`).
+//! - [`versions`]: projection versions at run time — the controller that
+//!   runs them, the query-side tracker, and the `Admin` operator (rebuild,
+//!   switch, drop, verify).
 //! - [`metrics_http`]: the Prometheus endpoint.
 //!
 //! # Guarantees
@@ -16,7 +21,9 @@
 
 pub mod dev;
 pub mod metrics_http;
+pub mod ops;
 pub mod platform;
 pub mod publish;
 pub mod registry;
 pub mod scale;
+pub mod versions;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use waymark_cli::dev::{Dev, DevOptions};
+use waymark_cli::ops::{self, ReplayOptions};
 use waymark_cli::publish::{publish, Target};
 use waymark_cli::registry::PROCESSORS;
 use waymark_cli::scale::EngineOptions;
@@ -91,6 +92,76 @@ enum Command {
     Topology {
         #[command(subcommand)]
         command: TopologyCommand,
+    },
+    /// Rebuild a processor's projections from offset 0 as a new version,
+    /// while the live version keeps serving.
+    Replay {
+        /// Processor: identity, person, interactions, journey or learning.
+        processor: String,
+        /// Version to build (default: the highest version so far + 1).
+        #[arg(long)]
+        to_version: Option<u32>,
+        /// Make it live as soon as it has caught up.
+        #[arg(long)]
+        switch: bool,
+        /// Show progress (rate, ETA, lag) until caught up, or until live
+        /// with --switch.
+        #[arg(long)]
+        wait: bool,
+        /// Admin service address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: String,
+    },
+    /// Print every processor's projection versions and their progress;
+    /// `switch` and `drop` operate them.
+    Projections {
+        #[command(subcommand)]
+        command: Option<ProjectionsCommand>,
+        /// Admin service address.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:50051",
+            env = "WAYMARK_GRPC_ADDR",
+            global = true
+        )]
+        grpc_addr: String,
+    },
+    /// Recompute projections from the log in a scratch store and compare
+    /// them with the live versions: exit 0 when identical.
+    Verify {
+        /// Processor to verify (all when absent).
+        processor: Option<String>,
+        /// Admin service address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: String,
+    },
+    /// Print one person's state and event history.
+    Inspect {
+        /// The person id (a UUID).
+        person_id: String,
+        /// Query service address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Make a building version that has caught up live.
+    Switch {
+        /// Processor.
+        processor: String,
+        /// Version number.
+        #[arg(value_name = "VERSION")]
+        number: u32,
+    },
+    /// Drop a building or retired version and delete its data.
+    Drop {
+        /// Processor.
+        processor: String,
+        /// Version number.
+        #[arg(value_name = "VERSION")]
+        number: u32,
     },
 }
 
@@ -280,6 +351,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Replay {
+            processor,
+            to_version,
+            switch,
+            wait,
+            grpc_addr,
+        } => {
+            let options = ReplayOptions {
+                processor,
+                to_version,
+                switch,
+                wait,
+            };
+            ops::replay(&grpc_addr, &options).await
+        }
+        Command::Projections { command, grpc_addr } => match command {
+            None => ops::projections(&grpc_addr).await,
+            Some(ProjectionsCommand::Switch { processor, number }) => {
+                ops::switch_or_drop(&grpc_addr, &processor, number, false).await
+            }
+            Some(ProjectionsCommand::Drop { processor, number }) => {
+                ops::switch_or_drop(&grpc_addr, &processor, number, true).await
+            }
+        },
+        Command::Verify {
+            processor,
+            grpc_addr,
+        } => ops::verify(&grpc_addr, processor.as_deref()).await,
+        Command::Inspect {
+            person_id,
+            grpc_addr,
+        } => ops::inspect(&grpc_addr, &person_id).await,
         Command::Topology {
             command: TopologyCommand::Check { file },
         } => match waymark_topology::load(&file, PROCESSORS) {

@@ -6,15 +6,13 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use waymark_runtime::identity::IdentityTables;
-use waymark_runtime::{Log, ProjectionStore, Runner, RunnerConfig, TopicConfig};
+use waymark_runtime::{Log, ProjectionStore, TopicConfig};
 use waymark_schemas::Validator;
-use waymark_server::{
-    AdminService, IngestService, ProjectionTables, Projections, QueryService, Services,
-};
+use waymark_server::{AdminService, IngestService, Projections, QueryService, Services};
 use waymark_topology::Topology;
 
-use crate::registry::{self, PROCESSORS};
+use crate::registry::PROCESSORS;
+use crate::versions::{self, Controller, ControllerHandle, PlatformOperator};
 
 /// Named tasks of a process; if one ends, the process shuts down.
 pub type Tasks = JoinSet<(String, anyhow::Result<()>)>;
@@ -31,38 +29,6 @@ pub fn topic_configs(topology: &Topology) -> Vec<TopicConfig> {
             compaction: t.compaction,
         })
         .collect()
-}
-
-/// The tables queries read: the active projection version of each processor.
-pub fn projection_tables(topology: &Topology) -> ProjectionTables {
-    let version = |name: &str| topology.processor(name).map_or(1, |p| p.projection_version);
-    ProjectionTables {
-        identity: IdentityTables::for_version(version("identity")),
-        person: registry::projection_table("person", version("person")),
-        interactions: registry::projection_table("interactions", version("interactions")),
-        journey: registry::projection_table("journey", version("journey")),
-        learning: registry::projection_table("learning", version("learning")),
-    }
-}
-
-/// Creates every table queries read, so they answer `NOT_FOUND` rather
-/// than fail before the first write.
-pub async fn ensure_query_tables(
-    store: &dyn ProjectionStore,
-    topology: &Topology,
-) -> anyhow::Result<()> {
-    let t = projection_tables(topology);
-    store
-        .ensure_tables(&[
-            t.identity.links,
-            t.identity.persons,
-            t.person,
-            t.interactions,
-            t.journey,
-            t.learning,
-        ])
-        .await?;
-    Ok(())
 }
 
 /// Checks processor names given on the command line.
@@ -85,7 +51,9 @@ pub fn select_processors(names: &[String], topology: &Topology) -> anyhow::Resul
     Ok(names.to_vec())
 }
 
-/// Starts one runner per processor in `names`, as named tasks.
+/// Starts the [`Controller`] of processors `names` as a named task: it
+/// runs every version of their projections the catalog asks for. Returns
+/// once the first versions are running.
 #[allow(clippy::too_many_arguments)]
 pub async fn spawn_processors(
     tasks: &mut Tasks,
@@ -96,47 +64,105 @@ pub async fn spawn_processors(
     names: &[String],
     group_prefix: &str,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ControllerHandle> {
     for name in names {
-        let spec = topology
-            .processor(name)
-            .ok_or_else(|| anyhow!("processor {name} is not configured in the topology"))?;
-        let handler = registry::handler(name, topology, validator)?;
-        store.ensure_tables(&handler.tables()).await?;
-        let input = spec
-            .inputs
-            .first()
-            .ok_or_else(|| anyhow!("processor {name} has no input topic"))?;
-        let config = RunnerConfig::new(
-            format!("{name}.v{}", spec.projection_version),
-            input.clone(),
-            topology.topics.dlq.name.clone(),
-        )
-        .with_group_prefix(group_prefix);
-        let runner = Runner::new(log.clone(), store.clone(), handler, config);
-        let token = shutdown.clone();
-        let task = format!("processor {name}");
-        tasks.spawn(async move { (task, runner.run(token).await.map_err(anyhow::Error::from)) });
+        if topology.processor(name).is_none() {
+            return Err(anyhow!(
+                "processor {name} is not configured in the topology"
+            ));
+        }
     }
-    Ok(())
+    let (mut controller, handle) = Controller::new(
+        log.clone(),
+        store.clone(),
+        topology.clone(),
+        validator.clone(),
+        names.to_vec(),
+        group_prefix,
+    );
+    controller.start().await?;
+    let token = shutdown.clone();
+    tasks.spawn(async move { ("processors".to_owned(), controller.run(token).await) });
+    Ok(handle)
 }
 
-/// The gRPC services over `log` and `store`.
-pub fn services(
+/// The gRPC services over `log` and `store`. Queries read the active
+/// projection versions (tracked from the catalog by a task added to
+/// `tasks`); `controller` is this process's controller, if it runs
+/// processors.
+#[allow(clippy::too_many_arguments)]
+pub async fn services(
+    tasks: &mut Tasks,
     log: &Arc<dyn Log>,
     store: &Arc<dyn ProjectionStore>,
     topology: &Topology,
     validator: &Arc<Validator>,
-) -> Services {
-    Services {
-        query: QueryService::new(Projections::new(store.clone(), projection_tables(topology))),
+    controller: Option<ControllerHandle>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Services> {
+    let projections = Projections::new(
+        store.clone(),
+        versions::projection_tables(|name| {
+            topology.processor(name).map_or(1, |p| p.projection_version)
+        }),
+    );
+    // Read the catalog before serving, so the first query already reads
+    // the active versions; create their tables so queries answer NOT_FOUND
+    // rather than fail before the first write.
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match versions::refresh(&projections, topology).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the projection catalog failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+    let t = projections.tables();
+    store
+        .ensure_tables(&[
+            t.identity.links.clone(),
+            t.identity.persons.clone(),
+            t.person.clone(),
+            t.interactions.clone(),
+            t.journey.clone(),
+            t.learning.clone(),
+            t.history.clone(),
+        ])
+        .await?;
+    let (p, topo, token) = (projections.clone(), topology.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        versions::track_active(p, topo, token).await;
+        ("projection tracker".to_owned(), Ok(()))
+    });
+    let operator = Arc::new(PlatformOperator::new(
+        log.clone(),
+        store.clone(),
+        topology.clone(),
+        validator.clone(),
+        projections.clone(),
+        controller,
+    ));
+    let (sampler, token) = (operator.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        sampler.sample_until(token).await;
+        ("progress sampler".to_owned(), Ok(()))
+    });
+    Ok(Services {
+        query: QueryService::new(projections),
         ingest: IngestService::new(
             log.clone(),
             validator.clone(),
             topology.topics.inputs.name.clone(),
         ),
-        admin: AdminService::new(log.clone(), topology.topics.dlq.name.clone()),
-    }
+        admin: AdminService::new(log.clone(), topology.topics.dlq.name.clone())
+            .with_operator(operator),
+    })
 }
 
 /// Waits until `stop` resolves or a task ends, then cancels `shutdown` and

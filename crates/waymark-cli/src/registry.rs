@@ -6,6 +6,7 @@ use waymark_interactions::InteractionsFold;
 use waymark_journey::JourneyFold;
 use waymark_learning::LearningFold;
 use waymark_person::PersonFold;
+use waymark_runtime::history::{history_table, WithHistory};
 use waymark_runtime::identity::IdentityTables;
 use waymark_runtime::{Handler, IdentityHandler, ProjectionHandler};
 use waymark_schemas::Validator;
@@ -38,16 +39,29 @@ fn window(spec: &ProcessorSpec) -> chrono::Duration {
     chrono::Duration::from_std(spec.dedupe_window).unwrap_or(chrono::Duration::MAX)
 }
 
-/// Builds the handler of processor `name` as configured in `topology`.
+/// Every store table of projection version `version` of processor `name`.
+pub fn tables(name: &str, version: u32) -> Vec<String> {
+    match name {
+        "identity" => {
+            let t = IdentityTables::for_version(version);
+            vec![t.links, t.persons]
+        }
+        "person" => vec![projection_table(name, version), history_table(version)],
+        _ => vec![projection_table(name, version)],
+    }
+}
+
+/// Builds the handler of projection version `v` of processor `name` as
+/// configured in `topology`.
 pub fn handler(
     name: &str,
+    v: u32,
     topology: &Topology,
     validator: &Arc<Validator>,
 ) -> Result<Arc<dyn Handler>, RegistryError> {
     let spec = topology
         .processor(name)
         .ok_or_else(|| RegistryError::NotConfigured(name.to_owned()))?;
-    let v = spec.projection_version;
     let table = projection_table(name, v);
     Ok(match name {
         "identity" => Arc::new(IdentityHandler::new(
@@ -55,10 +69,15 @@ pub fn handler(
             IdentityTables::for_version(v),
             topology.topics.events.name.clone(),
         )),
-        "person" => Arc::new(ProjectionHandler::new(
-            name,
-            table,
-            PersonFold,
+        // The person processor also keeps each person's event history.
+        "person" => Arc::new(WithHistory::new(
+            Arc::new(ProjectionHandler::new(
+                name,
+                table,
+                PersonFold,
+                window(spec),
+            )),
+            history_table(v),
             window(spec),
         )),
         "interactions" => {

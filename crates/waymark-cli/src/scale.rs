@@ -106,7 +106,6 @@ async fn connect(
         }
     }
     let store: Arc<dyn ProjectionStore> = Arc::new(store);
-    platform::ensure_query_tables(store.as_ref(), &options.topology).await?;
     Ok(Some(Engines {
         log: Arc::new(log),
         store,
@@ -197,11 +196,15 @@ pub async fn serve(
     };
     let mut tasks = Tasks::new();
     let services = platform::services(
+        &mut tasks,
         &engines.log,
         &engines.store,
         &options.topology,
         &engines.validator,
-    );
+        None,
+        &shutdown,
+    )
+    .await?;
     let token = shutdown.clone();
     tasks.spawn(async move {
         let result = waymark_server::serve(listener, services, token).await;

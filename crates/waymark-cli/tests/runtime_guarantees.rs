@@ -63,7 +63,7 @@ async fn platform() -> Platform {
 
 impl Platform {
     fn handler(&self, name: &str) -> Arc<dyn Handler> {
-        registry::handler(name, &self.topology, &self.validator).unwrap()
+        registry::handler(name, 1, &self.topology, &self.validator).unwrap()
     }
 
     /// Starts a runner for `name` with consumer id `consumer` on `store`.
@@ -163,6 +163,20 @@ impl ProjectionStore for FlakyStore {
         topic: &str,
     ) -> Result<BTreeMap<u32, u64>, StoreError> {
         self.inner.positions(consumer, topic).await
+    }
+    async fn scan(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.scan(table, after, limit).await
+    }
+    async fn drop_tables(&self, tables: &[String]) -> Result<(), StoreError> {
+        self.inner.drop_tables(tables).await
+    }
+    async fn delete_positions(&self, consumer: &str, topic: &str) -> Result<(), StoreError> {
+        self.inner.delete_positions(consumer, topic).await
     }
 }
 

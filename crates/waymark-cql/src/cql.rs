@@ -98,7 +98,7 @@ impl Ident {
     }
 
     /// One of the store's own tables.
-    fn internal(name: &'static str) -> Self {
+    pub(crate) fn internal(name: &'static str) -> Self {
         Self(name.to_owned())
     }
 

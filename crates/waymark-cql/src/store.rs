@@ -442,6 +442,84 @@ impl ProjectionStore for CqlStore {
         }
         Ok(out)
     }
+    async fn scan(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
+        let ks = &self.inner.keyspace;
+        let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        let session = &self.inner.session;
+        let result = match after {
+            Some(after) => {
+                let text = format!(
+                    "SELECT key, value FROM {ks}.{ident} WHERE token(key) > token(?) LIMIT ?"
+                );
+                session.query_unpaged(text, (after, limit)).await
+            }
+            None => {
+                let text = format!("SELECT key, value FROM {ks}.{ident} LIMIT ?");
+                session.query_unpaged(text, (limit,)).await
+            }
+        }
+        .map_err(|e| execution_to_store(table, &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: table.to_owned(),
+            key: String::new(),
+            reason,
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut out = Vec::new();
+        for row in rows
+            .rows::<(String, Option<Vec<u8>>)>()
+            .map_err(|e| corrupt(e.to_string()))?
+        {
+            let (key, value) = row.map_err(|e| corrupt(e.to_string()))?;
+            out.push((key, value.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    async fn drop_tables(&self, tables: &[String]) -> Result<(), StoreError> {
+        for table in tables {
+            let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
+            let mut statement = Statement::new(format!(
+                "DROP TABLE IF EXISTS {}.{ident}",
+                self.inner.keyspace
+            ));
+            statement.set_is_idempotent(true);
+            self.inner
+                .session
+                .query_unpaged(statement, ())
+                .await
+                .map_err(|e| execution_to_store(table, &e))?;
+            self.inner
+                .tables
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(table.as_str());
+        }
+        Ok(())
+    }
+
+    async fn delete_positions(&self, consumer: &str, topic: &str) -> Result<(), StoreError> {
+        let mut statement = Statement::new(format!(
+            "DELETE FROM {}.{} WHERE consumer = ? AND topic = ?",
+            self.inner.keyspace,
+            Ident::internal(POSITIONS_TABLE)
+        ));
+        statement.set_is_idempotent(true);
+        self.inner
+            .session
+            .query_unpaged(statement, (consumer, topic))
+            .await
+            .map_err(|e| execution_to_store(POSITIONS_TABLE, &e))?;
+        Ok(())
+    }
 }
 
 /// Runs one schema statement during setup.

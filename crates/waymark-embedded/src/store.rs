@@ -191,4 +191,93 @@ impl ProjectionStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn scan(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let table = table.to_owned();
+        let after = after.map(str::to_owned);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = match txn.open_table(table_def(&table)) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => {
+                    return Err(StoreError::UnknownTable(table))
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            let range = match &after {
+                Some(after) => t.range::<&str>((
+                    std::ops::Bound::Excluded(after.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.range::<&str>(..),
+            }
+            .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for entry in range.take(limit) {
+                let (k, v) = entry.map_err(unavailable)?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn drop_tables(&self, tables: &[String]) -> Result<(), StoreError> {
+        let tables = tables.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            for t in &tables {
+                txn.delete_table(table_def(t)).map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete_positions(&self, consumer: &str, topic: &str) -> Result<(), StoreError> {
+        let prefix = position_prefix(consumer, topic);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                use redb::ReadableTable;
+                let mut t = txn.open_table(POSITIONS).map_err(unavailable)?;
+                let keys: Vec<String> = t
+                    .range(prefix.as_str()..)
+                    .map_err(unavailable)?
+                    .map_while(|entry| {
+                        let (k, _) = entry.ok()?;
+                        let k = k.value().to_owned();
+                        k.starts_with(prefix.as_str()).then_some(k)
+                    })
+                    .collect();
+                for k in keys {
+                    t.remove(k.as_str()).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn stored_bytes(&self, table: &str) -> Result<Option<u64>, StoreError> {
+        let table = table.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            match txn.open_table(table_def(&table)) {
+                Ok(t) => {
+                    use redb::ReadableTableMetadata;
+                    let stats = t.stats().map_err(unavailable)?;
+                    Ok(Some(stats.stored_bytes() + stats.metadata_bytes()))
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+        .await
+    }
 }

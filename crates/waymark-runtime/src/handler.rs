@@ -27,8 +27,11 @@ pub struct BatchStats {
 /// records (durable), then rows with positions (atomic), then the commit.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
-    /// Records to append to output topics, in order.
-    pub produce: Vec<OutRecord>,
+    /// Records to append to output topics, in order, each with the index in
+    /// the batch of the record it came from (the runner writes them only
+    /// when that record's side effects are this version's to write, see
+    /// [`crate::catalog`]).
+    pub produce: Vec<(usize, OutRecord)>,
     /// Records of the batch that are bad input, by index in the batch.
     pub rejected: Vec<(usize, Rejection)>,
     /// Row writes.
@@ -188,7 +191,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
 }
 
 /// Decodes a record of `waymark.events`: a canonical event with a person id.
-fn decode_event(record: &Record) -> Result<Event, Rejection> {
+pub(crate) fn decode_event(record: &Record) -> Result<Event, Rejection> {
     let value = record
         .value
         .as_deref()

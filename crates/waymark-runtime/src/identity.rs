@@ -126,10 +126,13 @@ impl Handler for IdentityHandler {
                     continue;
                 }
             };
-            out.produce.push(OutRecord::keyed(
-                self.events_topic.clone(),
-                person.to_string().into_bytes(),
-                event.to_json(),
+            out.produce.push((
+                i,
+                OutRecord::keyed(
+                    self.events_topic.clone(),
+                    person.to_string().into_bytes(),
+                    event.to_json(),
+                ),
             ));
             out.stats.applied += 1;
         }

@@ -34,8 +34,10 @@
 //! - **Shutdown.** On cancellation the runner stops polling, finishes the
 //!   batch in hand (outputs, rows, positions, commit) and returns.
 
+pub mod catalog;
 pub mod dead_letter;
 pub mod handler;
+pub mod history;
 pub mod identity;
 pub mod log;
 pub mod metrics;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::catalog::VersionGate;
 use crate::dead_letter::dead_letter;
 use crate::handler::{BatchOutput, HandleError, Handler};
 use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, Record};
@@ -81,6 +82,7 @@ pub struct Runner {
     store: Arc<dyn ProjectionStore>,
     handler: Arc<dyn Handler>,
     config: RunnerConfig,
+    gate: Option<Arc<VersionGate>>,
 }
 
 /// Where the batch got to, so a retry resumes instead of redoing effects.
@@ -104,7 +106,16 @@ impl Runner {
             store,
             handler,
             config,
+            gate: None,
         }
+    }
+
+    /// Writes side effects (outputs, dead letters) only as `gate` decides:
+    /// the runner is one version of a versioned projection (see
+    /// [`crate::catalog`]). Without a gate every side effect is written.
+    pub fn with_gate(mut self, gate: Arc<VersionGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Polls and applies batches until `shutdown` is cancelled. On
@@ -133,11 +144,23 @@ impl Runner {
         // stale fetches from before a seek.
         let mut next: HashMap<u32, u64> = HashMap::new();
         let mut last_lag = Instant::now() - Duration::from_secs(60);
+        let mut idle = tokio::time::interval(Duration::from_secs(1));
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%processor, topic = %self.config.input_topic, "processor started");
         loop {
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = idle.tick() => {
+                    if let Some(gate) = &self.gate {
+                        let next: std::collections::BTreeMap<u32, u64> =
+                            next.iter().map(|(p, o)| (*p, *o)).collect();
+                        if let Err(e) = gate.mark_idle(self.store.as_ref(), &next).await {
+                            debug!(%processor, error = %e, "recording hand-off markers failed; retrying");
+                        }
+                    }
+                    continue;
+                }
                 event = consumer.next(self.config.max_batch) => event,
             };
             let event = match event {
@@ -308,8 +331,36 @@ impl Runner {
         }
         let output = progress.output.as_ref().ok_or(StepError::Internal)?;
         if !progress.produced {
-            let mut produce = output.produce.clone();
-            for (i, rejection) in &output.rejected {
+            let emit = match &self.gate {
+                Some(gate) => {
+                    let mut first: std::collections::BTreeMap<u32, u64> = Default::default();
+                    for r in records {
+                        let e = first.entry(r.partition).or_insert(r.offset);
+                        *e = (*e).min(r.offset);
+                    }
+                    Some(
+                        gate.emit_ranges(self.store.as_ref(), &first)
+                            .await
+                            .map_err(StepError::Store)?,
+                    )
+                }
+                None => None,
+            };
+            let ours = |i: usize| {
+                let r = &records[i];
+                emit.as_ref().is_none_or(|ranges| {
+                    ranges
+                        .get(&r.partition)
+                        .is_none_or(|range| range.contains(&r.offset))
+                })
+            };
+            let mut produce: Vec<_> = output
+                .produce
+                .iter()
+                .filter(|(i, _)| ours(*i))
+                .map(|(_, r)| r.clone())
+                .collect();
+            for (i, rejection) in output.rejected.iter().filter(|(i, _)| ours(*i)) {
                 warn!(
                     processor = %self.handler.processor(),
                     partition = records[*i].partition,

@@ -108,4 +108,26 @@ pub trait ProjectionStore: Send + Sync + 'static {
         consumer: &str,
         topic: &str,
     ) -> Result<BTreeMap<u32, u64>, StoreError>;
+
+    /// Reads up to `limit` rows of `table` after the row keyed `after`
+    /// (from the start when `None`), in the store's scan order (key order on
+    /// the embedded store, token order on CQL). Used by `verify`.
+    async fn scan(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Drops `tables` and frees their storage; missing tables are fine.
+    async fn drop_tables(&self, tables: &[String]) -> Result<(), StoreError>;
+
+    /// Forgets every stored position of `consumer` on `topic`.
+    async fn delete_positions(&self, consumer: &str, topic: &str) -> Result<(), StoreError>;
+
+    /// Bytes stored in `table`, when the store can tell.
+    async fn stored_bytes(&self, table: &str) -> Result<Option<u64>, StoreError> {
+        let _ = table;
+        Ok(None)
+    }
 }

@@ -1,4 +1,5 @@
-//! The `Admin` service: dead letters (and, with the replay issue, projections).
+//! The `Admin` service: dead letters, status, and projection versions
+//! (through an [`Operator`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,12 +29,36 @@ pub struct KafkaEndpointStatus {
 /// Reports the Kafka endpoint's status on demand.
 pub type KafkaEndpointProbe = Arc<dyn Fn() -> KafkaEndpointStatus + Send + Sync>;
 
+/// Operates projection versions: what `ListProjections`, `StartRebuild`,
+/// `SwitchVersion`, `DropVersion` and `Verify` do. Implemented where the
+/// processors are known (the `waymark` binary).
+#[tonic::async_trait]
+pub trait Operator: Send + Sync + 'static {
+    /// Every processor's versions, in topology order.
+    async fn list(&self) -> Result<Vec<pb::Projection>, ApiError>;
+    /// Starts building `to` (default: highest + 1) of `processor`.
+    async fn start_rebuild(
+        &self,
+        processor: &str,
+        to: Option<u32>,
+        switch_when_caught_up: bool,
+    ) -> Result<pb::Projection, ApiError>;
+    /// Makes building `version` live once it has caught up.
+    async fn switch(&self, processor: &str, version: u32) -> Result<pb::Projection, ApiError>;
+    /// Drops a building or retired version and its data.
+    async fn drop_version(&self, processor: &str, version: u32)
+        -> Result<pb::Projection, ApiError>;
+    /// Recomputes and compares `processor` (all when `None`).
+    async fn verify(&self, processor: Option<&str>) -> Result<Vec<pb::VerifyReport>, ApiError>;
+}
+
 /// `waymark.v1.Admin`.
 #[derive(Clone)]
 pub struct AdminService {
     log: Arc<dyn Log>,
     dlq_topic: String,
     kafka_endpoint: Option<KafkaEndpointProbe>,
+    operator: Option<Arc<dyn Operator>>,
 }
 
 impl AdminService {
@@ -43,7 +68,20 @@ impl AdminService {
             log,
             dlq_topic: dlq_topic.into(),
             kafka_endpoint: None,
+            operator: None,
         }
+    }
+
+    /// Serves the projection-version rpcs through `operator`.
+    pub fn with_operator(mut self, operator: Arc<dyn Operator>) -> Self {
+        self.operator = Some(operator);
+        self
+    }
+
+    fn operator(&self) -> Result<&Arc<dyn Operator>, ApiError> {
+        self.operator.as_ref().ok_or_else(|| {
+            ApiError::Unimplemented("projection versions are not operated by this server".into())
+        })
     }
 
     /// Also reports the Kafka endpoint of `waymark dev` in `GetStatus`.
@@ -81,6 +119,63 @@ fn format_token(next: &BTreeMap<u32, u64>) -> String {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    #[instrument(skip_all)]
+    async fn list_projections(
+        &self,
+        _: Request<pb::ListProjectionsRequest>,
+    ) -> Result<Response<pb::ListProjectionsResponse>, Status> {
+        let projections = self.operator()?.list().await?;
+        Ok(Response::new(pb::ListProjectionsResponse { projections }))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn start_rebuild(
+        &self,
+        request: Request<pb::StartRebuildRequest>,
+    ) -> Result<Response<pb::Projection>, Status> {
+        let r = request.into_inner();
+        let to = (r.to_version != 0).then_some(r.to_version);
+        let p = self
+            .operator()?
+            .start_rebuild(&r.processor, to, r.switch_when_caught_up)
+            .await?;
+        Ok(Response::new(p))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn switch_version(
+        &self,
+        request: Request<pb::SwitchVersionRequest>,
+    ) -> Result<Response<pb::Projection>, Status> {
+        let r = request.into_inner();
+        let p = self.operator()?.switch(&r.processor, r.version).await?;
+        Ok(Response::new(p))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn drop_version(
+        &self,
+        request: Request<pb::DropVersionRequest>,
+    ) -> Result<Response<pb::Projection>, Status> {
+        let r = request.into_inner();
+        let p = self
+            .operator()?
+            .drop_version(&r.processor, r.version)
+            .await?;
+        Ok(Response::new(p))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let r = request.into_inner();
+        let processor = (!r.processor.is_empty()).then_some(r.processor.as_str());
+        let reports = self.operator()?.verify(processor).await?;
+        Ok(Response::new(pb::VerifyResponse { reports }))
+    }
+
     #[instrument(skip_all)]
     async fn get_status(
         &self,

@@ -10,6 +10,8 @@ use waymark_learning::CourseState;
 use waymark_person::PersonState;
 use waymark_proto::v1 as pb;
 
+use crate::error::ApiError;
+
 pub(crate) fn timestamp(time: &DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),
@@ -117,4 +119,25 @@ pub(crate) fn course(person: Uuid, course_id: &str, c: &CourseState) -> pb::Lear
         quizzes_correct: c.quizzes_correct,
         last_activity: c.last_activity.as_ref().map(timestamp),
     }
+}
+
+/// One event of a person's history.
+pub(crate) fn person_event(
+    entry: &waymark_runtime::history::HistoryEntry,
+) -> Result<pb::PersonEvent, ApiError> {
+    let event = waymark_core::Event::from_json(&entry.event).map_err(|e| {
+        ApiError::Store(waymark_runtime::StoreError::Corrupt {
+            table: "history".into(),
+            key: format!("{}/{}", entry.partition, entry.offset),
+            reason: e.message,
+        })
+    })?;
+    Ok(pb::PersonEvent {
+        id: event.id.clone(),
+        r#type: event.event_type().as_str().to_owned(),
+        time: Some(timestamp(&event.time)),
+        json: String::from_utf8_lossy(&entry.event).into_owned(),
+        partition: i32::try_from(entry.partition).unwrap_or(i32::MAX),
+        offset: i64::try_from(entry.offset).unwrap_or(i64::MAX),
+    })
 }

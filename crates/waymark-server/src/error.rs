@@ -14,6 +14,13 @@ pub enum ApiError {
     /// The person, identity, journey or course is unknown.
     #[error("{0}")]
     NotFound(String),
+    /// The request is valid but does not fit the current state (e.g.
+    /// switching to a version that has not caught up).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The operation is not available in this process.
+    #[error("{0}")]
+    Unimplemented(String),
     /// The store cannot be reached.
     #[error("projection store unavailable: {0}")]
     Store(#[from] StoreError),
@@ -27,6 +34,8 @@ impl From<ApiError> for Status {
         let code = match &e {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::Store(StoreError::Corrupt { .. }) => Code::Internal,
             ApiError::Store(_) | ApiError::Log(_) => Code::Unavailable,
         };
@@ -35,7 +44,7 @@ impl From<ApiError> for Status {
 }
 
 /// Parses a person id.
-pub(crate) fn parse_person_id(person_id: &str) -> Result<uuid::Uuid, ApiError> {
+pub fn parse_person_id(person_id: &str) -> Result<uuid::Uuid, ApiError> {
     if person_id.is_empty() {
         return Err(ApiError::InvalidArgument("person_id is required".into()));
     }

@@ -5,7 +5,8 @@
 //! - [`QueryService`] (`query.rs`) reads projections through
 //!   [`Projections`] (`projections.rs`).
 //! - [`IngestService`] (`ingest.rs`) validates and appends events.
-//! - [`AdminService`] (`admin.rs`) lists dead letters.
+//! - [`AdminService`] (`admin.rs`) lists dead letters and operates
+//!   projection versions through an [`Operator`].
 //! - `error.rs` maps every error to a status code, in one place;
 //!   `convert.rs` maps domain types to protobuf.
 //! - [`serve`] wires them with reflection (v1 and v1alpha), health, request
@@ -34,8 +35,8 @@ use waymark_proto::v1::admin_server::AdminServer;
 use waymark_proto::v1::ingest_server::IngestServer;
 use waymark_proto::v1::query_server::QueryServer;
 
-pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus};
-pub use error::ApiError;
+pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus, Operator};
+pub use error::{parse_person_id, ApiError};
 pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
 pub use projections::{ProjectionTables, Projections};
 pub use query::QueryService;
@@ -45,6 +46,9 @@ pub use query::QueryService;
 pub const MAX_INGEST_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// Largest request the other services decode.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Longest a request may take (`Admin.Verify` recomputes projections, so
+/// it is generous; queries take milliseconds).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Concurrent requests per connection.
 pub const MAX_CONCURRENT_REQUESTS_PER_CONNECTION: usize = 256;
 
@@ -100,7 +104,7 @@ pub async fn serve(
 
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
-        .timeout(Duration::from_secs(30))
+        .timeout(REQUEST_TIMEOUT)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,6 @@
 //! The read side: typed access to the projection tables.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use uuid::Uuid;
 use waymark_core::{Identity, Tracked};
@@ -26,6 +26,8 @@ pub struct ProjectionTables {
     pub journey: String,
     /// `learning` projection.
     pub learning: String,
+    /// Per-person event history (kept by the `person` processor).
+    pub history: String,
 }
 
 impl ProjectionTables {
@@ -37,21 +39,70 @@ impl ProjectionTables {
             interactions: "interactions_v1".into(),
             journey: "journey_v1".into(),
             learning: "learning_v1".into(),
+            history: waymark_runtime::history::history_table(1),
         }
     }
 }
 
 /// Typed reads of the projections.
+///
+/// The tables read are those of the active projection versions; a switch
+/// replaces them all at once ([`Projections::set_tables`]), and every read
+/// uses one consistent snapshot of them.
 #[derive(Clone)]
 pub struct Projections {
     store: Arc<dyn ProjectionStore>,
-    tables: ProjectionTables,
+    tables: Arc<RwLock<Arc<ProjectionTables>>>,
 }
 
 impl Projections {
     /// Reads `tables` from `store`.
     pub fn new(store: Arc<dyn ProjectionStore>, tables: ProjectionTables) -> Self {
-        Self { store, tables }
+        Self {
+            store,
+            tables: Arc::new(RwLock::new(Arc::new(tables))),
+        }
+    }
+
+    /// The tables read now.
+    pub fn tables(&self) -> Arc<ProjectionTables> {
+        self.tables
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads `tables` from now on (after a version switch).
+    pub fn set_tables(&self, tables: ProjectionTables) {
+        let mut current = self.tables.write().unwrap_or_else(PoisonError::into_inner);
+        if **current != tables {
+            tracing::info!(?tables, "queries now read new projection versions");
+            *current = Arc::new(tables);
+        }
+    }
+
+    /// The store read.
+    pub fn store(&self) -> &Arc<dyn ProjectionStore> {
+        &self.store
+    }
+
+    /// One page of a person's event history: entries `from ..` (at most
+    /// `limit`) and the total count.
+    pub async fn history(
+        &self,
+        person: Uuid,
+        from: u64,
+        limit: u64,
+    ) -> Result<Option<(Vec<waymark_runtime::history::HistoryEntry>, u64)>, StoreError> {
+        let table = self.tables().history.clone();
+        waymark_runtime::history::read_page(
+            self.store.as_ref(),
+            &table,
+            &person.to_string(),
+            from,
+            limit,
+        )
+        .await
     }
 
     async fn tracked<S: serde::de::DeserializeOwned>(
@@ -69,7 +120,8 @@ impl Projections {
     /// The person an identity resolves to.
     pub async fn resolve(&self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
         let key = identity.key();
-        let table = &self.tables.identity.links;
+        let tables = self.tables();
+        let table = &tables.identity.links;
         match self.store.get(table, &key).await? {
             Some(bytes) => Ok(Some(
                 decode_row::<IdentityRow>(table, &key, &bytes)?.person_id,
@@ -81,7 +133,8 @@ impl Projections {
     /// The identities of a person and whom it was merged into.
     pub async fn links(&self, person: Uuid) -> Result<Option<PersonLinks>, StoreError> {
         let key = person.to_string();
-        let table = &self.tables.identity.persons;
+        let tables = self.tables();
+        let table = &tables.identity.persons;
         match self.store.get(table, &key).await? {
             Some(bytes) => Ok(Some(decode_row(table, &key, &bytes)?)),
             None => Ok(None),
@@ -90,7 +143,8 @@ impl Projections {
 
     /// The `person` projection of a person.
     pub async fn person(&self, person: Uuid) -> Result<Option<PersonState>, StoreError> {
-        self.tracked(&self.tables.person, person).await
+        let table = self.tables().person.clone();
+        self.tracked(&table, person).await
     }
 
     /// The `interactions` projection of a person.
@@ -98,17 +152,20 @@ impl Projections {
         &self,
         person: Uuid,
     ) -> Result<Option<InteractionsState>, StoreError> {
-        self.tracked(&self.tables.interactions, person).await
+        let table = self.tables().interactions.clone();
+        self.tracked(&table, person).await
     }
 
     /// The `journey` projection of a person.
     pub async fn journeys(&self, person: Uuid) -> Result<Option<JourneysState>, StoreError> {
-        self.tracked(&self.tables.journey, person).await
+        let table = self.tables().journey.clone();
+        self.tracked(&table, person).await
     }
 
     /// The `learning` projection of a person.
     pub async fn learning(&self, person: Uuid) -> Result<Option<LearningState>, StoreError> {
-        self.tracked(&self.tables.learning, person).await
+        let table = self.tables().learning.clone();
+        self.tracked(&table, person).await
     }
 
     /// Whether anything is known about a person.

@@ -224,6 +224,48 @@ impl Query for QueryService {
                 .collect(),
         }))
     }
+
+    #[instrument(skip_all, fields(person_id = %request.get_ref().person_id))]
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let r = request.into_inner();
+        let id = parse_person_id(&r.person_id)?;
+        let limit = page_size(r.page_size)?;
+        let from: u64 = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token.parse().map_err(|_| {
+                ApiError::InvalidArgument(format!(
+                    "page_token {:?} is not a token this service issued",
+                    r.page_token
+                ))
+            })?
+        };
+        let Some((entries, count)) = self
+            .projections
+            .history(id, from, limit as u64)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            self.ensure_known(id).await?;
+            return Ok(Response::new(pb::ListEventsResponse::default()));
+        };
+        let next = from + entries.len() as u64;
+        let events = entries
+            .iter()
+            .map(convert::person_event)
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events,
+            next_page_token: if next < count && !entries.is_empty() {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
 }
 
 #[cfg(test)]

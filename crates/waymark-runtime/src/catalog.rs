@@ -1,0 +1,745 @@
+//! The projection catalog: which versions of each processor's projections
+//! exist, which one queries read, and how side effects are handed from one
+//! version to the next.
+//!
+//! # Versions
+//! A processor's projection version `N` is its own set of tables
+//! (`journey_vN`, `identity_vN_links`, …), its own positions (consumer
+//! `journey.vN`) and its own consumer group, so version `N + 1` can be built
+//! from offset 0 while version `N` keeps serving. The catalog, one row per
+//! processor in the store table [`CATALOG_TABLE`], records every version and
+//! its [`VersionState`]; [`CatalogEntry::active`] is the version queries
+//! read. Switching rewrites that one row, so readers see either the old or
+//! the new version, never a mix within one projection.
+//!
+//! # Side effects across versions (the hand-off)
+//! Two versions of a processor read the same input, but only one of them
+//! may write its side effects (the identity processor's `waymark.events`
+//! records, every processor's dead letters), or a rebuild would publish the
+//! history a second time. [`VersionGate`] decides, per batch and partition,
+//! which offsets' side effects a version writes:
+//! - a **building** version writes none: its input was already handled by
+//!   the active version;
+//! - the **retired** predecessor keeps running. When it first sees it was
+//!   retired it *acknowledges*, per partition, the position it stands at:
+//!   it wrote no side effect at or above it. From then on it writes only
+//!   those below the active version's *hand-off marker*, and waits while
+//!   there is none; once its position has reached the marker on every
+//!   partition it stops ([`handed_off`]);
+//! - the **active** version records, before the first batch it handles as
+//!   active on a partition, its hand-off marker there: the larger of that
+//!   batch's first offset and the predecessor's acknowledged position (it
+//!   waits for the acknowledgement). It writes the side effects from the
+//!   marker on.
+//!
+//! So every record's side effects are written exactly once: below the
+//! marker by the predecessor (before its acknowledgement it had not been
+//! retired, after it writes below the marker, and it runs until it got
+//! there), from the marker on by the active version. Both versions run in
+//! the same processes (a controller runs every version the catalog wants),
+//! so the wait for each other's record is short.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::log::{Log, LogError};
+use crate::store::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};
+
+/// The store table holding one [`CatalogEntry`] per processor (JSON).
+pub const CATALOG_TABLE: &str = "waymark_projections";
+
+/// The consumer id under which version `version` of `processor` stores its
+/// positions, e.g. `journey.v2`.
+pub fn consumer_id(processor: &str, version: u32) -> String {
+    format!("{processor}.v{version}")
+}
+
+/// The consumer id of the hand-off markers of a version.
+pub fn marker_id(processor: &str, version: u32) -> String {
+    format!("{processor}.v{version}.handoff")
+}
+
+/// The consumer id under which a retired version acknowledges, per
+/// partition, the position at which it learned it was retired.
+pub fn ack_id(processor: &str, version: u32) -> String {
+    format!("{processor}.v{version}.retired")
+}
+
+/// Where a version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    /// Being built from offset 0; not read by queries.
+    Building,
+    /// The version queries read (exactly one per processor).
+    Live,
+    /// Replaced by a newer version; kept until dropped.
+    Retired,
+}
+
+impl VersionState {
+    /// Lower-case name, as printed by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Building => "building",
+            VersionState::Live => "live",
+            VersionState::Retired => "retired",
+        }
+    }
+}
+
+/// One version of a processor's projections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Its state.
+    pub state: VersionState,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// When it became live, if it did.
+    #[serde(default)]
+    pub switched_at: Option<DateTime<Utc>>,
+    /// When it was retired, if it was.
+    #[serde(default)]
+    pub retired_at: Option<DateTime<Utc>>,
+    /// Switch to it automatically once it has caught up.
+    #[serde(default)]
+    pub switch_when_caught_up: bool,
+}
+
+/// The catalog row of one processor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Processor name.
+    pub processor: String,
+    /// The version queries read.
+    pub active: u32,
+    /// The version `active` replaced; it writes side effects until it has
+    /// handed off (see the module docs).
+    #[serde(default)]
+    pub previous: Option<u32>,
+    /// The highest version ever registered (dropped ones included), so a
+    /// version number is never reused.
+    pub highest: u32,
+    /// Every version that was not dropped.
+    pub versions: BTreeMap<u32, VersionInfo>,
+}
+
+/// A catalog operation that is not allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogError {
+    /// The version does not exist (or was dropped).
+    #[error("{processor} has no projection version {version}")]
+    UnknownVersion {
+        /// Processor.
+        processor: String,
+        /// Version asked for.
+        version: u32,
+    },
+    /// The operation does not fit the version's state.
+    #[error("{0}")]
+    NotAllowed(String),
+}
+
+impl CatalogEntry {
+    /// A catalog whose only version, `version`, is live.
+    pub fn initial(processor: &str, version: u32, now: DateTime<Utc>) -> Self {
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            version,
+            VersionInfo {
+                state: VersionState::Live,
+                created_at: now,
+                switched_at: Some(now),
+                retired_at: None,
+                switch_when_caught_up: false,
+            },
+        );
+        Self {
+            processor: processor.to_owned(),
+            active: version,
+            previous: None,
+            highest: version,
+            versions,
+        }
+    }
+
+    /// The versions that must run: the active one, every building one, and
+    /// the previous one until it has handed off (`previous_handed_off`).
+    pub fn running(&self, previous_handed_off: bool) -> Vec<u32> {
+        self.versions
+            .iter()
+            .filter(|(v, info)| match info.state {
+                VersionState::Live | VersionState::Building => true,
+                VersionState::Retired => Some(**v) == self.previous && !previous_handed_off,
+            })
+            .map(|(v, _)| *v)
+            .collect()
+    }
+
+    /// Registers version `to` (default: the highest version + 1) for a
+    /// rebuild. Asking again for a version that is still building only
+    /// updates `switch_when_caught_up`. Returns the version.
+    pub fn start_rebuild(
+        &mut self,
+        to: Option<u32>,
+        switch_when_caught_up: bool,
+        now: DateTime<Utc>,
+    ) -> Result<u32, CatalogError> {
+        let to = to.unwrap_or(self.highest.max(self.active) + 1);
+        if let Some(info) = self.versions.get_mut(&to) {
+            return match info.state {
+                VersionState::Building => {
+                    info.switch_when_caught_up |= switch_when_caught_up;
+                    Ok(to)
+                }
+                state => Err(CatalogError::NotAllowed(format!(
+                    "{} version {to} is {}; a rebuild needs a new version (next: {})",
+                    self.processor,
+                    state.as_str(),
+                    self.highest + 1
+                ))),
+            };
+        }
+        if to <= self.highest {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {to} was used before and dropped; version numbers are never \
+                 reused (next: {})",
+                self.processor,
+                self.highest + 1
+            )));
+        }
+        self.versions.insert(
+            to,
+            VersionInfo {
+                state: VersionState::Building,
+                created_at: now,
+                switched_at: None,
+                retired_at: None,
+                switch_when_caught_up,
+            },
+        );
+        self.highest = to;
+        Ok(to)
+    }
+
+    /// Makes building version `to` live and retires the active one. The
+    /// caller checks that `to` has caught up.
+    pub fn switch(&mut self, to: u32, now: DateTime<Utc>) -> Result<(), CatalogError> {
+        if to == self.active {
+            return Ok(());
+        }
+        let state = self.state(to)?;
+        if state != VersionState::Building {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {to} is {}; only a building version that has caught up can \
+                 become live",
+                self.processor,
+                state.as_str()
+            )));
+        }
+        if let Some(old) = self.versions.get_mut(&self.active) {
+            old.state = VersionState::Retired;
+            old.retired_at = Some(now);
+        }
+        if let Some(new) = self.versions.get_mut(&to) {
+            new.state = VersionState::Live;
+            new.switched_at = Some(now);
+            new.switch_when_caught_up = false;
+        }
+        self.previous = Some(self.active);
+        self.active = to;
+        Ok(())
+    }
+
+    /// Removes a building or retired version (its data is deleted by the
+    /// caller). The live version cannot be dropped, nor the previous one
+    /// before it has handed off.
+    pub fn drop_version(
+        &mut self,
+        version: u32,
+        previous_handed_off: bool,
+    ) -> Result<(), CatalogError> {
+        let state = self.state(version)?;
+        if state == VersionState::Live {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {version} is live; switch to another version before dropping it",
+                self.processor
+            )));
+        }
+        if Some(version) == self.previous && !previous_handed_off {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {version} is still handing its side effects over to version {}; \
+                 try again in a few seconds",
+                self.processor, self.active
+            )));
+        }
+        self.versions.remove(&version);
+        if Some(version) == self.previous {
+            self.previous = None;
+        }
+        Ok(())
+    }
+
+    /// The state of `version`.
+    pub fn state(&self, version: u32) -> Result<VersionState, CatalogError> {
+        self.versions
+            .get(&version)
+            .map(|i| i.state)
+            .ok_or_else(|| CatalogError::UnknownVersion {
+                processor: self.processor.clone(),
+                version,
+            })
+    }
+}
+
+/// Reads the catalog row of `processor`.
+pub async fn load(
+    store: &dyn ProjectionStore,
+    processor: &str,
+) -> Result<Option<CatalogEntry>, StoreError> {
+    match store.get(CATALOG_TABLE, processor).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                table: CATALOG_TABLE.to_owned(),
+                key: processor.to_owned(),
+                reason: e.to_string(),
+            }),
+    }
+}
+
+/// Writes the catalog row of `entry.processor`.
+pub async fn save(store: &dyn ProjectionStore, entry: &CatalogEntry) -> Result<(), StoreError> {
+    let value = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
+        table: CATALOG_TABLE.to_owned(),
+        key: entry.processor.clone(),
+        reason: e.to_string(),
+    })?;
+    store
+        .write(WriteBatch {
+            rows: vec![RowWrite {
+                table: CATALOG_TABLE.to_owned(),
+                key: entry.processor.clone(),
+                value: Some(value),
+                order: None,
+            }],
+            positions: Vec::new(),
+        })
+        .await
+}
+
+/// Reads the catalog row of `processor`, creating it when missing with
+/// `configured` (the topology's `projection_version`) live. A configured
+/// version above every version the catalog knows is registered as a
+/// rebuild that switches once caught up (bumping the version in the
+/// topology rebuilds without downtime).
+pub async fn load_or_init(
+    store: &dyn ProjectionStore,
+    processor: &str,
+    configured: u32,
+) -> Result<CatalogEntry, StoreError> {
+    store.ensure_tables(&[CATALOG_TABLE.to_owned()]).await?;
+    let now = Utc::now();
+    match load(store, processor).await? {
+        None => {
+            let entry = CatalogEntry::initial(processor, configured, now);
+            save(store, &entry).await?;
+            Ok(entry)
+        }
+        Some(mut entry) => {
+            if configured > entry.highest
+                && entry.start_rebuild(Some(configured), true, now).is_ok()
+            {
+                save(store, &entry).await?;
+            }
+            Ok(entry)
+        }
+    }
+}
+
+/// Where one version of a processor is on its input topic.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VersionProgress {
+    /// Per partition: (next offset to apply, high-water mark).
+    pub partitions: BTreeMap<u32, (u64, u64)>,
+}
+
+impl VersionProgress {
+    /// Records still to apply.
+    pub fn lag(&self) -> u64 {
+        self.partitions
+            .values()
+            .map(|(pos, high)| high.saturating_sub(*pos))
+            .sum()
+    }
+
+    /// Records applied (sum of positions).
+    pub fn applied(&self) -> u64 {
+        self.partitions.values().map(|(pos, _)| *pos).sum()
+    }
+
+    /// Whether this version is at least where `other` is on every partition.
+    pub fn reached(&self, other: &VersionProgress) -> bool {
+        other
+            .partitions
+            .iter()
+            .all(|(p, (theirs, _))| self.partitions.get(p).map_or(0, |(ours, _)| *ours) >= *theirs)
+    }
+}
+
+/// Why progress could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgressError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// The positions of `processor` version `version` on `topic` against the
+/// topic's high-water marks.
+pub async fn progress(
+    store: &dyn ProjectionStore,
+    log: &dyn Log,
+    topic: &str,
+    processor: &str,
+    version: u32,
+) -> Result<VersionProgress, ProgressError> {
+    let positions = store
+        .positions(&consumer_id(processor, version), topic)
+        .await?;
+    let mut out = VersionProgress::default();
+    for p in 0..log.partitions(topic).await? {
+        let (_, high) = log.watermarks(topic, p).await?;
+        out.partitions
+            .insert(p, (positions.get(&p).copied().unwrap_or(0), high));
+    }
+    Ok(out)
+}
+
+/// Whether `previous` has handed its side effects over to `active`: on
+/// every partition of `topic`, `active` has recorded its hand-off marker and
+/// `previous` has reached it.
+pub async fn handed_off(
+    store: &dyn ProjectionStore,
+    log: &dyn Log,
+    topic: &str,
+    processor: &str,
+    previous: u32,
+    active: u32,
+) -> Result<bool, ProgressError> {
+    let markers = store
+        .positions(&marker_id(processor, active), topic)
+        .await?;
+    let reached = store
+        .positions(&consumer_id(processor, previous), topic)
+        .await?;
+    for p in 0..log.partitions(topic).await? {
+        match markers.get(&p) {
+            Some(marker) if reached.get(&p).copied().unwrap_or(0) >= *marker => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// Decides from which offset a version writes its side effects (see the
+/// module docs). One per running version.
+pub struct VersionGate {
+    processor: String,
+    version: u32,
+    topic: String,
+    marked: Mutex<HashMap<u32, u64>>,
+    acked: Mutex<std::collections::HashSet<u32>>,
+}
+
+/// Per partition, the offsets `[from, until)` whose side effects a version
+/// writes.
+pub type EmitRanges = HashMap<u32, std::ops::Range<u64>>;
+
+impl VersionGate {
+    /// The gate of `processor` version `version` reading `topic`.
+    pub fn new(processor: impl Into<String>, version: u32, topic: impl Into<String>) -> Self {
+        Self {
+            processor: processor.into(),
+            version,
+            topic: topic.into(),
+            marked: Mutex::new(HashMap::new()),
+            acked: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// The version this gate is for.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Which offsets of a batch starting at `first` (offset by partition)
+    /// have their side effects written by this version. When the version
+    /// is active this first records the hand-off markers of those
+    /// partitions.
+    pub async fn emit_ranges(
+        &self,
+        store: &dyn ProjectionStore,
+        first: &BTreeMap<u32, u64>,
+    ) -> Result<EmitRanges, StoreError> {
+        let all = |range: std::ops::Range<u64>| {
+            first
+                .keys()
+                .map(|p| (*p, range.clone()))
+                .collect::<EmitRanges>()
+        };
+        let Some(entry) = load(store, &self.processor).await? else {
+            // No catalog (a bare runtime, as in unit tests): one version.
+            return Ok(all(0..u64::MAX));
+        };
+        if entry.active == self.version {
+            let Some(previous) = entry.previous else {
+                return Ok(all(0..u64::MAX));
+            };
+            // From its markers on; the predecessor writes what lies below.
+            let markers = self.mark(store, previous, first).await?;
+            return Ok(first
+                .keys()
+                .map(|p| (*p, markers.get(p).copied().unwrap_or(0)..u64::MAX))
+                .collect());
+        }
+        let retired_previous = entry.previous == Some(self.version)
+            && entry.versions.get(&self.version).map(|i| i.state) == Some(VersionState::Retired);
+        if !retired_previous {
+            return Ok(all(u64::MAX..u64::MAX));
+        }
+        // The predecessor acknowledges its retirement where it stands,
+        // then writes up to the active version's marker.
+        self.ack(store, first).await?;
+        let markers = store
+            .positions(&marker_id(&self.processor, entry.active), &self.topic)
+            .await?;
+        first
+            .keys()
+            .map(|p| match markers.get(p) {
+                Some(m) => Ok((*p, 0..*m)),
+                None => Err(StoreError::Unavailable(format!(
+                    "{} version {} waits for version {} to record its hand-off marker \
+                     on partition {p}",
+                    self.processor, self.version, entry.active
+                ))),
+            })
+            .collect()
+    }
+
+    /// Records, for the partitions of `first` that have none, the position
+    /// at which this (retired) version learned it was retired: it has
+    /// written no side effect at or above it, and writes none there until
+    /// the active version's marker says which are its to write.
+    async fn ack(
+        &self,
+        store: &dyn ProjectionStore,
+        first: &BTreeMap<u32, u64>,
+    ) -> Result<(), StoreError> {
+        let missing: Vec<u32> = {
+            let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+            first
+                .keys()
+                .filter(|p| !acked.contains(p))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let consumer = ack_id(&self.processor, self.version);
+        let stored = store.positions(&consumer, &self.topic).await?;
+        let positions: Vec<PositionWrite> = missing
+            .iter()
+            .filter(|p| !stored.contains_key(p))
+            .filter_map(|p| {
+                Some(PositionWrite {
+                    consumer: consumer.clone(),
+                    topic: self.topic.clone(),
+                    partition: *p,
+                    next_offset: *first.get(p)?,
+                })
+            })
+            .collect();
+        if !positions.is_empty() {
+            store
+                .write(WriteBatch {
+                    rows: Vec::new(),
+                    positions,
+                })
+                .await?;
+        }
+        self.acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(missing);
+        Ok(())
+    }
+
+    /// Records acknowledgements and hand-off markers for the partitions
+    /// this version holds while idle (`next`: next offset by partition), so
+    /// versions hand off even without traffic.
+    pub async fn mark_idle(
+        &self,
+        store: &dyn ProjectionStore,
+        next: &BTreeMap<u32, u64>,
+    ) -> Result<(), StoreError> {
+        let pending = {
+            let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+            let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+            next.keys()
+                .any(|p| !marked.contains_key(p) && !acked.contains(p))
+        };
+        if !pending {
+            return Ok(());
+        }
+        let Some(entry) = load(store, &self.processor).await? else {
+            return Ok(());
+        };
+        if entry.active == self.version {
+            if let Some(previous) = entry.previous {
+                match self.mark(store, previous, next).await {
+                    // The predecessor has not acknowledged yet: next tick.
+                    Err(StoreError::Unavailable(_)) | Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        } else if entry.previous == Some(self.version) {
+            self.ack(store, next).await?;
+        }
+        Ok(())
+    }
+
+    /// The hand-off markers of the partitions of `first`, recording the
+    /// missing ones once the predecessor has acknowledged its retirement
+    /// there: the batch's first offset, or the acknowledged position when
+    /// that is further (the predecessor wrote the side effects below it).
+    async fn mark(
+        &self,
+        store: &dyn ProjectionStore,
+        previous: u32,
+        first: &BTreeMap<u32, u64>,
+    ) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        let missing: Vec<u32> = {
+            let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+            for p in first.keys() {
+                if let Some(m) = marked.get(p) {
+                    out.insert(*p, *m);
+                }
+            }
+            first
+                .keys()
+                .filter(|p| !marked.contains_key(p))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let consumer = marker_id(&self.processor, self.version);
+        let stored = store.positions(&consumer, &self.topic).await?;
+        let acks = store
+            .positions(&ack_id(&self.processor, previous), &self.topic)
+            .await?;
+        let mut positions = Vec::new();
+        for p in &missing {
+            let marker = match stored.get(p) {
+                Some(m) => *m,
+                None => {
+                    let Some(ack) = acks.get(p) else {
+                        return Err(StoreError::Unavailable(format!(
+                            "{} version {} waits for version {previous} to acknowledge its \
+                             retirement on partition {p}",
+                            self.processor, self.version
+                        )));
+                    };
+                    let m = first.get(p).copied().unwrap_or(0).max(*ack);
+                    positions.push(PositionWrite {
+                        consumer: consumer.clone(),
+                        topic: self.topic.clone(),
+                        partition: *p,
+                        next_offset: m,
+                    });
+                    m
+                }
+            };
+            out.insert(*p, marker);
+        }
+        if !positions.is_empty() {
+            store
+                .write(WriteBatch {
+                    rows: Vec::new(),
+                    positions,
+                })
+                .await?;
+        }
+        let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        for p in missing {
+            if let Some(m) = out.get(&p) {
+                marked.insert(p, *m);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    #[test]
+    fn rebuild_switch_and_drop() {
+        let mut c = CatalogEntry::initial("journey", 1, now());
+        assert_eq!(c.running(false), vec![1]);
+        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 2);
+        // asking again is idempotent and can add the switch
+        assert_eq!(c.start_rebuild(Some(2), true, now()).unwrap(), 2);
+        assert!(c.versions[&2].switch_when_caught_up);
+        assert_eq!(c.running(false), vec![1, 2]);
+        assert!(c.drop_version(1, true).is_err(), "live cannot be dropped");
+        c.switch(2, now()).unwrap();
+        assert_eq!((c.active, c.previous), (2, Some(1)));
+        assert_eq!(c.state(1).unwrap(), VersionState::Retired);
+        assert_eq!(c.running(false), vec![1, 2]);
+        assert_eq!(c.running(true), vec![2]);
+        assert!(c.drop_version(1, false).is_err(), "not handed off yet");
+        c.drop_version(1, true).unwrap();
+        assert_eq!(c.previous, None);
+        assert!(
+            c.start_rebuild(Some(1), false, now()).is_err(),
+            "never reused"
+        );
+        assert!(c.start_rebuild(Some(2), false, now()).is_err(), "2 is live");
+        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 3);
+        assert!(c.switch(1, now()).is_err());
+        c.drop_version(3, true).unwrap();
+        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 4);
+    }
+
+    #[test]
+    fn reached_compares_every_partition() {
+        let a = VersionProgress {
+            partitions: [(0, (5, 9)), (1, (3, 3))].into(),
+        };
+        let b = VersionProgress {
+            partitions: [(0, (5, 9)), (1, (2, 3))].into(),
+        };
+        assert!(a.reached(&b));
+        assert!(!b.reached(&a));
+        assert_eq!(a.lag(), 4);
+    }
+}

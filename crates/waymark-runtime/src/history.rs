@@ -1,0 +1,254 @@
+//! Per-person event history: every event applied to a person, in log
+//! order, as the `person` processor stores it next to its projection
+//! (`Query.ListEvents`, `waymark inspect`).
+//!
+//! # Layout of the history table (`person_vN_history`)
+//! | key | row |
+//! |---|---|
+//! | `<person>` | [`Tracked`]`<`[`HistoryHead`]`>`: the number of events, plus the position and the ids that make appends exactly-once |
+//! | `<person>/<chunk, 12 digits>` | `Vec<`[`HistoryEntry`]`>`: events `chunk * CHUNK ..` |
+//!
+//! Events are appended in chunks of [`CHUNK`], so an append rewrites at
+//! most one small row per person and batch, and a page of history is a few
+//! key reads. Duplicates (same id within the dedupe window) and redelivered
+//! records are not appended, exactly as the folds ignore them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
+
+use crate::handler::{decode_event, decode_row, encode_row, BatchOutput, HandleError, Handler};
+use crate::log::Record;
+use crate::store::{ProjectionStore, RowWrite};
+
+/// Events per history chunk row.
+pub const CHUNK: u64 = 32;
+
+/// The head row of a person's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryHead {
+    /// Number of events in the history.
+    pub count: u64,
+}
+
+/// One event of a person's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Partition of `waymark.events` it was read from.
+    pub partition: u32,
+    /// Offset in that partition.
+    pub offset: u64,
+    /// The event, canonical JSON.
+    pub event: Vec<u8>,
+}
+
+/// The key of chunk `chunk` of `person`'s history.
+pub fn chunk_key(person: &str, chunk: u64) -> String {
+    format!("{person}/{chunk:012}")
+}
+
+/// The history table of the `person` projection version `version`.
+pub fn history_table(version: u32) -> String {
+    format!("person_v{version}_history")
+}
+
+struct Count;
+
+impl Fold for Count {
+    type State = HistoryHead;
+    fn apply(&self, state: &mut HistoryHead, _: &Event) {
+        state.count += 1;
+    }
+}
+
+/// Wraps a handler of `waymark.events` and also appends every event it
+/// applies to the person's history in `table`.
+pub struct WithHistory {
+    inner: Arc<dyn Handler>,
+    table: String,
+    window: chrono::Duration,
+}
+
+impl WithHistory {
+    /// Adds history in `table` (dedupe `window`) to `inner`.
+    pub fn new(
+        inner: Arc<dyn Handler>,
+        table: impl Into<String>,
+        window: chrono::Duration,
+    ) -> Self {
+        Self {
+            inner,
+            table: table.into(),
+            window,
+        }
+    }
+
+    async fn history_rows(
+        &self,
+        store: &dyn ProjectionStore,
+        records: &[Record],
+    ) -> Result<Vec<RowWrite>, HandleError> {
+        let events: Vec<(Position, Event)> = records
+            .iter()
+            .filter_map(|r| {
+                decode_event(r)
+                    .ok()
+                    .map(|e| (Position::new(r.partition, r.offset), e))
+            })
+            .collect();
+        let mut keys: Vec<String> = events
+            .iter()
+            .filter_map(|(_, e)| e.person_id.map(|p| p.to_string()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let loaded = store.get_many(&self.table, &keys).await?;
+        let mut heads: HashMap<String, Tracked<HistoryHead>> = HashMap::new();
+        for (key, value) in keys.iter().zip(loaded) {
+            let head = match value {
+                Some(bytes) => decode_row(&self.table, key, &bytes)?,
+                None => Tracked::default(),
+            };
+            heads.insert(key.clone(), head);
+        }
+        let first_new: HashMap<String, u64> = heads
+            .iter()
+            .map(|(k, h)| (k.clone(), h.state.count))
+            .collect();
+        let mut appended: BTreeMap<String, Vec<HistoryEntry>> = BTreeMap::new();
+        for (position, event) in &events {
+            let Some(person) = event.person_id.map(|p| p.to_string()) else {
+                continue;
+            };
+            let Some(head) = heads.get_mut(&person) else {
+                continue;
+            };
+            if head.apply(&Count, event, *position, self.window) == ApplyOutcome::Applied {
+                appended.entry(person).or_default().push(HistoryEntry {
+                    partition: position.partition,
+                    offset: position.offset,
+                    event: event.to_json(),
+                });
+            }
+        }
+
+        // Load the last, partly filled chunk of each person that grew.
+        let partial: Vec<String> = appended
+            .keys()
+            .filter_map(|person| {
+                let first = *first_new.get(person)?;
+                (first % CHUNK != 0).then(|| chunk_key(person, first / CHUNK))
+            })
+            .collect();
+        let loaded = store.get_many(&self.table, &partial).await?;
+        let mut chunks: HashMap<String, Vec<HistoryEntry>> = HashMap::new();
+        for (key, value) in partial.into_iter().zip(loaded) {
+            let chunk = match value {
+                Some(bytes) => decode_row(&self.table, &key, &bytes)?,
+                None => Vec::new(),
+            };
+            chunks.insert(key, chunk);
+        }
+
+        let mut rows = Vec::new();
+        for (person, entries) in appended {
+            let mut index = first_new.get(&person).copied().unwrap_or(0);
+            let order = entries.last().map(|e| e.offset + 1);
+            let mut touched: BTreeMap<String, Vec<HistoryEntry>> = BTreeMap::new();
+            for entry in entries {
+                let key = chunk_key(&person, index / CHUNK);
+                let chunk = match touched.get_mut(&key) {
+                    Some(chunk) => chunk,
+                    None => {
+                        let existing = chunks.remove(&key).unwrap_or_default();
+                        touched.entry(key).or_insert(existing)
+                    }
+                };
+                chunk.push(entry);
+                index += 1;
+            }
+            for (key, chunk) in touched {
+                rows.push(RowWrite {
+                    table: self.table.clone(),
+                    key,
+                    value: Some(encode_row(&chunk)),
+                    order,
+                });
+            }
+        }
+        for (key, head) in heads {
+            rows.push(RowWrite {
+                table: self.table.clone(),
+                order: head.position.map(|p| p.offset + 1),
+                value: Some(encode_row(&head)),
+                key,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+#[async_trait]
+impl Handler for WithHistory {
+    fn processor(&self) -> &str {
+        self.inner.processor()
+    }
+
+    fn tables(&self) -> Vec<String> {
+        let mut tables = self.inner.tables();
+        tables.push(self.table.clone());
+        tables
+    }
+
+    async fn handle(
+        &self,
+        store: &dyn ProjectionStore,
+        topic: &str,
+        records: &[Record],
+    ) -> Result<BatchOutput, HandleError> {
+        let mut out = self.inner.handle(store, topic, records).await?;
+        out.rows.extend(self.history_rows(store, records).await?);
+        Ok(out)
+    }
+}
+
+/// One page of a person's history: events `from ..` (at most `limit`) and
+/// the total count; `None` when the person has no history.
+pub async fn read_page(
+    store: &dyn ProjectionStore,
+    table: &str,
+    person: &str,
+    from: u64,
+    limit: u64,
+) -> Result<Option<(Vec<HistoryEntry>, u64)>, crate::store::StoreError> {
+    let Some(bytes) = store.get(table, person).await? else {
+        return Ok(None);
+    };
+    let head: Tracked<HistoryHead> = decode_row(table, person, &bytes)?;
+    let count = head.state.count;
+    let end = from.saturating_add(limit).min(count);
+    if from >= end {
+        return Ok(Some((Vec::new(), count)));
+    }
+    let keys: Vec<String> = (from / CHUNK..=(end - 1) / CHUNK)
+        .map(|c| chunk_key(person, c))
+        .collect();
+    let rows = store.get_many(table, &keys).await?;
+    let mut out = Vec::with_capacity((end - from) as usize);
+    for ((c, key), row) in (from / CHUNK..).zip(&keys).zip(rows) {
+        let chunk: Vec<HistoryEntry> = match row {
+            Some(bytes) => decode_row(table, key, &bytes)?,
+            None => Vec::new(),
+        };
+        for (i, entry) in chunk.into_iter().enumerate() {
+            let index = c * CHUNK + i as u64;
+            if index >= from && index < end {
+                out.push(entry);
+            }
+        }
+    }
+    Ok(Some((out, count)))
+}
