@@ -19,7 +19,6 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use waymark_bench::measure::{CpuTime, Percentiles};
 use waymark_bench::mix::Mix;
-use waymark_cli::platform;
 use waymark_proto::v1 as pb;
 use waymark_proto::v1::query_client::QueryClient;
 use waymark_proto::v1::query_server::{Query, QueryServer};
@@ -101,6 +100,13 @@ impl Query for Canned {
         &self,
         _: Request<pb::ListLearningProgressRequest>,
     ) -> Result<Response<pb::ListLearningProgressResponse>, Status> {
+        not_here()
+    }
+
+    async fn list_events(
+        &self,
+        _: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         not_here()
     }
 }

@@ -334,6 +334,9 @@ fn timestamp(t: &chrono::DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// Records applied over time, by sample time.
+type Samples = VecDeque<(Instant, u64)>;
+
 /// The `Admin` projection rpcs over a log and a store.
 pub struct PlatformOperator {
     log: Arc<dyn Log>,
@@ -342,7 +345,7 @@ pub struct PlatformOperator {
     validator: Arc<Validator>,
     projections: Projections,
     controller: Option<ControllerHandle>,
-    samples: Mutex<HashMap<(String, u32), VecDeque<(Instant, u64)>>>,
+    samples: Mutex<HashMap<(String, u32), Samples>>,
 }
 
 impl PlatformOperator {
@@ -737,6 +740,8 @@ async fn compare_table(
 #[tonic::async_trait]
 impl Operator for PlatformOperator {
     async fn list(&self) -> Result<Vec<pb::Projection>, ApiError> {
+        // What this process's queries read follows what is listed as live.
+        refresh(&self.projections, &self.topology).await?;
         let mut out = Vec::new();
         for name in PROCESSORS {
             if self.topology.processor(name).is_some() {

@@ -130,6 +130,7 @@ mod tests {
                     "ListJourneys(ListJourneysRequest) -> ListJourneysResponse",
                     "GetLearningProgress(GetLearningProgressRequest) -> LearningProgress",
                     "ListLearningProgress(ListLearningProgressRequest) -> ListLearningProgressResponse",
+                    "ListEvents(ListEventsRequest) -> ListEventsResponse",
                 ],
             ),
             ("Ingest", vec!["Publish(PublishRequest) -> PublishResponse"]),
@@ -138,6 +139,11 @@ mod tests {
                 vec![
                     "ListDeadLetters(ListDeadLettersRequest) -> ListDeadLettersResponse",
                     "GetStatus(GetStatusRequest) -> GetStatusResponse",
+                    "ListProjections(ListProjectionsRequest) -> ListProjectionsResponse",
+                    "StartRebuild(StartRebuildRequest) -> Projection",
+                    "SwitchVersion(SwitchVersionRequest) -> Projection",
+                    "DropVersion(DropVersionRequest) -> Projection",
+                    "Verify(VerifyRequest) -> VerifyResponse",
                 ],
             ),
         ]

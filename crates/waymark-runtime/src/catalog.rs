@@ -593,15 +593,6 @@ impl VersionGate {
         store: &dyn ProjectionStore,
         next: &BTreeMap<u32, u64>,
     ) -> Result<(), StoreError> {
-        let pending = {
-            let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
-            let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-            next.keys()
-                .any(|p| !marked.contains_key(p) && !acked.contains(p))
-        };
-        if !pending {
-            return Ok(());
-        }
         let Some(entry) = load(store, &self.processor).await? else {
             return Ok(());
         };

@@ -155,10 +155,10 @@ impl WithHistory {
 
         let mut rows = Vec::new();
         for (person, entries) in appended {
-            let mut index = first_new.get(&person).copied().unwrap_or(0);
+            let first = first_new.get(&person).copied().unwrap_or(0);
             let order = entries.last().map(|e| e.offset + 1);
             let mut touched: BTreeMap<String, Vec<HistoryEntry>> = BTreeMap::new();
-            for entry in entries {
+            for (index, entry) in (first..).zip(entries) {
                 let key = chunk_key(&person, index / CHUNK);
                 let chunk = match touched.get_mut(&key) {
                     Some(chunk) => chunk,
@@ -168,7 +168,6 @@ impl WithHistory {
                     }
                 };
                 chunk.push(entry);
-                index += 1;
             }
             for (key, chunk) in touched {
                 rows.push(RowWrite {

@@ -8,6 +8,11 @@
 //!   [`IdentityHandler`] resolves identities.
 //! - [`runner`]: the loop that owns polling, retries, store writes,
 //!   positions, commits and dead letters ([`Runner`]).
+//! - [`catalog`]: projection versions (building / live / retired), which
+//!   one queries read, and the exactly-once hand-off of side effects between
+//!   versions ([`catalog::VersionGate`]).
+//! - [`history`]: per-person event history kept next to the `person`
+//!   projection.
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
 //! - [`metrics`]: metric names.
 //!
@@ -33,6 +38,12 @@
 //!   nothing past the failing batch is stored or committed meanwhile.
 //! - **Shutdown.** On cancellation the runner stops polling, finishes the
 //!   batch in hand (outputs, rows, positions, commit) and returns.
+//! - **Rebuilds.** Every projection version has its own tables, positions
+//!   and consumer group, so a rebuild from offset 0 never touches the live
+//!   version. A runner with a [`catalog::VersionGate`] writes side effects
+//!   (outputs, dead letters) only for the offsets that are its version's to
+//!   write: none while building, and across a switch each record's side
+//!   effects exactly once (see [`catalog`]).
 
 pub mod catalog;
 pub mod dead_letter;

@@ -104,9 +104,20 @@ fn unique() -> String {
 
 impl Deployment {
     pub fn new(bootstrap: String, cql: String) -> Self {
+        Self::with_yaml(bootstrap, cql, waymark_topology::default_yaml().to_owned())
+    }
+
+    /// A deployment whose `inputs` topic has one partition, so identity
+    /// links resolve in publish order across keys (as in `waymark dev`).
+    pub fn single_inputs_partition(bootstrap: String, cql: String) -> Self {
+        let yaml = waymark_topology::default_yaml().replacen("partitions: 6", "partitions: 1", 1);
+        Self::with_yaml(bootstrap, cql, yaml)
+    }
+
+    fn with_yaml(bootstrap: String, cql: String, yaml: String) -> Self {
         let id = unique();
         let dir = tempfile::tempdir().unwrap();
-        let yaml = waymark_topology::default_yaml().replace("waymark.", &format!("t{id}."));
+        let yaml = yaml.replace("waymark.", &format!("t{id}."));
         let topology = dir.path().join("topology.yaml");
         std::fs::write(&topology, yaml).unwrap();
         Self {

@@ -9,6 +9,7 @@
 
 pub mod contract;
 pub mod engines;
+pub mod replay;
 
 use std::collections::BTreeMap;
 use std::future::Future;
