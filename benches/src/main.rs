@@ -32,6 +32,11 @@ mod s3;
 mod s4;
 mod s5;
 
+/// The allocator of the `waymark` binary, so the in-process scenarios
+/// (S1–S4) measure the product as it ships.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -13,6 +13,14 @@ use waymark_cli::publish::{publish, Target};
 use waymark_cli::registry::PROCESSORS;
 use waymark_cli::scale::EngineOptions;
 
+/// jemalloc instead of the system allocator. With glibc's malloc, the
+/// freed batch buffers stayed resident in each thread's arena and the
+/// resident size of `waymark dev` grew with the lag it drained (590 MiB at
+/// 2M events); limiting glibc to two arenas kept it flat but made threads
+/// queue on the arena locks. See S5 in docs/performance.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Waymark: Kafka-centric, event-sourced per-person state, served over gRPC.
 #[derive(Debug, Parser)]
 #[command(name = "waymark", version, about, propagate_version = true)]

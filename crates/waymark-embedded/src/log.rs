@@ -25,7 +25,7 @@ const TOPICS: TableDefinition<'static, &str, u32> = TableDefinition::new("_topic
 const GROUPS: TableDefinition<'static, &str, u64> = TableDefinition::new("_group_offsets");
 /// Page cache of the log file (redb's default is 1 GiB; appends and tail
 /// reads need little).
-const LOG_CACHE_BYTES: usize = 64 * 1024 * 1024;
+const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Group-committed requests per transaction, at most.
 const MAX_REQUESTS_PER_COMMIT: usize = 256;
 

@@ -1,17 +1,31 @@
 //! The embedded projection store: one redb table per projection table, and
-//! a positions table, written in one durable transaction per batch.
+//! a positions table, written in one atomic transaction per batch.
+//!
+//! Batches that wrote outputs or dead letters are committed durably before
+//! the runner goes on. Replayable batches (their effects are all here) are
+//! committed without an fsync (`Durability::None`) and made durable at least
+//! every `DURABLE_EVERY` (250 ms) and on [`EmbeddedStore::close`]: a crash may roll
+//! the store back by that much, rows and positions together, and the
+//! runners apply the same records again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tracing::info;
 use waymark_runtime::{ProjectionStore, StoreError, WriteBatch};
 
-/// Page cache of the store file (redb's default is 1 GiB).
-const STORE_CACHE_BYTES: usize = 128 * 1024 * 1024;
+/// Page cache of the store file (redb's default is 1 GiB). With the log's
+/// 16 MiB it bounds the resident size of `waymark dev` (S5 in
+/// docs/performance.md: about 290 MiB peak while draining a lag).
+const STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Replayable batches are made durable at least this often (redb
+/// `Durability::None` commits in between skip the fsync).
+const DURABLE_EVERY: Duration = Duration::from_millis(250);
 
 const POSITIONS: TableDefinition<'static, &str, u64> = TableDefinition::new("_positions");
 
@@ -32,6 +46,8 @@ fn position_prefix(consumer: &str, topic: &str) -> String {
 pub struct EmbeddedStore {
     /// `None` once closed: dropping the database releases its file lock.
     db: Arc<RwLock<Option<Database>>>,
+    /// When the last durable commit was made.
+    last_durable: Arc<Mutex<Instant>>,
 }
 
 impl EmbeddedStore {
@@ -47,6 +63,7 @@ impl EmbeddedStore {
         info!(path = %path.display(), "embedded store open");
         Ok(Self {
             db: Arc::new(RwLock::new(Some(db))),
+            last_durable: Arc::new(Mutex::new(Instant::now())),
         })
     }
 
@@ -54,8 +71,78 @@ impl EmbeddedStore {
     /// releases the file. Every clone answers `Unavailable` afterwards.
     pub fn close(&self) {
         if let Ok(mut db) = self.db.write() {
+            // Make the replayable batches committed since the last durable
+            // commit durable too.
+            if let Some(open) = db.as_ref() {
+                let flushed = open
+                    .begin_write()
+                    .map_err(|e| e.to_string())
+                    .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+                if let Err(e) = flushed {
+                    tracing::warn!(error = %e, "final durable commit of the store failed");
+                }
+            }
             db.take();
         }
+    }
+
+    /// Writes `batch` in one transaction; durably when `durable`, or when
+    /// the last durable commit is older than [`DURABLE_EVERY`].
+    async fn commit(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let durable = durable || {
+            let last = self
+                .last_durable
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            last.elapsed() >= DURABLE_EVERY
+        };
+        let last_durable = self.last_durable.clone();
+        self.blocking(move |db| {
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            if !durable {
+                txn.set_durability(Durability::None).map_err(unavailable)?;
+            }
+            {
+                let mut rows = batch.rows;
+                rows.sort_by(|a, b| a.table.cmp(&b.table));
+                let mut i = 0;
+                while i < rows.len() {
+                    let name = rows[i].table.clone();
+                    let mut t = txn.open_table(table_def(&name)).map_err(unavailable)?;
+                    while i < rows.len() && rows[i].table == name {
+                        let row = &rows[i];
+                        match &row.value {
+                            Some(v) => {
+                                t.insert(row.key.as_str(), v.as_slice())
+                                    .map_err(unavailable)?;
+                            }
+                            None => {
+                                t.remove(row.key.as_str()).map_err(unavailable)?;
+                            }
+                        }
+                        i += 1;
+                    }
+                }
+                let mut positions = txn.open_table(POSITIONS).map_err(unavailable)?;
+                for p in &batch.positions {
+                    positions
+                        .insert(
+                            position_key(&p.consumer, &p.topic, p.partition).as_str(),
+                            p.next_offset,
+                        )
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            if durable {
+                *last_durable.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -127,45 +214,11 @@ impl ProjectionStore for EmbeddedStore {
     }
 
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
-            {
-                let mut rows = batch.rows;
-                rows.sort_by(|a, b| a.table.cmp(&b.table));
-                let mut i = 0;
-                while i < rows.len() {
-                    let name = rows[i].table.clone();
-                    let mut t = txn.open_table(table_def(&name)).map_err(unavailable)?;
-                    while i < rows.len() && rows[i].table == name {
-                        let row = &rows[i];
-                        match &row.value {
-                            Some(v) => {
-                                t.insert(row.key.as_str(), v.as_slice())
-                                    .map_err(unavailable)?;
-                            }
-                            None => {
-                                t.remove(row.key.as_str()).map_err(unavailable)?;
-                            }
-                        }
-                        i += 1;
-                    }
-                }
-                let mut positions = txn.open_table(POSITIONS).map_err(unavailable)?;
-                for p in &batch.positions {
-                    positions
-                        .insert(
-                            position_key(&p.consumer, &p.topic, p.partition).as_str(),
-                            p.next_offset,
-                        )
-                        .map_err(unavailable)?;
-                }
-            }
-            txn.commit().map_err(unavailable)
-        })
-        .await
+        self.commit(batch, true).await
+    }
+
+    async fn write_replayable(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.commit(batch, false).await
     }
 
     async fn positions(

@@ -91,17 +91,21 @@ impl WithHistory {
         store: &dyn ProjectionStore,
         records: &[Record],
     ) -> Result<Vec<RowWrite>, HandleError> {
-        let events: Vec<(Position, Event)> = records
+        // The record's bytes are the canonical event: stored as they are.
+        let events: Vec<(Position, Event, &[u8])> = records
             .iter()
             .filter_map(|r| {
-                decode_event(r)
-                    .ok()
-                    .map(|e| (Position::new(r.partition, r.offset), e))
+                let event = decode_event(r).ok()?;
+                Some((
+                    Position::new(r.partition, r.offset),
+                    event,
+                    r.value.as_deref()?,
+                ))
             })
             .collect();
         let mut keys: Vec<String> = events
             .iter()
-            .filter_map(|(_, e)| e.person_id.map(|p| p.to_string()))
+            .filter_map(|(_, e, _)| e.person_id.map(|p| p.to_string()))
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -119,7 +123,7 @@ impl WithHistory {
             .map(|(k, h)| (k.clone(), h.state.count))
             .collect();
         let mut appended: BTreeMap<String, Vec<HistoryEntry>> = BTreeMap::new();
-        for (position, event) in &events {
+        for (position, event, bytes) in &events {
             let Some(person) = event.person_id.map(|p| p.to_string()) else {
                 continue;
             };
@@ -130,7 +134,7 @@ impl WithHistory {
                 appended.entry(person).or_default().push(HistoryEntry {
                     partition: position.partition,
                     offset: position.offset,
-                    event: event.to_json(),
+                    event: bytes.to_vec(),
                 });
             }
         }

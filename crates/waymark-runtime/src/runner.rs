@@ -48,7 +48,7 @@ impl RunnerConfig {
             consumer,
             input_topic: input_topic.into(),
             dlq_topic: dlq_topic.into(),
-            max_batch: 2000,
+            max_batch: 10000,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
         }
@@ -90,6 +90,8 @@ pub struct Runner {
 struct Progress {
     output: Option<BatchOutput>,
     produced: bool,
+    /// Whether output records or dead letters were written.
+    emitted: bool,
     written: bool,
 }
 
@@ -379,6 +381,7 @@ impl Runner {
             }
             if !produce.is_empty() {
                 self.log.produce(produce).await.map_err(StepError::Log)?;
+                progress.emitted = true;
             }
             progress.produced = true;
         }
@@ -395,7 +398,16 @@ impl Runner {
                     })
                     .collect(),
             };
-            self.store.write(batch).await.map_err(StepError::Store)?;
+            // With no output or dead letter written for it, the batch can be
+            // applied again after a crash without anyone noticing, so it
+            // need not be durable at once (the embedded store then skips
+            // the fsync, see `ProjectionStore::write_replayable`).
+            if progress.emitted {
+                self.store.write(batch).await
+            } else {
+                self.store.write_replayable(batch).await
+            }
+            .map_err(StepError::Store)?;
             progress.written = true;
         }
         Ok(())

@@ -102,6 +102,15 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// reflect) and write positions only after the rows.
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
 
+    /// Writes a batch whose effects are all in the store (no output record
+    /// or dead letter was written for it), atomically, but possibly not
+    /// durably yet: a crash may lose it, together with its positions, and
+    /// the runner then simply applies the same records again. Stores that
+    /// commit durably anyway keep the default, [`ProjectionStore::write`].
+    async fn write_replayable(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write(batch).await
+    }
+
     /// The stored next-offsets of `consumer` on `topic`, by partition.
     async fn positions(
         &self,
