@@ -302,7 +302,10 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
     let failed = failed.load(Ordering::Relaxed);
     Ok(Scenario {
         id: "S2".into(),
-        name: "publish → visible over gRPC, open loop at 50 % of S1's rate (p99)".into(),
+        name: format!(
+            "publish → visible over gRPC, open loop at {:.0} % of S1's rate (p99)",
+            o.s2_rate_fraction * 100.0
+        ),
         engine: ENGINE.into(),
         value: round(got.p99_ms, 3),
         unit: "ms".into(),
@@ -315,7 +318,8 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
         details: json!({
             "mode": o.mode(),
             "ratio_is": "baseline p99 / S2 p99",
-            "s1_rate_events_per_s": round(rate * 2.0, 0),
+            "s1_rate_events_per_s": round(rate / o.s2_rate_fraction, 0),
+            "rate_fraction_of_s1": o.s2_rate_fraction,
             "offered_events_per_s": round(offered, 0),
             "events_per_call": s.per_tick,
             "tick_ms": TICK.as_millis(),
