@@ -16,9 +16,13 @@
 //!   survives `kill -9` and power loss; a torn transaction is rolled back on
 //!   open.
 //! - Offsets within a partition are dense, start at 0 and never change.
-//! - A store batch (rows + positions) is one durable transaction: after a
+//! - A store batch (rows + positions) is one atomic transaction: after a
 //!   crash the store holds either the whole batch or none of it, and the
-//!   positions always match the rows.
+//!   positions always match the rows. A batch that wrote outputs or dead
+//!   letters is durable before the runner goes on; a replayable one (all of
+//!   its effects are in the store) is made durable within 250 ms or on
+//!   close, so a crash can roll the store back by at most that much, rows
+//!   and positions together, and the records are applied again.
 //! - Embedded consumer groups have exactly one member (one process); it is
 //!   assigned every partition.
 

@@ -20,7 +20,7 @@ use crate::store::{ProjectionStore, RowWrite};
 pub struct IdentityTables {
     /// identity key (`platform:platform_id`) → [`IdentityRow`].
     pub links: String,
-    /// person id → [`PersonLinks`].
+    /// person id → [`PersonLinks`](waymark_identity::PersonLinks).
     pub persons: String,
 }
 

@@ -22,7 +22,10 @@
 //!   person, so every person's events are applied in log order.
 //! - **At-least-once delivery, exactly-once effects.** A batch's outputs are
 //!   appended (durably) before its rows, and its rows are written together
-//!   with the next offsets they reflect ([`store::WriteBatch`]). On
+//!   with the next offsets they reflect ([`store::WriteBatch`]), atomically;
+//!   a batch without outputs may be committed lazily
+//!   ([`ProjectionStore::write_replayable`]): a crash then loses rows and
+//!   positions together and the records are applied again. On
 //!   assignment a partition is read from the position stored with the rows,
 //!   not from the group's committed offset. Every row also records the
 //!   position it reflects and the event ids applied within the dedupe window
