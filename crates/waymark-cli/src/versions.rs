@@ -260,20 +260,7 @@ impl Controller {
                 info!(processor = %name, from, to = version, "switched projection version (caught up)");
             }
         }
-        let handed_off = match entry.previous {
-            Some(previous) => {
-                catalog::handed_off(
-                    store,
-                    self.log.as_ref(),
-                    &topic,
-                    name,
-                    previous,
-                    entry.active,
-                )
-                .await?
-            }
-            None => true,
-        };
+        let handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
         let wanted: BTreeSet<u32> = entry.running(handed_off).into_iter().collect();
         let stale: Vec<(String, u32)> = self
             .runners
@@ -405,6 +392,12 @@ impl PlatformOperator {
         .await?)
     }
 
+    async fn handed_off(&self, topic: &str, entry: &CatalogEntry) -> Result<bool, ApiError> {
+        catalog::handed_off(self.store.as_ref(), self.log.as_ref(), topic, entry)
+            .await
+            .map_err(progress_error)
+    }
+
     async fn progress(
         &self,
         topic: &str,
@@ -440,19 +433,7 @@ impl PlatformOperator {
         let topic = self.known(processor)?;
         let entry = self.entry(processor).await?;
         let active = self.progress(&topic, processor, entry.active).await?;
-        let handed_off = match entry.previous {
-            Some(previous) => catalog::handed_off(
-                self.store.as_ref(),
-                self.log.as_ref(),
-                &topic,
-                processor,
-                previous,
-                entry.active,
-            )
-            .await
-            .map_err(progress_error)?,
-            None => true,
-        };
+        let handed_off = self.handed_off(&topic, &entry).await?;
         let running: BTreeSet<u32> = entry.running(handed_off).into_iter().collect();
         let mut versions = Vec::new();
         for (v, info) in &entry.versions {
@@ -804,19 +785,7 @@ impl Operator for PlatformOperator {
     ) -> Result<pb::Projection, ApiError> {
         let topic = self.known(processor)?;
         let mut entry = self.entry(processor).await?;
-        let handed_off = match entry.previous {
-            Some(previous) => catalog::handed_off(
-                self.store.as_ref(),
-                self.log.as_ref(),
-                &topic,
-                processor,
-                previous,
-                entry.active,
-            )
-            .await
-            .map_err(progress_error)?,
-            None => true,
-        };
+        let handed_off = self.handed_off(&topic, &entry).await?;
         entry
             .drop_version(version, handed_off)
             .map_err(catalog_error)?;

@@ -9,35 +9,19 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::engines::{engines, wait_for_grpc, Deployment};
 use common::replay::{
-    caught_up, input_records, mixed_workload, projections, snapshot, text, waymark,
+    caught_up, input_records, mixed_workload, projections, replay_switch, snapshot, text, waymark,
+    QueryLoad,
 };
-use common::{clients, eventually, publish_all};
+use common::{eventually, publish_all};
 use waymark_core::default_person_id;
 use waymark_cql::{CqlConfig, CqlStore};
-use waymark_proto::v1 as pb;
 use waymark_runtime::{ProjectionStore, RowWrite, StoreError, WriteBatch};
 
 const PROCESSORS: [&str; 5] = ["identity", "person", "interactions", "journey", "learning"];
-
-fn replay(addr: &str, processor: &str, version: &str) {
-    let o = waymark(&[
-        "replay",
-        processor,
-        "--to-version",
-        version,
-        "--switch",
-        "--wait",
-        "--grpc-addr",
-        addr,
-    ]);
-    assert!(o.status.success(), "replay {processor}: {}", text(&o));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_switch_verify_and_drop_on_kafka_and_cassandra() {
@@ -56,47 +40,7 @@ async fn replay_switch_verify_and_drop_on_kafka_and_cassandra() {
     caught_up(&addr).await;
 
     // Queries keep running through the rebuilds and switches...
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let mut q = clients(&addr).await.query;
-        tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let id = default_person_id("web", &format!("k-{}", i % 41)).to_string();
-                let a = q
-                    .get_person(pb::GetPersonRequest {
-                        person_id: id.clone(),
-                    })
-                    .await
-                    .map(|_| ());
-                let b = q
-                    .list_journeys(pb::ListJourneysRequest {
-                        person_id: id.clone(),
-                    })
-                    .await
-                    .map(|_| ());
-                let c = q
-                    .list_events(pb::ListEventsRequest {
-                        person_id: id,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|_| ());
-                for r in [a, b, c] {
-                    match r {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("query failed: {e:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-                i += 1;
-            }
-        })
-    };
+    let load = QueryLoad::start(&addr, "k", 41, 1).await;
     // ... and so does traffic.
     let traffic = {
         let addr = addr.clone();
@@ -108,18 +52,13 @@ async fn replay_switch_verify_and_drop_on_kafka_and_cassandra() {
         })
     };
     for p in PROCESSORS {
-        replay(&addr, p, "2");
+        replay_switch(&addr, p, "2");
     }
     traffic.await.unwrap();
     caught_up(&addr).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "queries failed during the switches"
-    );
-    assert!(ok.load(Ordering::Relaxed) > 0);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "queries failed during the switches");
+    assert!(ok > 0);
 
     // Every input resolved exactly once, hand-off included, and the
     // versions built under traffic equal a recomputation from the log.
@@ -132,7 +71,7 @@ async fn replay_switch_verify_and_drop_on_kafka_and_cassandra() {
     // Quiescent replays change no answer.
     let before = snapshot(&addr, "k", 41).await;
     for p in PROCESSORS {
-        replay(&addr, p, "3");
+        replay_switch(&addr, p, "3");
     }
     assert_eq!(
         snapshot(&addr, "k", 41).await,
@@ -169,7 +108,7 @@ async fn replay_switch_verify_and_drop_on_kafka_and_cassandra() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(out.contains(&a) && out.contains("different"), "{out}");
-    replay(&addr, "journey", "4");
+    replay_switch(&addr, "journey", "4");
     let o = waymark(&["verify", "--grpc-addr", &addr]);
     assert!(o.status.success(), "{}", text(&o));
 

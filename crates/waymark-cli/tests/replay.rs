@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::replay::{
-    admin, caught_up, input_records, mixed_workload, projections, snapshot, text, waymark,
+    admin, caught_up, input_records, mixed_workload, projections, replay_switch, snapshot, text,
+    waymark, QueryLoad,
 };
 use common::{clients, eventually, publish_all, start_dev};
 use tonic::Code;
@@ -39,17 +38,7 @@ async fn replay_with_the_cli_changes_no_answer_and_verify_passes() {
     let before = snapshot(&addr, "r", 41).await;
 
     for p in PROCESSORS {
-        let o = waymark(&[
-            "replay",
-            p,
-            "--to-version",
-            "2",
-            "--switch",
-            "--wait",
-            "--grpc-addr",
-            &addr,
-        ]);
-        assert!(o.status.success(), "replay {p}: {}", text(&o));
+        let o = replay_switch(&addr, p, "2");
         assert!(
             String::from_utf8_lossy(&o.stdout).contains("is live"),
             "{}",
@@ -76,17 +65,7 @@ async fn replay_with_the_cli_changes_no_answer_and_verify_passes() {
     );
 
     // Asking again for the version that is live is not an error.
-    let o = waymark(&[
-        "replay",
-        "journey",
-        "--to-version",
-        "2",
-        "--switch",
-        "--wait",
-        "--grpc-addr",
-        &addr,
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    replay_switch(&addr, "journey", "2");
     // A version number already used is refused with a reason.
     let o = waymark(&[
         "replay",
@@ -222,59 +201,7 @@ async fn a_switch_under_query_load_fails_no_query() {
     caught_up(&addr).await;
     let before = snapshot(&addr, "q", 21).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for worker in 0..4 {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let c = clients(&addr).await;
-        load.push(tokio::spawn(async move {
-            let mut q = c.query;
-            let mut i = worker;
-            while !stop.load(Ordering::Relaxed) {
-                let id = default_person_id("web", &format!("q-{}", i % 21)).to_string();
-                let results = [
-                    q.get_person(pb::GetPersonRequest {
-                        person_id: id.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-                    q.list_interactions(pb::ListInteractionsRequest {
-                        person_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|_| ()),
-                    q.list_journeys(pb::ListJourneysRequest {
-                        person_id: id.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-                    q.list_learning_progress(pb::ListLearningProgressRequest {
-                        person_id: id.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-                    q.list_events(pb::ListEventsRequest {
-                        person_id: id,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|_| ()),
-                ];
-                for r in results {
-                    match r {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("query failed during the switch: {e:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-                i += 4;
-            }
-        }));
-    }
+    let load = QueryLoad::start(&addr, "q", 21, 4).await;
 
     let mut admin = admin(&addr).await;
     for p in PROCESSORS {
@@ -313,16 +240,9 @@ async fn a_switch_under_query_load_fails_no_query() {
         assert_eq!(switched.active_version, 2);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "queries failed during the switch"
-    );
-    assert!(ok.load(Ordering::Relaxed) > 0);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "queries failed during the switch");
+    assert!(ok > 0);
     assert_eq!(snapshot(&addr, "q", 21).await, before);
     dev.stop().await.unwrap();
 }
@@ -371,17 +291,7 @@ async fn drop_frees_a_retired_version_and_never_the_live_one() {
         })
         .await
         .unwrap();
-    let o = waymark(&[
-        "replay",
-        "journey",
-        "--to-version",
-        "2",
-        "--switch",
-        "--wait",
-        "--grpc-addr",
-        &addr,
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    replay_switch(&addr, "journey", "2");
     eventually("journey v1 has handed off", || async {
         projections(&addr)
             .await

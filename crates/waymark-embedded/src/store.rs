@@ -169,6 +169,20 @@ fn table_def(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
     TableDefinition::new(name)
 }
 
+/// Opens `table` for reading; `UnknownTable` when it does not exist.
+fn open_existing(
+    txn: &redb::ReadTransaction,
+    table: &str,
+) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+    match txn.open_table(table_def(table)) {
+        Ok(t) => Ok(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            Err(StoreError::UnknownTable(table.to_owned()))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 #[async_trait]
 impl ProjectionStore for EmbeddedStore {
     async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
@@ -195,13 +209,7 @@ impl ProjectionStore for EmbeddedStore {
         let keys = keys.to_vec();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let t = match txn.open_table(table_def(&table)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => {
-                    return Err(StoreError::UnknownTable(table))
-                }
-                Err(e) => return Err(unavailable(e)),
-            };
+            let t = open_existing(&txn, &table)?;
             keys.iter()
                 .map(|k| {
                     Ok(t.get(k.as_str())
@@ -255,13 +263,7 @@ impl ProjectionStore for EmbeddedStore {
         let after = after.map(str::to_owned);
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let t = match txn.open_table(table_def(&table)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => {
-                    return Err(StoreError::UnknownTable(table))
-                }
-                Err(e) => return Err(unavailable(e)),
-            };
+            let t = open_existing(&txn, &table)?;
             let range = match &after {
                 Some(after) => t.range::<&str>((
                     std::ops::Bound::Excluded(after.as_str()),

@@ -425,19 +425,22 @@ pub async fn progress(
     Ok(out)
 }
 
-/// Whether `previous` has handed its side effects over to `active`: on
-/// every partition of `topic`, `active` has recorded its hand-off marker and
-/// `previous` has reached it.
+/// Whether the previous version of `entry` has handed its side effects
+/// over to the active one: on every partition of `topic`, the active version
+/// has recorded its hand-off marker and the previous one has reached it.
+/// True when there is no previous version.
 pub async fn handed_off(
     store: &dyn ProjectionStore,
     log: &dyn Log,
     topic: &str,
-    processor: &str,
-    previous: u32,
-    active: u32,
+    entry: &CatalogEntry,
 ) -> Result<bool, ProgressError> {
+    let Some(previous) = entry.previous else {
+        return Ok(true);
+    };
+    let processor = &entry.processor;
     let markers = store
-        .positions(&marker_id(processor, active), topic)
+        .positions(&marker_id(processor, entry.active), topic)
         .await?;
     let reached = store
         .positions(&consumer_id(processor, previous), topic)
@@ -558,26 +561,12 @@ impl VersionGate {
         }
         let consumer = ack_id(&self.processor, self.version);
         let stored = store.positions(&consumer, &self.topic).await?;
-        let positions: Vec<PositionWrite> = missing
+        let new: Vec<(u32, u64)> = missing
             .iter()
             .filter(|p| !stored.contains_key(p))
-            .filter_map(|p| {
-                Some(PositionWrite {
-                    consumer: consumer.clone(),
-                    topic: self.topic.clone(),
-                    partition: *p,
-                    next_offset: *first.get(p)?,
-                })
-            })
+            .filter_map(|p| Some((*p, *first.get(p)?)))
             .collect();
-        if !positions.is_empty() {
-            store
-                .write(WriteBatch {
-                    rows: Vec::new(),
-                    positions,
-                })
-                .await?;
-        }
+        self.record(store, &consumer, new).await?;
         self.acked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -642,7 +631,7 @@ impl VersionGate {
         let acks = store
             .positions(&ack_id(&self.processor, previous), &self.topic)
             .await?;
-        let mut positions = Vec::new();
+        let mut new = Vec::new();
         for p in &missing {
             let marker = match stored.get(p) {
                 Some(m) => *m,
@@ -655,25 +644,13 @@ impl VersionGate {
                         )));
                     };
                     let m = first.get(p).copied().unwrap_or(0).max(*ack);
-                    positions.push(PositionWrite {
-                        consumer: consumer.clone(),
-                        topic: self.topic.clone(),
-                        partition: *p,
-                        next_offset: m,
-                    });
+                    new.push((*p, m));
                     m
                 }
             };
             out.insert(*p, marker);
         }
-        if !positions.is_empty() {
-            store
-                .write(WriteBatch {
-                    rows: Vec::new(),
-                    positions,
-                })
-                .await?;
-        }
+        self.record(store, &consumer, new).await?;
         let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
         for p in missing {
             if let Some(m) = out.get(&p) {
@@ -681,6 +658,34 @@ impl VersionGate {
             }
         }
         Ok(out)
+    }
+
+    /// Durably records `(partition, offset)` pairs under `consumer` on the
+    /// gate's topic (acknowledgements and markers).
+    async fn record(
+        &self,
+        store: &dyn ProjectionStore,
+        consumer: &str,
+        pairs: Vec<(u32, u64)>,
+    ) -> Result<(), StoreError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let positions = pairs
+            .into_iter()
+            .map(|(partition, next_offset)| PositionWrite {
+                consumer: consumer.to_owned(),
+                topic: self.topic.clone(),
+                partition,
+                next_offset,
+            })
+            .collect();
+        store
+            .write(WriteBatch {
+                rows: Vec::new(),
+                positions,
+            })
+            .await
     }
 }
 

@@ -3,6 +3,8 @@
 //! about its persons, and the CLI.
 
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::json;
 use tonic::transport::Channel;
@@ -11,7 +13,7 @@ use waymark_proto::v1 as pb;
 use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::query_client::QueryClient;
 
-use super::{event, eventually};
+use super::{clients, event, eventually};
 
 /// `n` events of every type over `persons` web identities, with
 /// `identity.linked` events re-pointing chat identities between them.
@@ -193,4 +195,108 @@ pub fn input_records(p: &pb::Projection) -> i64 {
     p.versions
         .first()
         .map_or(0, |v| v.partitions.iter().map(|x| x.high_watermark).sum())
+}
+
+/// `waymark replay PROCESSOR --to-version VERSION --switch --wait`,
+/// asserting success.
+pub fn replay_switch(addr: &str, processor: &str, version: &str) -> Output {
+    let o = waymark(&[
+        "replay",
+        processor,
+        "--to-version",
+        version,
+        "--switch",
+        "--wait",
+        "--grpc-addr",
+        addr,
+    ]);
+    assert!(o.status.success(), "replay {processor}: {}", text(&o));
+    o
+}
+
+/// Closed loops calling every `Query` rpc about the persons of a
+/// [`mixed_workload`], counting answers and failures.
+pub struct QueryLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl QueryLoad {
+    /// Starts `workers` loops against `addr`.
+    pub async fn start(addr: &str, tag: &str, persons: usize, workers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut handles = Vec::new();
+        for worker in 0..workers {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let mut q = clients(addr).await.query;
+            let tag = tag.to_owned();
+            handles.push(tokio::spawn(async move {
+                let mut i = worker;
+                while !stop.load(Ordering::Relaxed) {
+                    let id =
+                        default_person_id("web", &format!("{tag}-{}", i % persons)).to_string();
+                    let results = [
+                        q.get_person(pb::GetPersonRequest {
+                            person_id: id.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
+                        q.list_interactions(pb::ListInteractionsRequest {
+                            person_id: id.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                        q.list_journeys(pb::ListJourneysRequest {
+                            person_id: id.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
+                        q.list_learning_progress(pb::ListLearningProgressRequest {
+                            person_id: id.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
+                        q.list_events(pb::ListEventsRequest {
+                            person_id: id,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    ];
+                    for r in results {
+                        match r {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                eprintln!("query failed: {e:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                    i += workers;
+                }
+            }));
+        }
+        Self {
+            stop,
+            ok,
+            failed,
+            workers: handles,
+        }
+    }
+
+    /// Stops the loops; returns (answered, failed).
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
