@@ -1,17 +1,14 @@
 //! Set-up shared by the scenarios.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::thread;
 
 use anyhow::{anyhow, Context};
 use tokio::sync::mpsc;
 use waymark_cli::registry::PROCESSORS;
-use waymark_embedded::EmbeddedLog;
 use waymark_runtime::{Log, OutRecord};
 use waymark_topology::Topology;
-
-/// The engine every scenario of this harness runs on.
-pub(crate) const ENGINE: &str = "embedded";
 
 /// Records per produce call when filling a log.
 const FILL_CHUNK: u64 = 2000;
@@ -35,7 +32,7 @@ pub(crate) fn fresh_dir(path: &Path) -> anyhow::Result<()> {
 /// Appends `n` records made by `make(i)` to `log`, generating on a
 /// separate thread while the previous chunk is being appended. Returns the
 /// total value bytes.
-pub(crate) async fn fill<F>(log: &EmbeddedLog, n: u64, make: F) -> anyhow::Result<u64>
+pub(crate) async fn fill<F>(log: Arc<dyn Log>, n: u64, make: F) -> anyhow::Result<u64>
 where
     F: Fn(u64) -> anyhow::Result<OutRecord> + Send + 'static,
 {

@@ -13,6 +13,10 @@
 //! - `s4.rs` `Ingest.Publish` (validate + durable append), vs a raw append
 //!   of the same bytes with the same durability.
 //! - `s5.rs` peak RSS of the release `waymark dev` while a lag drains.
+//! - `engines.rs` where scenarios run: the embedded default, or (`--real`)
+//!   Apache Kafka + Cassandra with fresh topics and keyspace per scenario;
+//!   `raw.rs` the baselines' raw clients of each log (the embedded log's
+//!   own append and scan; plain rdkafka producer and consumers).
 //! - `report.rs` the report (`target/bench/report.json`) and the table;
 //!   `machine.rs` what the machine is; `common.rs` shared set-up.
 //!
@@ -24,7 +28,9 @@
 //!   only and stop with the scenario.
 
 mod common;
+mod engines;
 mod machine;
+mod raw;
 mod report;
 mod s1;
 mod s2;
@@ -43,10 +49,16 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 
+use crate::engines::Engines;
+
 /// Sizes and switches of one run.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
     pub(crate) quick: bool,
+    /// Also run S1–S4 on Kafka + Cassandra.
+    pub(crate) real: bool,
+    /// Run S1–S4 on Kafka + Cassandra only (S5 is skipped).
+    pub(crate) real_only: bool,
     pub(crate) out: PathBuf,
     pub(crate) work: PathBuf,
     pub(crate) waymark: PathBuf,
@@ -69,17 +81,20 @@ pub(crate) struct Options {
 }
 
 const USAGE: &str =
-    "usage: waymark-bench [--quick] [--real] [--out FILE] [--work DIR] [--waymark BIN]
+    "usage: waymark-bench [--quick] [--real | --real-only] [--out FILE] [--work DIR] [--waymark BIN]
                      [--only S1,S2,...] [--s1-events N] [--s4-events N] [--s5-events N]
                      [--s2-secs S] [--s2-rate-fraction F] [--s3-secs S] [--s3-concurrency N]";
 
 impl Options {
-    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<(Self, bool)> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
         let args: Vec<String> = args.collect();
         let quick = args.iter().any(|a| a == "--quick");
-        let real = args.iter().any(|a| a == "--real");
+        let real_only = args.iter().any(|a| a == "--real-only");
+        let real = real_only || args.iter().any(|a| a == "--real");
         let mut o = Options {
             quick,
+            real,
+            real_only,
             out: PathBuf::from("target/bench/report.json"),
             work: PathBuf::from("target/bench/work"),
             waymark: PathBuf::from("target/release/waymark"),
@@ -100,7 +115,7 @@ impl Options {
                     .ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"))
             };
             match arg.as_str() {
-                "--quick" | "--real" => {}
+                "--quick" | "--real" | "--real-only" => {}
                 "--out" => o.out = value()?.into(),
                 "--work" => o.work = value()?.into(),
                 "--waymark" => o.waymark = value()?.into(),
@@ -123,7 +138,7 @@ impl Options {
                 other => return Err(anyhow!("unknown argument {other}\n{USAGE}")),
             }
         }
-        Ok((o, real))
+        Ok(o)
     }
 
     pub(crate) fn wants(&self, id: &str) -> bool {
@@ -140,20 +155,13 @@ impl Options {
 }
 
 fn main() -> ExitCode {
-    let (options, real) = match Options::parse(std::env::args().skip(1)) {
+    let options = match Options::parse(std::env::args().skip(1)) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
-    if real {
-        eprintln!(
-            "waymark-bench: --real (the scenarios on Kafka + Cassandra from scripts/dev-services) \
-             is not implemented yet; see docs/performance.md"
-        );
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,6 +181,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// S1, S3, S2 (on the platform S1 leaves running) and S4 on `engines`.
+async fn s1_to_s4(o: &Options, engines: &Engines) -> anyhow::Result<Vec<report::Scenario>> {
+    let mut scenarios = Vec::new();
+    let on = engines.name();
+    if o.wants("S1") || o.wants("S2") || o.wants("S3") {
+        eprintln!("== S1 rebuild ({} events) on {on}", o.s1_events);
+        let s1 = s1::run(o, engines).await?;
+        let rate = s1.rate;
+        scenarios.push(s1.scenario.clone());
+        if o.wants("S3") {
+            eprintln!("== S3 queries over tonic on {on}");
+            scenarios.push(s3::run(o, &s1).await?);
+        }
+        if o.wants("S2") {
+            let offered = rate * o.s2_rate_fraction;
+            eprintln!("== S2 publish → visible at {offered:.0} events/s on {on}");
+            scenarios.push(s2::run(o, &s1, offered).await?);
+        }
+        s1.stop().await?;
+    }
+    if o.wants("S4") {
+        eprintln!("== S4 ingest ({} events) on {on}", o.s4_events);
+        scenarios.push(s4::run(o, engines).await?);
+    }
+    Ok(scenarios)
+}
+
 async fn run(o: Options) -> anyhow::Result<()> {
     if o.work.exists() {
         std::fs::remove_dir_all(&o.work)
@@ -186,27 +221,19 @@ async fn run(o: Options) -> anyhow::Result<()> {
     let machine = machine::describe(&o.work);
     let mut scenarios = Vec::new();
 
-    if o.wants("S1") || o.wants("S2") || o.wants("S3") {
-        eprintln!("== S1 rebuild ({} events)", o.s1_events);
-        let s1 = s1::run(&o).await?;
-        let rate = s1.rate;
-        scenarios.push(s1.scenario.clone());
-        if o.wants("S3") {
-            eprintln!("== S3 queries over tonic");
-            scenarios.push(s3::run(&o, &s1).await?);
-        }
-        if o.wants("S2") {
-            let offered = rate * o.s2_rate_fraction;
-            eprintln!("== S2 publish → visible at {offered:.0} events/s");
-            scenarios.push(s2::run(&o, &s1, offered).await?);
-        }
-        s1.stop().await?;
+    let mut engines = Vec::new();
+    if !o.real_only {
+        engines.push(Engines::Embedded {
+            work: o.work.clone(),
+        });
     }
-    if o.wants("S4") {
-        eprintln!("== S4 ingest ({} events)", o.s4_events);
-        scenarios.push(s4::run(&o).await?);
+    if o.real {
+        engines.push(Engines::real_from_env());
     }
-    if o.wants("S5") {
+    for e in &engines {
+        scenarios.extend(s1_to_s4(&o, e).await?);
+    }
+    if o.wants("S5") && !o.real_only {
         eprintln!(
             "== S5 peak RSS of waymark dev ({} events of lag)",
             o.s5_events

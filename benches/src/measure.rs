@@ -95,6 +95,37 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// CPU seconds (user + system) used so far by every process whose command
+/// name is `comm` (e.g. `java`: the Kafka and Cassandra JVMs of
+/// `scripts/dev-services`), from `/proc/<pid>/stat`. Linux reports these
+/// in clock ticks of 1/100 s (`USER_HZ`).
+pub fn processes_cpu_secs(comm: &str) -> f64 {
+    const USER_HZ: f64 = 100.0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: comm may hold spaces, so split at the
+        // last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if stat.get(open + 1..close) != Some(comm) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 of stat(5) (utime, stime) are the 12th and 13th
+        // after the comm.
+        let value = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        ticks += value(11) + value(12);
+    }
+    ticks as f64 / USER_HZ
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -21,13 +21,11 @@ use tonic::transport::Channel;
 use waymark_bench::measure::{CpuTime, Percentiles};
 use waymark_bench::mix::{probe_event, Mix};
 use waymark_core::default_person_id;
-use waymark_embedded::EmbeddedLog;
 use waymark_proto::v1 as pb;
 use waymark_proto::v1::ingest_client::IngestClient;
 use waymark_proto::v1::query_client::QueryClient;
-use waymark_runtime::{ConsumerEvent, Log, LogConsumer, OutRecord, ProjectionStore, TopicConfig};
 
-use crate::common::{self, ENGINE};
+use crate::engines::Platform;
 use crate::report::{round, Baseline, Scenario};
 use crate::s1::{FOLDS, S1};
 use crate::Options;
@@ -53,50 +51,15 @@ struct Schedule {
 
 /// The baseline: appends on the same schedule, read by a raw consumer.
 async fn raw_latency(
-    log: &EmbeddedLog,
+    platform: &Platform,
     s: &Schedule,
     give_up: Duration,
 ) -> anyhow::Result<(Vec<Duration>, Vec<f64>, u64)> {
-    log.ensure_topics(&[TopicConfig {
-        name: RAW_TOPIC.into(),
-        partitions: 1,
-        retention: None,
-        compaction: false,
-    }])
-    .await?;
+    let topic = platform.topic(RAW_TOPIC);
+    platform.create_topic(&topic).await?;
     let total = s.per_tick * s.ticks as usize;
     let epoch = Instant::now();
-    let mut consumer: Box<dyn LogConsumer> = log.subscribe("bench.raw.reader", RAW_TOPIC).await?;
-    let reader = tokio::spawn(async move {
-        let mut latencies = Vec::with_capacity(total);
-        let mut seen = 0;
-        let mut worst: Vec<f64> = Vec::new();
-        while seen < total {
-            if let ConsumerEvent::Records(records) = consumer.next(2000).await? {
-                let now = epoch.elapsed();
-                for r in records {
-                    seen += 1;
-                    let value = r.value.unwrap_or_default();
-                    let sent: [u8; 8] = value
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| anyhow!("short baseline record"))?;
-                    let sent = Duration::from_micros(u64::from_le_bytes(sent));
-                    if sent >= WARMUP {
-                        let latency = now.saturating_sub(sent);
-                        let second = sent.as_secs() as usize;
-                        if worst.len() <= second {
-                            worst.resize(second + 1, 0.0);
-                        }
-                        worst[second] =
-                            f64::max(worst[second], round(latency.as_secs_f64() * 1e3, 2));
-                        latencies.push(latency);
-                    }
-                }
-            }
-        }
-        Ok::<_, anyhow::Error>((latencies, worst))
-    });
+    let reader = platform.raw.arrivals(&topic, total, epoch).await?;
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut late = 0;
     for k in 0..s.ticks {
@@ -111,18 +74,32 @@ async fn raw_latency(
             .map(|j| {
                 let mut value = sent.to_le_bytes().to_vec();
                 value.resize(RAW_VALUE_BYTES, b'x');
-                OutRecord::keyed(RAW_TOPIC, format!("k{j}"), value)
+                (format!("k{j}"), value)
             })
             .collect();
-        let log = log.clone();
+        let (raw, topic) = (platform.raw.clone(), topic.clone());
         tokio::spawn(async move {
-            let _ = log.produce(records).await;
+            let _ = raw.append(&topic, records).await;
             drop(permit);
         });
     }
-    let (latencies, worst) = tokio::time::timeout(give_up, reader)
+    let arrivals = tokio::time::timeout(give_up, reader)
         .await
         .map_err(|_| anyhow!("the raw reader did not read every record within {give_up:?}"))???;
+    let mut latencies = Vec::with_capacity(arrivals.len());
+    let mut worst: Vec<f64> = Vec::new();
+    for (sent, read) in arrivals {
+        if sent < WARMUP {
+            continue;
+        }
+        let latency = read.saturating_sub(sent);
+        let second = sent.as_secs() as usize;
+        if worst.len() <= second {
+            worst.resize(second + 1, 0.0);
+        }
+        worst[second] = f64::max(worst[second], round(latency.as_secs_f64() * 1e3, 2));
+        latencies.push(latency);
+    }
     Ok((latencies, worst, late))
 }
 
@@ -160,19 +137,14 @@ async fn probe(
 }
 
 /// Whether every processor has applied everything appended so far.
-async fn drained(s1: &S1) -> anyhow::Result<bool> {
-    let topology = common::dev_topology()?;
-    let inputs = &topology.topics.inputs.name;
-    let events = &topology.topics.events.name;
-    let mut pairs = vec![("identity", inputs)];
-    pairs.extend(FOLDS.iter().map(|f| (*f, events)));
-    for (name, topic) in pairs {
-        let highs = common::highs(&s1.dev.log, topic).await?;
-        let stored = s1.dev.store.positions(&format!("{name}.v1"), topic).await?;
-        for (p, high) in highs.iter().enumerate() {
-            if stored.get(&(p as u32)).copied().unwrap_or(0) < *high {
-                return Ok(false);
-            }
+async fn drained(platform: &Platform) -> anyhow::Result<bool> {
+    let topics = &platform.topology.topics;
+    if !platform.caught_up("identity", &topics.inputs.name).await? {
+        return Ok(false);
+    }
+    for name in FOLDS {
+        if !platform.caught_up(name, &topics.events.name).await? {
+            return Ok(false);
         }
     }
     Ok(true)
@@ -188,14 +160,14 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
 
     // Baseline first, while the processors are idle.
     let (mut raw, raw_worst, raw_late) =
-        raw_latency(&s1.dev.log, &s, give_up + TICK * s.ticks as u32).await?;
+        raw_latency(&s1.platform, &s, give_up + TICK * s.ticks as u32).await?;
     let base = Percentiles::of(&mut raw);
     eprintln!(
         "   baseline append → read: p50 {:.2} ms, p99 {:.2} ms",
         base.p50_ms, base.p99_ms
     );
 
-    let addr = format!("http://{}", s1.dev.info.grpc_addr);
+    let addr = format!("http://{}", s1.platform.grpc_addr);
     let ingest = IngestClient::new(
         Channel::from_shared(addr.clone())?
             .connect()
@@ -266,7 +238,7 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
     let drain_start = Instant::now();
     let mut drain_s = None;
     while drain_start.elapsed() < give_up {
-        if drained(s1).await? {
+        if drained(&s1.platform).await? {
             drain_s = Some(drain_start.elapsed().as_secs_f64());
             break;
         }
@@ -306,7 +278,7 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
             "publish → visible over gRPC, open loop at {:.0} % of S1's rate (p99)",
             o.s2_rate_fraction * 100.0
         ),
-        engine: ENGINE.into(),
+        engine: s1.platform.engine.into(),
         value: round(got.p99_ms, 3),
         unit: "ms".into(),
         baseline: Some(Baseline {

@@ -25,7 +25,6 @@ use waymark_proto::v1::query_server::{Query, QueryServer};
 use waymark_runtime::ProjectionStore;
 use waymark_server::{Projections, QueryService};
 
-use crate::common::{self, ENGINE};
 use crate::report::{round, Baseline, Scenario};
 use crate::s1::S1;
 use crate::Options;
@@ -282,7 +281,7 @@ fn side(l: &mut Load) -> serde_json::Value {
 }
 
 pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
-    let mut real = connect(&s1.dev.info.grpc_addr).await?;
+    let mut real = connect(&s1.platform.grpc_addr).await?;
     let ids: Vec<String> = (0..SAMPLE)
         .map(|k| Mix::person_id(k * s1.persons / SAMPLE).to_string())
         .collect();
@@ -322,8 +321,8 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
     let stock = connect(&stock).await?;
     let like = connect(&like).await?;
     // Diagnostic: Waymark's own Query handlers on the stock transport.
-    let store: Arc<dyn ProjectionStore> = Arc::new(s1.dev.store.clone());
-    let topology = common::dev_topology()?;
+    let store: Arc<dyn ProjectionStore> = s1.platform.store.clone();
+    let topology = s1.platform.topology.clone();
     let handlers = QueryService::new(Projections::new(
         store,
         waymark_cli::versions::projection_tables(|name| {
@@ -351,7 +350,7 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
     Ok(Scenario {
         id: "S3".into(),
         name: format!("GetPerson + ListInteractions over tonic, {c} in flight"),
-        engine: ENGINE.into(),
+        engine: s1.platform.engine.into(),
         value: round(got.rate(), 0),
         unit: "req/s".into(),
         baseline: Some(Baseline {

@@ -23,7 +23,8 @@ use waymark_cli::registry::PROCESSORS;
 use waymark_embedded::EmbeddedLog;
 use waymark_runtime::{Log, OutRecord};
 
-use crate::common::{self, ENGINE};
+use crate::common;
+use crate::engines::EMBEDDED;
 use crate::report::{round, Scenario};
 use crate::Options;
 
@@ -103,7 +104,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
     let mix = Mix::new("s5", (n / 10).max(1));
     let t = Instant::now();
     let topic = inputs.clone();
-    let bytes = common::fill(&log, n, move |i| {
+    let bytes = common::fill(std::sync::Arc::new(log.clone()), n, move |i| {
         let raw = mix.raw(i);
         Ok(OutRecord::keyed(
             topic.clone(),
@@ -236,7 +237,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
     Ok(Scenario {
         id: "S5".into(),
         name: format!("peak RSS of waymark dev (release) while {n} events of lag drain"),
-        engine: ENGINE.into(),
+        engine: EMBEDDED.into(),
         value: peak,
         unit: "MiB".into(),
         baseline: None,

@@ -30,4 +30,4 @@ pub mod log;
 mod proxy;
 
 pub use frontdoor::{FrontDoor, FrontDoorError, FrontDoorStatus};
-pub use log::{KafkaConfig, KafkaLog, KafkaLogError};
+pub use log::{KafkaConfig, KafkaLog, KafkaLogError, PRODUCER_DEFAULTS, PRODUCER_FORCED};

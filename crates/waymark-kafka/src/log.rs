@@ -99,8 +99,9 @@ pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
 const MAX_RECORD_BYTES_TEXT: &str = "4194304";
 
-/// Producer settings a deployment may override through properties.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+/// Producer settings a deployment may override through properties (public
+/// so a benchmark's raw producer can use exactly the same).
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
     // Room for a dead letter of an oversized event plus its headers.
     ("message.max.bytes", "4194304"),
@@ -112,7 +113,7 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 ];
 
 /// Producer settings the guarantees depend on.
-const PRODUCER_FORCED: &[(&str, &str)] = &[
+pub const PRODUCER_FORCED: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("max.in.flight.requests.per.connection", "5"),
