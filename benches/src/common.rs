@@ -1,5 +1,6 @@
 //! Set-up shared by the scenarios.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
@@ -74,4 +75,87 @@ pub(crate) async fn highs(log: &dyn Log, topic: &str) -> anyhow::Result<Vec<u64>
         out.push(log.watermarks(topic, p).await?.1);
     }
     Ok(out)
+}
+
+/// Per-processor totals of the runtime's metrics so far, from the
+/// in-process Prometheus recorder the platform installs: `(processor,
+/// measure) → value`, where measure is `batches`, `batch_s`, `records`,
+/// `rows_written` or `<stage>_s`.
+pub(crate) type MetricTotals = BTreeMap<(String, String), f64>;
+
+pub(crate) fn metric_totals() -> MetricTotals {
+    let text = waymark_cli::metrics_http::recorder()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    let mut out = MetricTotals::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let label = |key: &str| {
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
+                .map(|v| v.trim_end_matches('"').to_owned())
+        };
+        let Some(processor) = label("processor") else {
+            continue;
+        };
+        let measure = match name {
+            "waymark_processor_batch_duration_seconds_count" => "batches".to_owned(),
+            "waymark_processor_batch_duration_seconds_sum" => "batch_s".to_owned(),
+            "waymark_processor_batch_records_sum" => "records".to_owned(),
+            "waymark_processor_rows_written_total" => "rows_written".to_owned(),
+            "waymark_processor_stage_duration_seconds_sum" => match label("stage") {
+                Some(stage) => format!("{stage}_s"),
+                None => continue,
+            },
+            _ => continue,
+        };
+        *out.entry((processor, measure)).or_default() += value;
+    }
+    out
+}
+
+/// What each processor did between two [`metric_totals`]: batches, mean
+/// records and milliseconds per batch, rows written and time per stage.
+pub(crate) fn metric_delta(before: &MetricTotals, after: &MetricTotals) -> serde_json::Value {
+    let mut by: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for ((processor, measure), value) in after {
+        let delta = value
+            - before
+                .get(&(processor.clone(), measure.clone()))
+                .copied()
+                .unwrap_or(0.0);
+        by.entry(processor.clone())
+            .or_default()
+            .insert(measure.clone(), delta);
+    }
+    let mut out = serde_json::Map::new();
+    for (processor, m) in by {
+        let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+        let batches = get("batches");
+        if batches == 0.0 {
+            continue;
+        }
+        let ms = |x: f64| crate::report::round(x * 1e3 / batches, 2);
+        out.insert(
+            processor,
+            serde_json::json!({
+                "batches": batches,
+                "mean_batch_records": crate::report::round(get("records") / batches, 1),
+                "mean_batch_ms": ms(get("batch_s")),
+                "mean_handle_ms": ms(get("handle_s")),
+                "mean_produce_ms": ms(get("produce_s")),
+                "mean_write_ms": ms(get("write_s")),
+                "rows_written": get("rows_written"),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
 }

@@ -231,7 +231,10 @@ impl Target {
                 let serving = token.clone();
                 tasks.spawn(async move {
                     let result = waymark_server::serve(listener, services, serving).await;
-                    ("grpc server".to_owned(), result.map_err(anyhow::Error::from))
+                    (
+                        "grpc server".to_owned(),
+                        result.map_err(anyhow::Error::from),
+                    )
                 });
                 Ok(Platform {
                     engine: self.engine,

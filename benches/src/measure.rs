@@ -120,7 +120,12 @@ pub fn processes_cpu_secs(comm: &str) -> f64 {
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         // Fields 14 and 15 of stat(5) (utime, stime) are the 12th and 13th
         // after the comm.
-        let value = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let value = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         ticks += value(11) + value(12);
     }
     ticks as f64 / USER_HZ

@@ -35,6 +35,9 @@ pub(crate) struct RawKafka {
     producer: FutureProducer,
 }
 
+/// Records to append: (key, value).
+pub(crate) type RawRecords = Vec<(String, Vec<u8>)>;
+
 /// When a record was sent (the first 8 bytes of its value, microseconds
 /// since the reader's epoch) and when the reader held it.
 pub(crate) type Arrival = (Duration, Duration);
@@ -159,11 +162,7 @@ impl RawLog {
     /// Appends `records` (key, value) to `topic` and returns once every one
     /// is durable: one group-committed, fsynced transaction on the embedded
     /// log; acknowledged by all in-sync replicas on Kafka.
-    pub(crate) async fn append(
-        &self,
-        topic: &str,
-        records: Vec<(String, Vec<u8>)>,
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn append(&self, topic: &str, records: RawRecords) -> anyhow::Result<()> {
         match self {
             RawLog::Embedded(log) => {
                 let records = records
@@ -181,7 +180,10 @@ impl RawLog {
                     loop {
                         match kafka.producer.send_result(record) {
                             Ok(delivery) => break deliveries.push(delivery),
-                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            Err((
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                back,
+                            )) => {
                                 record = back;
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                             }

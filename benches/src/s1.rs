@@ -74,49 +74,6 @@ async fn scans(
     Ok((t.elapsed().as_secs_f64(), CpuTime::now().since(&cpu)))
 }
 
-/// Batch count and total batch seconds per fold so far, from the
-/// in-process Prometheus recorder the platform installs.
-fn batch_totals() -> BTreeMap<&'static str, (f64, f64)> {
-    let text = waymark_cli::metrics_http::recorder()
-        .map(|h| h.render())
-        .unwrap_or_default();
-    let mut out = BTreeMap::new();
-    for name in FOLDS {
-        let value = |metric: &str| {
-            let prefix = format!("{metric}{{processor=\"{name}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        out.insert(
-            name,
-            (
-                value("waymark_processor_batch_duration_seconds_count"),
-                value("waymark_processor_batch_duration_seconds_sum"),
-            ),
-        );
-    }
-    out
-}
-
-/// Batches per fold and their mean duration between two totals.
-fn batch_stats(
-    before: &BTreeMap<&'static str, (f64, f64)>,
-    after: &BTreeMap<&'static str, (f64, f64)>,
-) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    for (name, (count, sum)) in after {
-        let (c0, s0) = before.get(name).copied().unwrap_or((0.0, 0.0));
-        let (count, sum) = (count - c0, sum - s0);
-        out.insert(
-            (*name).to_owned(),
-            json!({"batches": count, "mean_batch_ms": round(sum / count.max(1.0) * 1e3, 2)}),
-        );
-    }
-    serde_json::Value::Object(out)
-}
-
 /// What the raw CQL baseline measured.
 struct RawCql {
     wall: f64,
@@ -131,13 +88,12 @@ struct RawCql {
 /// the same schema (`key text PRIMARY KEY, value blob`, `USING TIMESTAMP`
 /// as Waymark writes), one writer per processor with the store's
 /// concurrency. Reading the rows back is not timed.
-async fn raw_cql(
-    store: &dyn ProjectionStore,
-    nodes: &[String],
-    keyspace: &str,
-) -> anyhow::Result<RawCql> {
-    let mut per_fold: Vec<Vec<(String, Vec<(String, Vec<u8>)>)>> = Vec::new();
-    let (mut rows, mut bytes) = (0u64, 0u64);
+/// Rows of every table of each fold, as (table, rows).
+type FoldRows = Vec<Vec<(String, Vec<(String, Vec<u8>)>)>>;
+
+/// Reads back every row the rebuild left in the tables of the four folds.
+async fn stored_rows(store: &dyn ProjectionStore) -> anyhow::Result<FoldRows> {
+    let mut per_fold = Vec::new();
     for name in FOLDS {
         let mut tables = Vec::new();
         for table in waymark_cli::registry::tables(name, 1) {
@@ -152,12 +108,23 @@ async fn raw_cql(
                     break;
                 }
             }
-            rows += all.len() as u64;
-            bytes += all.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
             tables.push((table, all));
         }
         per_fold.push(tables);
     }
+    Ok(per_fold)
+}
+
+/// (rows, key + value bytes) of `rows`.
+fn count_rows(rows: &FoldRows) -> (u64, u64) {
+    let all = rows.iter().flatten().flat_map(|(_, rows)| rows);
+    all.fold((0, 0), |(n, b), (k, v)| {
+        (n + 1, b + (k.len() + v.len()) as u64)
+    })
+}
+
+async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow::Result<RawCql> {
+    let (rows, bytes) = count_rows(&per_fold);
     let session = Arc::new(
         scylla::client::session_builder::SessionBuilder::new()
             .known_nodes(nodes)
@@ -197,7 +164,8 @@ async fn raw_cql(
                 .into_iter()
                 .zip(statements)
                 .flat_map(|((_, rows), statement)| {
-                    rows.into_iter().map(move |(key, value)| (statement.clone(), key, value))
+                    rows.into_iter()
+                        .map(move |(key, value)| (statement.clone(), key, value))
                 })
                 .map(|(statement, key, value)| {
                     let session = session.clone();
@@ -222,7 +190,10 @@ async fn raw_cql(
         wall: t.elapsed().as_secs_f64(),
         rows,
         bytes,
-        tables: FOLDS.iter().map(|f| waymark_cli::registry::tables(f, 1).len()).sum(),
+        tables: FOLDS
+            .iter()
+            .map(|f| waymark_cli::registry::tables(f, 1).len())
+            .sum(),
         concurrency,
     })
 }
@@ -256,7 +227,8 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
     );
 
     // Baseline: one raw reader per folding processor, concurrently.
-    let (base_wall, base_cpu) = scans(&target.raw, &events_topic, n, FOLDS.len(), "bench.scan").await?;
+    let (base_wall, base_cpu) =
+        scans(&target.raw, &events_topic, n, FOLDS.len(), "bench.scan").await?;
     let (one_wall, one_cpu) = scans(&target.raw, &events_topic, n, 1, "bench.scan1").await?;
     eprintln!(
         "   baseline: {} raw readers in {base_wall:.2}s; one reader in {one_wall:.2}s",
@@ -265,7 +237,7 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
     let cql = target.cql();
 
     // The rebuild, as the product runs it.
-    let batches_before = batch_totals();
+    let metrics_before = common::metric_totals();
     let cpu = CpuTime::now();
     let engines_cpu = processes_cpu_secs("java");
     let t = Instant::now();
@@ -297,22 +269,31 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
     let wall = finished.values().copied().fold(0.0, f64::max);
     let used = CpuTime::now().since(&cpu);
     let engines_used = processes_cpu_secs("java") - engines_cpu;
-    let batches = batch_stats(&batches_before, &batch_totals());
+    let batches = common::metric_delta(&metrics_before, &common::metric_totals());
+    let rows_written: f64 = FOLDS
+        .iter()
+        .filter_map(|f| batches.get(f)?.get("rows_written")?.as_f64())
+        .sum();
     eprintln!("   rebuild: {wall:.2}s, {:.2} CPU-s", used.total_secs());
 
     let nf = n as f64;
     let rate = nf / wall;
     let scan_rate = nf / base_wall;
+    let rows = stored_rows(platform.store.as_ref()).await?;
+    let (stored, stored_bytes) = count_rows(&rows);
     let raw_cql = match &cql {
         Some((nodes, keyspace)) => {
-            let r = raw_cql(platform.store.as_ref(), nodes, keyspace).await?;
+            let r = raw_cql(rows, nodes, keyspace).await?;
             eprintln!(
                 "   baseline: raw CQL writes of the {} rebuilt rows in {:.2}s",
                 r.rows, r.wall
             );
             Some(r)
         }
-        None => None,
+        None => {
+            drop(rows);
+            None
+        }
     };
     let cql_rate = raw_cql.as_ref().map(|r| nf / r.wall);
     let (base_rate, base_name) = match cql_rate {
@@ -375,6 +356,10 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
                 "rows_per_s": round(r.rows as f64 / r.wall, 0),
             })),
             "batches": batches,
+            "rows_written": rows_written,
+            "rows_stored": stored,
+            "rows_stored_bytes": stored_bytes,
+            "rows_written_per_stored_row": round(rows_written / stored.max(1) as f64, 2),
             "target": format!("ratio >= {target_ratio}"),
             "target_met": ratio >= target_ratio,
         }),

@@ -25,6 +25,7 @@ use waymark_proto::v1 as pb;
 use waymark_proto::v1::ingest_client::IngestClient;
 use waymark_proto::v1::query_client::QueryClient;
 
+use crate::common;
 use crate::engines::Platform;
 use crate::report::{round, Baseline, Scenario};
 use crate::s1::{FOLDS, S1};
@@ -187,6 +188,7 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
     let failed = Arc::new(AtomicU64::new(0));
     let mut probes = JoinSet::new();
     let (mut late, mut published) = (0u64, 0u64);
+    let metrics_before = common::metric_totals();
     let cpu = CpuTime::now();
     let epoch = Instant::now();
     for k in 0..s.ticks {
@@ -245,6 +247,7 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let used = CpuTime::now().since(&cpu);
+    let batches = common::metric_delta(&metrics_before, &common::metric_totals());
     let mut latencies = Vec::new();
     let mut invisible = 0;
     let mut worst: Vec<f64> = Vec::new();
@@ -299,6 +302,7 @@ pub(crate) async fn run(o: &Options, s1: &S1, rate: f64) -> anyhow::Result<Scena
             "events_published": published,
             "achieved_events_per_s": round(published as f64 / publishing.as_secs_f64(), 0),
             "late_ticks": late,
+            "batches": batches,
             "failed_calls": failed,
             "drain_after_publishing_s": drain_s.map(|d| round(d, 3)),
             "cpu_utilisation_of_2_cores": round(used.total_secs() / (publishing.as_secs_f64() + drain_s.unwrap_or(0.0)) / 2.0, 3),

@@ -30,6 +30,7 @@ use waymark_schemas::Validator;
 
 use crate::common;
 use crate::engines::{Engines, REAL};
+use crate::raw::RawRecords;
 use crate::report::{round, Baseline, Scenario};
 use crate::Options;
 
@@ -96,7 +97,7 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<Scenar
     let chunks: Vec<&[RawEvent]> = raws.chunks(CHUNK).collect();
 
     // Baseline: raw appends of the same bytes and keys.
-    let batches: Arc<Vec<Vec<(String, Vec<u8>)>>> = Arc::new(
+    let batches: Arc<Vec<RawRecords>> = Arc::new(
         chunks
             .iter()
             .map(|c| {
@@ -199,7 +200,10 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<Scenar
     if rejected > 0 {
         bail!("ingest rejected {rejected} generated events");
     }
-    let high: u64 = common::highs(target.log.as_ref(), &inputs).await?.iter().sum();
+    let high: u64 = common::highs(target.log.as_ref(), &inputs)
+        .await?
+        .iter()
+        .sum();
     if high != 3 * n {
         bail!("inputs holds {high} records, expected {}", 3 * n);
     }

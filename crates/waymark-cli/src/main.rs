@@ -204,6 +204,10 @@ struct EngineArgs {
     /// Topology file; the built-in topology.yaml when not given.
     #[arg(long, env = "WAYMARK_TOPOLOGY")]
     topology: Option<PathBuf>,
+    /// MiB of rows each fold keeps cached across batches, so it reads from
+    /// the cluster only rows it has not seen (0: no cache).
+    #[arg(long, default_value_t = 64, env = "WAYMARK_ROW_CACHE_MB")]
+    row_cache_mb: usize,
 }
 
 impl EngineArgs {
@@ -214,6 +218,7 @@ impl EngineArgs {
             cql_nodes: self.cql_nodes,
             keyspace: self.keyspace,
             group_prefix: self.group_prefix,
+            row_cache_bytes: self.row_cache_mb.saturating_mul(1024 * 1024),
             topology: load_topology(self.topology.as_deref())?,
             metrics_addr,
         })

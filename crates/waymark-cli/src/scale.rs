@@ -35,6 +35,8 @@ pub struct EngineOptions {
     pub keyspace: String,
     /// Prefix of consumer group names (`<prefix>.<processor>.v<version>`).
     pub group_prefix: String,
+    /// Bytes of rows each fold runner caches across batches (0: none).
+    pub row_cache_bytes: usize,
     /// The topology.
     pub topology: Topology,
     /// Prometheus listen address (an ephemeral port if busy).
@@ -70,6 +72,7 @@ async fn connect(
     let cql = CqlConfig {
         nodes: options.cql_nodes.clone(),
         keyspace: options.keyspace.clone(),
+        row_cache_bytes: options.row_cache_bytes,
         ..CqlConfig::default()
     };
     // The engines may still be starting: retry with backoff until shutdown.

@@ -1,7 +1,8 @@
 //! The processing guarantees of `waymark-runtime`, proven on the embedded
 //! log and store: per-key ordering, exactly-once effects over at-least-once
 //! delivery (store outages, crashes between output and state), dead
-//! letters, and replay-from-offset-0 equals live.
+//! letters, replay-from-offset-0 equals live, and the row cache of remote
+//! stores changing no result.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -129,10 +130,25 @@ impl Platform {
     }
 }
 
-/// A store that fails the first `failures` writes, as a store outage does.
+/// A store that fails the first `failures` writes, as a store outage does,
+/// counts the rows read from it, and asks runners for a row cache of
+/// `cache_bytes` (as a remote store does).
 struct FlakyStore {
     inner: EmbeddedStore,
     failures: AtomicUsize,
+    reads: AtomicUsize,
+    cache_bytes: usize,
+}
+
+impl FlakyStore {
+    fn new(inner: EmbeddedStore, failures: usize, cache_bytes: usize) -> Self {
+        Self {
+            inner,
+            failures: AtomicUsize::new(failures),
+            reads: AtomicUsize::new(0),
+            cache_bytes,
+        }
+    }
 }
 
 #[async_trait]
@@ -145,7 +161,11 @@ impl ProjectionStore for FlakyStore {
         table: &str,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.reads.fetch_add(keys.len(), Ordering::SeqCst);
         self.inner.get_many(table, keys).await
+    }
+    fn runner_cache_bytes(&self) -> usize {
+        self.cache_bytes
     }
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if self
@@ -226,10 +246,7 @@ async fn store_outage_is_retried_and_applies_exactly_once() {
     let p = platform().await;
     let token = CancellationToken::new();
     let healthy: Arc<dyn ProjectionStore> = Arc::new(p.store.clone());
-    let flaky: Arc<dyn ProjectionStore> = Arc::new(FlakyStore {
-        inner: p.store.clone(),
-        failures: AtomicUsize::new(25),
-    });
+    let flaky: Arc<dyn ProjectionStore> = Arc::new(FlakyStore::new(p.store.clone(), 25, 0));
     let a = p
         .run("identity", "identity.v1", flaky.clone(), &token)
         .await;
@@ -250,6 +267,76 @@ async fn store_outage_is_retried_and_applies_exactly_once() {
     drop(healthy);
 }
 
+/// The row cache a remote store asks for (`RowCache`): a fold reads each
+/// row from the store once, across many batches, and ends in the same
+/// state as without the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_cache_reads_each_row_once_and_changes_no_result() {
+    let p = platform().await;
+    let token = CancellationToken::new();
+    let plain: Arc<dyn ProjectionStore> = Arc::new(p.store.clone());
+    let cached = Arc::new(FlakyStore::new(p.store.clone(), 0, 1024 * 1024));
+    let uncached = Arc::new(FlakyStore::new(p.store.clone(), 0, 0));
+    let a = p.run("identity", "identity.v1", plain, &token).await;
+    let b = p.run("journey", "journey.v1", cached.clone(), &token).await;
+    let c = p.run("person", "person.v1", uncached.clone(), &token).await;
+    let mut events = stages_workload(5, 40);
+    events.extend(stages_workload(5, 40)); // every event twice: duplicates
+    p.publish(&events).await;
+    p.caught_up("identity.v1", INPUTS).await;
+    p.caught_up("journey.v1", EVENTS).await;
+    p.caught_up("person.v1", EVENTS).await;
+    for person in 0..5 {
+        let id = default_person_id("web", &format!("p{person}"));
+        let s: JourneysState = p.state("journey_v1", id).await.unwrap();
+        let expected: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        assert_eq!(s.journeys["j"].stages, expected, "person {person}");
+    }
+    // 400 records in batches of at most 7: the cached fold read each of
+    // the 5 rows once; the uncached one read rows in every batch.
+    assert_eq!(cached.reads.load(Ordering::SeqCst), 5);
+    assert!(uncached.reads.load(Ordering::SeqCst) > 50);
+    token.cancel();
+    a.await.unwrap();
+    b.await.unwrap();
+    c.await.unwrap();
+}
+
+/// A failed store write drops the row cache (the store may hold part of
+/// the batch), so outages under a cache still apply every event once; a
+/// cache too small for one row evicts all the time and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_cache_survives_outages_and_eviction_exactly_once() {
+    let p = platform().await;
+    let token = CancellationToken::new();
+    let plain: Arc<dyn ProjectionStore> = Arc::new(p.store.clone());
+    let flaky = Arc::new(FlakyStore::new(p.store.clone(), 25, 1024 * 1024));
+    let tiny = Arc::new(FlakyStore::new(p.store.clone(), 0, 1));
+    let a = p.run("identity", "identity.v1", plain, &token).await;
+    let b = p.run("person", "person.v1", flaky.clone(), &token).await;
+    let c = p.run("journey", "journey.v1", tiny.clone(), &token).await;
+    let mut events = stages_workload(3, 20);
+    events.extend(stages_workload(3, 20));
+    p.publish(&events).await;
+    p.caught_up("identity.v1", INPUTS).await;
+    p.caught_up("person.v1", EVENTS).await;
+    p.caught_up("journey.v1", EVENTS).await;
+    for person in 0..3 {
+        let id = default_person_id("web", &format!("p{person}"));
+        let s: PersonState = p.state("person_v1", id).await.unwrap();
+        assert_eq!(s.event_count, 20, "person {person}");
+        let j: JourneysState = p.state("journey_v1", id).await.unwrap();
+        assert_eq!(j.journeys["j"].stages.len(), 20, "person {person}");
+    }
+    // Every failed write cleared the cache: rows were read again after it.
+    assert!(flaky.reads.load(Ordering::SeqCst) > 3);
+    assert!(tiny.reads.load(Ordering::SeqCst) > 3);
+    token.cancel();
+    a.await.unwrap();
+    b.await.unwrap();
+    c.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_output_before_state_is_deduplicated_downstream() {
     let p = platform().await;
@@ -258,10 +345,8 @@ async fn crash_after_output_before_state_is_deduplicated_downstream() {
     // First identity run: outputs are appended, but every state write fails
     // (the process "crashes" before its rows and positions are durable).
     let token = CancellationToken::new();
-    let broken: Arc<dyn ProjectionStore> = Arc::new(FlakyStore {
-        inner: p.store.clone(),
-        failures: AtomicUsize::new(usize::MAX),
-    });
+    let broken: Arc<dyn ProjectionStore> =
+        Arc::new(FlakyStore::new(p.store.clone(), usize::MAX, 0));
     let crashed = p.run("identity", "identity.v1", broken, &token).await;
     common::eventually("first outputs appended", || async {
         let mut n = 0;

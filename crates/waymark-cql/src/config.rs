@@ -27,10 +27,17 @@ pub struct CqlConfig {
     pub local_datacenter: Option<String>,
     /// How many statements one `get_many` or `write` call keeps in flight.
     pub concurrency: usize,
+    /// Bytes of rows each fold runner keeps cached across batches
+    /// (`waymark_runtime::cache::RowCache`), so that it reads from the
+    /// cluster only rows it has not seen; 0 turns the cache off.
+    pub row_cache_bytes: usize,
 }
 
 /// The replication of a keyspace the store creates when none is configured.
 pub const DEFAULT_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
+/// Default row cache of each fold runner: 64 MiB.
+pub const DEFAULT_ROW_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The most statements one call may keep in flight.
 pub const MAX_CONCURRENCY: usize = 4096;
@@ -45,6 +52,7 @@ impl Default for CqlConfig {
             connect_timeout: Duration::from_secs(5),
             local_datacenter: None,
             concurrency: 64,
+            row_cache_bytes: DEFAULT_ROW_CACHE_BYTES,
         }
     }
 }
@@ -112,6 +120,7 @@ mod tests {
             connect_timeout: Duration::ZERO,
             local_datacenter: Some(String::new()),
             concurrency: 0,
+            row_cache_bytes: 0,
         };
         let problems = config.problems();
         assert_eq!(problems.len(), 9, "{problems:#?}");

@@ -36,6 +36,7 @@ struct Inner {
     session: Session,
     keyspace: Ident,
     concurrency: usize,
+    row_cache_bytes: usize,
     /// Prepared statements by table name.
     tables: Mutex<HashMap<String, Arc<TableStatements>>>,
     positions: PositionStatements,
@@ -117,6 +118,7 @@ impl CqlStore {
                 session,
                 keyspace,
                 concurrency: config.concurrency,
+                row_cache_bytes: config.row_cache_bytes,
                 tables: Mutex::new(HashMap::new()),
                 positions,
                 clock: Clock::default(),
@@ -333,6 +335,10 @@ fn plan_positions(positions: &[PositionWrite]) -> Vec<&PositionWrite> {
 
 #[async_trait]
 impl ProjectionStore for CqlStore {
+    fn runner_cache_bytes(&self) -> usize {
+        self.inner.row_cache_bytes
+    }
+
     async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
         let idents = tables
             .iter()

@@ -65,6 +65,15 @@ pub trait Handler: Send + Sync + 'static {
     /// The store tables it writes.
     fn tables(&self) -> Vec<String>;
 
+    /// Whether every row it writes is keyed so that only the owner of one
+    /// input partition ever writes it (rows keyed by the input's
+    /// partitioning key, e.g. person id on `waymark.events`). The runner
+    /// then may cache rows across batches ([`crate::cache::RowCache`]).
+    /// `false` by default.
+    fn rows_follow_partitioning(&self) -> bool {
+        false
+    }
+
     /// Handles records read from `topic`, in log order per partition.
     async fn handle(
         &self,
@@ -147,6 +156,12 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
 
     fn tables(&self) -> Vec<String> {
         vec![self.table.clone()]
+    }
+
+    /// Rows are keyed by person id, the key `waymark.events` is
+    /// partitioned by.
+    fn rows_follow_partitioning(&self) -> bool {
+        true
     }
 
     async fn handle(

@@ -206,6 +206,11 @@ impl Handler for WithHistory {
         tables
     }
 
+    /// History rows are keyed by person id (and chunk number).
+    fn rows_follow_partitioning(&self) -> bool {
+        self.inner.rows_follow_partitioning()
+    }
+
     async fn handle(
         &self,
         store: &dyn ProjectionStore,

@@ -13,6 +13,7 @@
 //!   versions ([`catalog::VersionGate`]).
 //! - [`history`]: per-person event history kept next to the `person`
 //!   projection.
+//! - [`cache`]: a runner's row cache in front of a remote store.
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
 //! - [`metrics`]: metric names.
 //!
@@ -48,6 +49,7 @@
 //!   write: none while building, and across a switch each record's side
 //!   effects exactly once (see [`catalog`]).
 
+pub mod cache;
 pub mod catalog;
 pub mod dead_letter;
 pub mod handler;

@@ -21,6 +21,14 @@ pub const BATCH_SIZE: &str = "waymark_processor_batch_records";
 pub const LAG: &str = "waymark_processor_lag_records";
 /// Retries after a store or log error, by processor and stage.
 pub const RETRIES: &str = "waymark_processor_retries_total";
+/// Row writes (upserts and deletes) sent to the store, by processor: set
+/// against the rows a projection holds, it is the write amplification of
+/// folding batch by batch.
+pub const ROWS_WRITTEN: &str = "waymark_processor_rows_written_total";
+/// Time spent in one step of a batch, by processor and stage (`handle`:
+/// reading rows and folding; `produce`: outputs and dead letters; `write`:
+/// rows and positions).
+pub const STAGE_DURATION: &str = "waymark_processor_stage_duration_seconds";
 
 /// Registers descriptions with the installed recorder.
 pub fn describe() {
@@ -56,4 +64,14 @@ pub fn describe() {
         "records in the input partition not yet applied"
     );
     describe_counter!(RETRIES, Unit::Count, "retries after a store or log error");
+    describe_counter!(
+        ROWS_WRITTEN,
+        Unit::Count,
+        "row upserts and deletes sent to the projection store"
+    );
+    describe_histogram!(
+        STAGE_DURATION,
+        Unit::Seconds,
+        "time spent in one step of a batch (handle, produce, write)"
+    );
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cache::RowCache;
 use crate::catalog::VersionGate;
 use crate::dead_letter::dead_letter;
 use crate::handler::{BatchOutput, HandleError, Handler};
@@ -79,7 +80,9 @@ pub enum RunError {
 /// Runs one processor until `shutdown` is cancelled.
 pub struct Runner {
     log: Arc<dyn Log>,
+    /// The store, or the row cache in front of it.
     store: Arc<dyn ProjectionStore>,
+    cache: Option<Arc<RowCache>>,
     handler: Arc<dyn Handler>,
     config: RunnerConfig,
     gate: Option<Arc<VersionGate>>,
@@ -103,9 +106,19 @@ impl Runner {
         handler: Arc<dyn Handler>,
         config: RunnerConfig,
     ) -> Self {
+        // Rows only this runner writes can be cached across batches, when
+        // the store asks for it (see `crate::cache`).
+        let budget = store.runner_cache_bytes();
+        let cache = (budget > 0 && handler.rows_follow_partitioning())
+            .then(|| Arc::new(RowCache::new(store.clone(), budget)));
+        let store = match &cache {
+            Some(cache) => cache.clone() as Arc<dyn ProjectionStore>,
+            None => store,
+        };
         Self {
             log,
             store,
+            cache,
             handler,
             config,
             gate: None,
@@ -180,6 +193,7 @@ impl Runner {
             };
             match event {
                 ConsumerEvent::Assigned(partitions) => {
+                    self.forget_cached_rows();
                     let Some(stored) = self.positions(&shutdown, &mut backoff).await else {
                         break;
                     };
@@ -193,6 +207,7 @@ impl Runner {
                     }
                 }
                 ConsumerEvent::Revoked(partitions) => {
+                    self.forget_cached_rows();
                     for p in partitions {
                         next.remove(&p);
                     }
@@ -228,6 +243,14 @@ impl Runner {
         }
         info!(%processor, "processor stopped");
         Ok(())
+    }
+
+    /// Clears the row cache: another member may write the rows of a
+    /// partition this runner gets (back).
+    fn forget_cached_rows(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
     }
 
     async fn positions(
@@ -323,12 +346,19 @@ impl Runner {
         positions: &[(u32, u64)],
         progress: &mut Progress,
     ) -> Result<(), StepError> {
+        let processor = self.handler.processor();
+        let stage = |name: &'static str, started: Instant| {
+            metrics::histogram!(m::STAGE_DURATION, "processor" => processor.to_owned(), "stage" => name)
+                .record(started.elapsed().as_secs_f64());
+        };
         if progress.output.is_none() {
+            let started = Instant::now();
             let output = self
                 .handler
                 .handle(self.store.as_ref(), &self.config.input_topic, records)
                 .await
                 .map_err(StepError::Handle)?;
+            stage("handle", started);
             progress.output = Some(output);
         }
         let output = progress.output.as_ref().ok_or(StepError::Internal)?;
@@ -380,7 +410,9 @@ impl Runner {
                 ));
             }
             if !produce.is_empty() {
+                let started = Instant::now();
                 self.log.produce(produce).await.map_err(StepError::Log)?;
+                stage("produce", started);
                 progress.emitted = true;
             }
             progress.produced = true;
@@ -402,12 +434,16 @@ impl Runner {
             // applied again after a crash without anyone noticing, so it
             // need not be durable at once (the embedded store then skips
             // the fsync, see `ProjectionStore::write_replayable`).
+            let started = Instant::now();
+            let rows = batch.rows.len() as u64;
             if progress.emitted {
                 self.store.write(batch).await
             } else {
                 self.store.write_replayable(batch).await
             }
             .map_err(StepError::Store)?;
+            stage("write", started);
+            metrics::counter!(m::ROWS_WRITTEN, "processor" => processor.to_owned()).increment(rows);
             progress.written = true;
         }
         Ok(())

@@ -139,4 +139,12 @@ pub trait ProjectionStore: Send + Sync + 'static {
         let _ = table;
         Ok(None)
     }
+
+    /// How many bytes of rows each runner should cache in front of this
+    /// store ([`crate::cache::RowCache`]); 0, the default, for none. A
+    /// remote store (CQL) answers its configured budget; a local store with
+    /// its own page cache keeps 0.
+    fn runner_cache_bytes(&self) -> usize {
+        0
+    }
 }
