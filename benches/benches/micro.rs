@@ -142,7 +142,7 @@ fn store_write(c: &mut Criterion) {
         }],
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .build()

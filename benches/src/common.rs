@@ -63,8 +63,13 @@ where
     Ok(bytes)
 }
 
-/// Size of a file in bytes (0 when missing).
+/// Bytes of a file, or of every file under a directory (0 when missing).
 pub(crate) fn file_size(path: &Path) -> u64 {
+    if path.is_dir() {
+        return std::fs::read_dir(path)
+            .map(|entries| entries.flatten().map(|e| file_size(&e.path())).sum())
+            .unwrap_or(0);
+    }
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 

@@ -71,7 +71,7 @@ impl Engines {
                 common::fresh_dir(&dir)?;
                 let topology = common::dev_topology()?;
                 let log = EmbeddedLog::open(&dir.join("log.redb"))?;
-                let store = EmbeddedStore::open(&dir.join("store.redb"))?;
+                let store = EmbeddedStore::open(&dir.join("store"))?;
                 log.ensure_topics(&platform::topic_configs(&topology))
                     .await?;
                 Ok(Target {

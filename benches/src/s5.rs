@@ -259,7 +259,7 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
             "rss_at_progress": marks,
             "clean_exit_on_sigterm": exited,
             "log_file_bytes": common::file_size(&dir.join("log.redb")),
-            "store_file_bytes": common::file_size(&dir.join("store.redb")),
+            "store_bytes": common::file_size(&dir.join(waymark_cli::dev::STORE_DIR)),
             "target": format!("< {BOUND_MIB} MiB and not growing with lag"),
             "target_met": peak < BOUND_MIB,
         }),

@@ -85,8 +85,9 @@ impl Dev {
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let log = EmbeddedLog::open(&dir.join("log.redb"))
             .map_err(|e| anyhow!("cannot open the embedded log in {}: {e}", dir.display()))?;
-        let store = EmbeddedStore::open(&dir.join("store.redb"))
+        let store = EmbeddedStore::open(&dir.join(STORE_DIR))
             .map_err(|e| anyhow!("cannot open the embedded store in {}: {e}", dir.display()))?;
+        import_redb_store(dir, &store)?;
         // One inputs partition in dev: the identity processor then resolves
         // events in exactly the order they were published, across keys
         // (see docs/decisions/0002-dev-inputs-partition.md).
@@ -249,6 +250,36 @@ impl Dev {
         info!("stopped");
         Ok(())
     }
+}
+
+/// The projection store's directory inside the data directory.
+pub const STORE_DIR: &str = "store";
+
+/// The projection store file of Waymark before the store moved to fjall
+/// (decision 0001).
+const OLD_STORE_FILE: &str = "store.redb";
+
+/// Carries the projections of a data directory written by an older Waymark
+/// (`store.redb`) over into the store, then renames the old file to
+/// `store.redb.imported`. Interrupted, it runs again on the next start
+/// (rows are copied as they are, so copying twice changes nothing).
+fn import_redb_store(dir: &Path, store: &EmbeddedStore) -> anyhow::Result<()> {
+    let old = dir.join(OLD_STORE_FILE);
+    if !old.is_file() {
+        return Ok(());
+    }
+    info!(path = %old.display(), "importing the projection store of an older Waymark");
+    let rows = store.import_redb(&old).map_err(|e| {
+        anyhow!(
+            "cannot import the old projection store {}: {e}",
+            old.display()
+        )
+    })?;
+    let done = dir.join(format!("{OLD_STORE_FILE}.imported"));
+    std::fs::rename(&old, &done)
+        .with_context(|| format!("cannot rename {} after importing it", old.display()))?;
+    info!(rows, kept = %done.display(), "old projection store imported");
+    Ok(())
 }
 
 fn write_dev_json(dir: &Path, info: &DevInfo) -> anyhow::Result<()> {

@@ -589,7 +589,7 @@ impl Scratch {
                 dir.display()
             )))
         })?;
-        let store = waymark_embedded::EmbeddedStore::open(&dir.join("scratch.redb"))?;
+        let store = waymark_embedded::EmbeddedStore::open(&dir.join("scratch"))?;
         Ok(Self { dir, store })
     }
 }

@@ -45,7 +45,7 @@ struct Platform {
 async fn platform() -> Platform {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log.redb")).unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store")).unwrap();
     let topics = [(INPUTS, 1), (EVENTS, 4), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
         name: name.into(),
         partitions,
@@ -490,7 +490,7 @@ async fn replay_from_offset_zero_equals_live_processing() {
 
     // Replay: fold processors from offset 0 of the resolved log into a fresh store.
     let dir = tempfile::tempdir().unwrap();
-    let fresh = EmbeddedStore::open(&dir.path().join("replay.redb")).unwrap();
+    let fresh = EmbeddedStore::open(&dir.path().join("replay")).unwrap();
     let replay_store: Arc<dyn ProjectionStore> = Arc::new(fresh.clone());
     let token = CancellationToken::new();
     let mut replay = Vec::new();

@@ -24,6 +24,11 @@
 //! A batch is not written atomically (that would need a logged batch across
 //! partitions, which is slow and still not isolated). Instead:
 //!
+//! - **Row cache.** The store asks each fold runner to keep
+//!   [`CqlConfig::row_cache_bytes`] (64 MiB by default) of rows cached in
+//!   front of it (`waymark_runtime::cache::RowCache`), so a fold reads from
+//!   the cluster only rows it has not seen since its partitions were
+//!   assigned; a write goes to the cluster first and then to the cache.
 //! - **Rows, then positions.** All row writes of a batch run concurrently
 //!   (at most [`CqlConfig::concurrency`] in flight) and all must succeed
 //!   before any position of the batch is written. A crash or an error in

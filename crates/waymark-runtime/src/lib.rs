@@ -42,6 +42,13 @@
 //!   nothing past the failing batch is stored or committed meanwhile.
 //! - **Shutdown.** On cancellation the runner stops polling, finishes the
 //!   batch in hand (outputs, rows, positions, commit) and returns.
+//! - **Row cache.** In front of a store that asks for it (CQL), a fold's
+//!   runner keeps the rows it read or wrote in a bounded cache
+//!   ([`cache::RowCache`]). Only rows keyed by the input's partitioning key
+//!   are cached, so the runner is their only writer while it owns the
+//!   partition; the cache is cleared on every assignment change and after
+//!   a failed write, so it changes no result (tests
+//!   `row_cache_*` in `waymark-cli/tests/runtime_guarantees.rs`).
 //! - **Rebuilds.** Every projection version has its own tables, positions
 //!   and consumer group, so a rebuild from offset 0 never touches the live
 //!   version. A runner with a [`catalog::VersionGate`] writes side effects
