@@ -533,3 +533,54 @@ async fn replay_from_offset_zero_equals_live_processing() {
         }
     }
 }
+
+/// The row cache holds only the runner's own tables: rows of any other
+/// table read through it (the projection catalog, hand-off markers, which
+/// other processes write) always come from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_cache_reads_other_tables_from_the_store() {
+    use waymark_runtime::cache::RowCache;
+    use waymark_runtime::RowWrite;
+    let p = platform().await;
+    let tables = vec!["journey_v1".to_owned(), "waymark_projections".to_owned()];
+    p.store.ensure_tables(&tables).await.unwrap();
+    let inner: Arc<dyn ProjectionStore> = Arc::new(p.store.clone());
+    let cache = RowCache::new(inner, vec!["journey_v1".into()], 1024 * 1024);
+    let write = |table: &str, value: &str| WriteBatch {
+        rows: vec![RowWrite {
+            table: table.into(),
+            key: "k".into(),
+            value: Some(value.as_bytes().to_vec()),
+            order: None,
+        }],
+        positions: Vec::new(),
+    };
+    // Read once through the cache (absent), then written by someone else.
+    assert_eq!(cache.get("journey_v1", "k").await.unwrap(), None);
+    assert_eq!(cache.get("waymark_projections", "k").await.unwrap(), None);
+    p.store.write(write("journey_v1", "theirs")).await.unwrap();
+    p.store
+        .write(write("waymark_projections", "theirs"))
+        .await
+        .unwrap();
+    // The other table is read from the store; the own table from the cache
+    // (only the owner of the partition writes it, see `RowCache`).
+    assert_eq!(
+        cache.get("waymark_projections", "k").await.unwrap(),
+        Some(b"theirs".to_vec())
+    );
+    assert_eq!(cache.get("journey_v1", "k").await.unwrap(), None);
+    // A write through the cache reaches the store and the cache.
+    cache.write(write("journey_v1", "ours")).await.unwrap();
+    assert_eq!(
+        cache.get("journey_v1", "k").await.unwrap(),
+        Some(b"ours".to_vec())
+    );
+    assert_eq!(
+        p.store.get("journey_v1", "k").await.unwrap(),
+        Some(b"ours".to_vec())
+    );
+    // Two reads of the own table hit, one missed; the catalog reads were
+    // not the cache's.
+    assert_eq!(cache.hits_misses(), (2, 1));
+}

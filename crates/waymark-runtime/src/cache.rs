@@ -15,11 +15,15 @@
 //! - caches a row only after the store acknowledged its write, and clears
 //!   the cache when a write fails (the store may hold part of the batch).
 //!
+//! Only the handler's own tables are cached; everything else read through
+//! the cache (the projection catalog, hand-off markers), which other
+//! processes write, is always read from the store.
+//!
 //! Absent rows are cached too (a rebuild into empty tables reads each key
 //! once). Rows are kept as the stored bytes; the cache is bounded in bytes
 //! and evicts the least recently used quarter when it is full.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -98,15 +102,21 @@ impl State {
 /// module docs for when it is correct).
 pub struct RowCache {
     inner: Arc<dyn ProjectionStore>,
+    /// The runner's own tables: the only ones cached. Every other table
+    /// (the projection catalog, hand-off markers) is written by others and
+    /// always read from the store.
+    tables: HashSet<String>,
     budget: usize,
     state: Mutex<State>,
 }
 
 impl RowCache {
-    /// A cache of at most about `budget` bytes in front of `inner`.
-    pub fn new(inner: Arc<dyn ProjectionStore>, budget: usize) -> Self {
+    /// A cache of at most about `budget` bytes of rows of `tables` in front
+    /// of `inner`.
+    pub fn new(inner: Arc<dyn ProjectionStore>, tables: Vec<String>, budget: usize) -> Self {
         Self {
             inner,
+            tables: tables.into_iter().collect(),
             budget,
             state: Mutex::new(State::default()),
         }
@@ -139,6 +149,7 @@ impl RowCache {
         let rows: Vec<(String, String, Option<Vec<u8>>)> = batch
             .rows
             .iter()
+            .filter(|r| self.tables.contains(&r.table))
             .map(|r| (r.table.clone(), r.key.clone(), r.value.clone()))
             .collect();
         let written = if replayable {
@@ -176,6 +187,9 @@ impl ProjectionStore for RowCache {
         table: &str,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if !self.tables.contains(table) {
+            return self.inner.get_many(table, keys).await;
+        }
         let mut out: Vec<Option<Option<Vec<u8>>>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<String> = Vec::new();
         {

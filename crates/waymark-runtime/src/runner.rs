@@ -110,7 +110,7 @@ impl Runner {
         // the store asks for it (see `crate::cache`).
         let budget = store.runner_cache_bytes();
         let cache = (budget > 0 && handler.rows_follow_partitioning())
-            .then(|| Arc::new(RowCache::new(store.clone(), budget)));
+            .then(|| Arc::new(RowCache::new(store.clone(), handler.tables(), budget)));
         let store = match &cache {
             Some(cache) => cache.clone() as Arc<dyn ProjectionStore>,
             None => store,
