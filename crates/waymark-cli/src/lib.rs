@@ -17,7 +17,8 @@
 //! # Guarantees
 //! See `waymark-runtime` for processing guarantees. `waymark dev` keeps
 //! every acknowledged event and every projection across restarts (including
-//! `kill -9`): the log and store are crash-safe redb files in `--data-dir`.
+//! `kill -9`): the log (`log.redb`, redb) and the projection store (`store/`,
+//! fjall) are crash-safe embedded databases in `--data-dir`.
 
 pub mod dev;
 pub mod metrics_http;
