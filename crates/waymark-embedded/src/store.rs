@@ -29,11 +29,13 @@ use waymark_runtime::{ProjectionStore, StoreError, WriteBatch};
 /// Block cache of the store. With the log's 16 MiB page cache and the
 /// memtables it bounds the resident size of `waymark dev` (S5 in
 /// docs/performance.md).
-const CACHE_BYTES: u64 = 48 * 1024 * 1024;
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Largest memtable of one keyspace before it is flushed to a sorted table
-/// (fjall's default is 64 MiB; a store has about ten keyspaces).
-const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// (fjall's default is 64 MiB; a store has about ten keyspaces, and sealed
+/// memtables wait for their flush: with 8 MiB, S5 peaked at 528 MiB while
+/// draining 10M events of lag).
+const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Journal size after which memtables are flushed, which also bounds what
 /// an open replays (fjall's minimum; its default is 512 MiB).
