@@ -179,7 +179,7 @@ impl Target {
                     grpc_addr: "127.0.0.1:0".parse()?,
                     metrics_addr: "127.0.0.1:0".parse()?,
                     topology: self.topology.clone(),
-                    kafka_endpoint: false,
+                    kafka_addr: None,
                 })
                 .await?;
                 Ok(Platform {

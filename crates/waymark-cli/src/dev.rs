@@ -1,5 +1,5 @@
 //! `waymark dev`: the whole platform in one process on the embedded log and
-//! store, plus the Kafka-protocol front door.
+//! store, plus a Kafka-protocol broker served on that same durable log.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
-use waymark_kafka::FrontDoor;
+use waymark_broker::{Broker, BrokerConfig};
 use waymark_runtime::{Log, ProjectionStore};
 use waymark_schemas::Validator;
 use waymark_server::KafkaEndpointStatus;
@@ -38,14 +38,14 @@ pub struct DevOptions {
     pub metrics_addr: SocketAddr,
     /// The topology.
     pub topology: Topology,
-    /// Whether to start the Kafka-protocol front door.
-    pub kafka_endpoint: bool,
+    /// Where to serve the Kafka protocol; `None`: not at all.
+    pub kafka_addr: Option<SocketAddr>,
 }
 
 /// The addresses `waymark dev` writes to `DIR/dev.json` once ready.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DevInfo {
-    /// Kafka bootstrap of the front door (empty when disabled).
+    /// Kafka bootstrap of the endpoint (empty when disabled).
     pub kafka_bootstrap: String,
     /// gRPC address.
     pub grpc_addr: String,
@@ -63,7 +63,8 @@ pub struct Dev {
     pub store: EmbeddedStore,
     shutdown: CancellationToken,
     tasks: JoinSet<(String, anyhow::Result<()>)>,
-    front_door: Option<FrontDoor>,
+    broker: Option<Broker>,
+    dir: PathBuf,
 }
 
 async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -96,6 +97,19 @@ impl Dev {
         let topology = &topology;
         log.ensure_topics(&platform::topic_configs(topology))
             .await?;
+        // The listeners are bound before anything runs, so a busy port is
+        // a clear error and nothing has started.
+        let grpc = TcpListener::bind(options.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
+        let broker = match options.kafka_addr {
+            Some(addr) => Some(
+                Broker::start(log.clone(), BrokerConfig::new(addr).writable(&topology.topics.inputs.name))
+                    .await
+                    .context("cannot start the Kafka endpoint (choose another with --kafka-addr, or --no-kafka)")?,
+            ),
+            None => None,
+        };
         let validator = Arc::new(Validator::new()?);
         let shared_log: Arc<dyn Log> = Arc::new(log.clone());
         let shared_store: Arc<dyn ProjectionStore> = Arc::new(store.clone());
@@ -115,19 +129,7 @@ impl Dev {
         )
         .await?;
 
-        let grpc = TcpListener::bind(options.grpc_addr)
-            .await
-            .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
         let grpc_addr = grpc.local_addr()?;
-        let front_door = if options.kafka_endpoint {
-            let inputs = &topology.topics.inputs;
-            Some(
-                FrontDoor::start(shared_log.clone(), &inputs.name, inputs.partitions)
-                    .context("cannot start the kafka front door")?,
-            )
-        } else {
-            None
-        };
         let mut services = platform::services(
             &mut tasks,
             &shared_log,
@@ -138,16 +140,17 @@ impl Dev {
             &shutdown,
         )
         .await?;
-        if let Some(door) = &front_door {
-            let status = door.status();
-            let bootstrap = door.bootstrap().to_owned();
+        if let Some(broker) = &broker {
+            let status = broker.status();
             services.admin = services.admin.with_kafka_endpoint(Arc::new(move || {
-                let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                let s = status.get();
                 KafkaEndpointStatus {
-                    bootstrap: bootstrap.clone(),
-                    bridged: s.bridged,
-                    lost: s.lost,
-                    last_loss: s.last_loss,
+                    bootstrap: s.bootstrap,
+                    connections: s.connections,
+                    records_in: s.records_in,
+                    records_out: s.records_out,
+                    refusals: s.refusals,
+                    last_refusal: s.last_refusal,
                 }
             }));
         }
@@ -197,9 +200,9 @@ impl Dev {
         });
 
         let info = DevInfo {
-            kafka_bootstrap: front_door
+            kafka_bootstrap: broker
                 .as_ref()
-                .map(|f| f.bootstrap().to_owned())
+                .map(|b| b.addr().to_string())
                 .unwrap_or_default(),
             grpc_addr: grpc_addr.to_string(),
             metrics_addr: metrics_addr.to_string(),
@@ -212,7 +215,8 @@ impl Dev {
             store,
             shutdown,
             tasks,
-            front_door,
+            broker,
+            dir: dir.clone(),
         })
     }
 
@@ -221,13 +225,13 @@ impl Dev {
         mut self,
         stop: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let door = self.front_door.take();
+        let broker = self.broker.take();
         let stop = async move {
             stop.await;
-            // Stop the door first so what it took is bridged before the
-            // processors stop.
-            if let Some(door) = door {
-                let _ = tokio::task::spawn_blocking(move || door.stop()).await;
+            // Stop taking Kafka requests first; what was acknowledged is
+            // already durable.
+            if let Some(broker) = broker {
+                broker.stop().await;
             }
         };
         let result =
@@ -239,6 +243,8 @@ impl Dev {
             store.close();
         })
         .await?;
+        // The addresses are no longer served.
+        let _ = std::fs::remove_file(self.dir.join(DEV_JSON));
         result
     }
 
@@ -251,6 +257,9 @@ impl Dev {
         Ok(())
     }
 }
+
+/// The file `waymark dev` writes its addresses to, removed on a clean stop.
+pub const DEV_JSON: &str = "dev.json";
 
 /// The projection store's directory inside the data directory.
 pub const STORE_DIR: &str = "store";
@@ -283,7 +292,7 @@ fn import_redb_store(dir: &Path, store: &EmbeddedStore) -> anyhow::Result<()> {
 }
 
 fn write_dev_json(dir: &Path, info: &DevInfo) -> anyhow::Result<()> {
-    let path = dir.join("dev.json");
+    let path = dir.join(DEV_JSON);
     let tmp = dir.join("dev.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;

@@ -47,6 +47,10 @@ enum Command {
         /// Topology file; the built-in topology.yaml when not given.
         #[arg(long, env = "WAYMARK_TOPOLOGY")]
         topology: Option<PathBuf>,
+        /// Kafka-protocol listen address (bootstrap.servers for any Kafka
+        /// client); a busy address is an error.
+        #[arg(long, default_value = "127.0.0.1:19092", env = "WAYMARK_KAFKA_ADDR")]
+        kafka_addr: SocketAddr,
         /// Do not start the Kafka-protocol endpoint.
         #[arg(long)]
         no_kafka: bool,
@@ -279,6 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             grpc_addr,
             metrics_addr,
             topology,
+            kafka_addr,
             no_kafka,
         } => {
             let topology = match topology {
@@ -293,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 grpc_addr,
                 metrics_addr,
                 topology,
-                kafka_endpoint: !no_kafka,
+                kafka_addr: (!no_kafka).then_some(kafka_addr),
             })
             .await?;
             println!("waymark dev is ready (data in {})", data_dir.display());

@@ -12,14 +12,26 @@
 //!   positions, one fjall keyspace each, in the data directory's `store/`;
 //!   [`EmbeddedStore::import_redb`] carries over a store written by an
 //!   older Waymark (one redb file).
-//! - `codec.rs`: the record layout.
+//! - `codec.rs`: the record layout ([`StoredRecord`]: header names and
+//!   values of any bytes and length, null keys, values and header values).
+//! - `producers.rs`: idempotent-producer state for Kafka-protocol appends.
 //!
 //! # Guarantees
 //! - An append is acknowledged only after its transaction is durable
 //!   (redb `Durability::Immediate`: fsync), so an acknowledged record
 //!   survives `kill -9` and power loss; a torn transaction is rolled back on
 //!   open.
-//! - Offsets within a partition are dense, start at 0 and never change.
+//! - Offsets within a partition are dense, start at 0 and never change;
+//!   append times never decrease along a partition.
+//! - A Kafka-protocol append ([`EmbeddedLog::append`]) of an idempotent
+//!   producer is checked against that producer's state (epoch, sequence
+//!   ranges of its last five batches per partition), which is written in
+//!   the same transaction as the records: a retry of an appended batch,
+//!   before or after a crash, is answered with the original offset and never
+//!   appended twice; a gap in sequence numbers is refused.
+//! - A stored record that does not decode never stops a reader: it is
+//!   handed out as a record carrying the raw bytes and a
+//!   [`CORRUPT_HEADER`] header, which processors dead-letter.
 //! - A store batch (rows + positions) is one atomic fjall write batch (one
 //!   checksummed journal entry): after a crash the store holds either the
 //!   whole batch or none of it, and the positions always match the rows. A batch that wrote outputs or dead
@@ -32,7 +44,10 @@
 
 mod codec;
 mod log;
+mod producers;
 mod store;
 
-pub use log::EmbeddedLog;
+pub use codec::{StoredRecord, CORRUPT_HEADER};
+pub use log::{AppendOutcome, AppendRefusal, AppendResult, EmbeddedLog, PartitionAppend};
+pub use producers::{ProducerBatch, SequenceRefusal};
 pub use store::EmbeddedStore;

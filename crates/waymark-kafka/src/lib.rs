@@ -1,12 +1,12 @@
-//! The Kafka edge of Waymark.
+//! The Waymark log on Apache Kafka.
 //!
 //! # Layout
 //! - [`log`]: [`KafkaLog`], the [`waymark_runtime::Log`] on a Kafka cluster
 //!   through rdkafka — an idempotent producer, consumer-group members on
 //!   their own threads, topic creation, watermarks and random reads.
-//! - [`frontdoor`]: the Kafka-protocol endpoint of `waymark dev` — an
-//!   in-process librdkafka mock cluster plus a bridge into the durable log,
-//!   with loss detection.
+//!
+//! The Kafka-protocol endpoint of `waymark dev` is not here: it is a broker
+//! served on the embedded log itself (`waymark-broker`).
 //!
 //! # Guarantees
 //! - A [`KafkaLog`] produce returns once every record is acknowledged by all
@@ -20,14 +20,7 @@
 //!   record of a revoked partition is handed out after it. Records of a
 //!   partition come in offset order. Offsets are committed only when asked
 //!   (no auto-commit): the projection store holds the positions.
-//! - The front door preserves per-key order: records of one key land in one
-//!   door partition, are bridged in offset order, and are re-partitioned by
-//!   key with the same partitioner as every other producer.
-//! - Any gap between door offsets is detected and reported, never silent.
 
-pub mod frontdoor;
 pub mod log;
-mod proxy;
 
-pub use frontdoor::{FrontDoor, FrontDoorError, FrontDoorStatus};
 pub use log::{KafkaConfig, KafkaLog, KafkaLogError, PRODUCER_DEFAULTS, PRODUCER_FORCED};

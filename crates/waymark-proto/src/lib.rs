@@ -252,7 +252,7 @@ mod tests {
             ("GetStatusResponse", &["kafka_endpoint"]),
             (
                 "KafkaEndpointStatus",
-                &["bootstrap", "bridged", "lost", "last_loss"],
+                &["bootstrap", "connections", "records_in", "records_out", "refusals", "last_refusal"],
             ),
         ];
         for (name, fields) in expected {

@@ -18,12 +18,16 @@ use crate::error::{page_size, ApiError};
 pub struct KafkaEndpointStatus {
     /// `host:port` for Kafka clients.
     pub bootstrap: String,
-    /// Records moved into the durable log.
-    pub bridged: u64,
-    /// Records lost before they reached the durable log.
-    pub lost: u64,
-    /// What was lost last.
-    pub last_loss: Option<String>,
+    /// Connections open now.
+    pub connections: u64,
+    /// Records appended through the endpoint since start.
+    pub records_in: u64,
+    /// Records sent to consumers since start.
+    pub records_out: u64,
+    /// Refusals since start.
+    pub refusals: u64,
+    /// The last refusal, `CODE: reason`.
+    pub last_refusal: Option<String>,
 }
 
 /// Reports the Kafka endpoint's status on demand.
@@ -185,9 +189,11 @@ impl Admin for AdminService {
             let s = probe();
             pb::KafkaEndpointStatus {
                 bootstrap: s.bootstrap,
-                bridged: s.bridged,
-                lost: s.lost,
-                last_loss: s.last_loss.unwrap_or_default(),
+                connections: s.connections,
+                records_in: s.records_in,
+                records_out: s.records_out,
+                refusals: s.refusals,
+                last_refusal: s.last_refusal.unwrap_or_default(),
             }
         });
         Ok(Response::new(pb::GetStatusResponse { kafka_endpoint }))

@@ -35,7 +35,7 @@ pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         topology,
-        kafka_endpoint: kafka,
+        kafka_addr: kafka.then(|| "127.0.0.1:0".parse().unwrap()),
     })
     .await
     .expect("waymark dev starts")
