@@ -556,10 +556,11 @@ impl Coordinator {
         if r.generation_id_or_member_epoch != g.generation {
             return Err(ResponseError::IllegalGeneration);
         }
+        // As in Kafka: members may commit while a rebalance is being
+        // prepared (eager consumers commit as they give partitions up), not
+        // while the new generation's assignment is pending.
         match g.state {
-            State::PreparingRebalance | State::CompletingRebalance => {
-                Err(ResponseError::RebalanceInProgress)
-            }
+            State::CompletingRebalance => Err(ResponseError::RebalanceInProgress),
             _ => Ok(()),
         }
     }
