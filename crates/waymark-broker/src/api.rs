@@ -283,8 +283,10 @@ impl Api {
         let (error, message) = if r.key_type == 0 {
             (0, None)
         } else {
+            // The one answer both librdkafka and the Java client treat as
+            // final (anything else they retry until their timeout).
             let code = self.refuse(
-                ResponseError::InvalidRequest,
+                ResponseError::TransactionalIdAuthorizationFailed,
                 "transaction coordinator asked for; transactions are not supported",
             );
             (code, Some(str_bytes("transactions are not supported by waymark dev")))
@@ -324,7 +326,7 @@ impl Api {
     async fn init_producer_id(&self, r: InitProducerIdRequest) -> InitProducerIdResponse {
         if r.transactional_id.is_some() {
             let code = self.refuse(
-                ResponseError::InvalidRequest,
+                ResponseError::TransactionalIdAuthorizationFailed,
                 "InitProducerId with a transactional id; transactions are not supported",
             );
             return InitProducerIdResponse::default()

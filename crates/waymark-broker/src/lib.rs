@@ -36,7 +36,9 @@
 //!   auto-creation), a topic written by processors only
 //!   (`TOPIC_AUTHORIZATION_FAILED`), a batch or record over the topic's
 //!   maximum (`MESSAGE_TOO_LARGE`), a corrupt batch (`CORRUPT_MESSAGE`),
-//!   transactions (`INVALID_REQUEST` / `INVALID_RECORD`, with a message),
+//!   transactions (`TRANSACTIONAL_ID_AUTHORIZATION_FAILED`, the answer
+//!   clients treat as final rather than retrying, with a message; a
+//!   transactional batch: `INVALID_RECORD`),
 //!   an out-of-order sequence (`OUT_OF_ORDER_SEQUENCE_NUMBER`). A request
 //!   frame over the size limit is refused before it is buffered, and the
 //!   connection closed, as Kafka does.

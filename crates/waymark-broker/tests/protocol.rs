@@ -194,7 +194,7 @@ async fn every_refusal_has_its_code_and_the_connection_goes_on() {
             4,
         )
         .await;
-    assert_eq!(txn.error_code, ResponseError::InvalidRequest.code());
+    assert_eq!(txn.error_code, ResponseError::TransactionalIdAuthorizationFailed.code());
 
     // Exactly the good batches were appended, nothing else.
     let records = stored(&s.log, INPUTS, 0).await;
