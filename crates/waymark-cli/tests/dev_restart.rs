@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use common::{assert_counts, publish_all, start_dev, workload};
+use common::{assert_counts, publish_all, spawn_dev, start_dev, workload};
 use waymark_cli::dev::DevInfo;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,60 +31,26 @@ async fn restart_keeps_events_and_projections() {
     dev.stop().await.unwrap();
 }
 
-// Callers own the child and always kill and wait for it.
-#[allow(clippy::zombie_processes)]
-fn spawn_dev(dir: &Path) -> (Child, DevInfo) {
-    let _ = std::fs::remove_file(dir.join("dev.json"));
-    let child = Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args([
-            "dev",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn waymark dev");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(bytes) = std::fs::read(dir.join("dev.json")) {
-            if let Ok(info) = serde_json::from_slice::<DevInfo>(&bytes) {
-                return (child, info);
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "waymark dev did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_batch_loses_nothing_and_double_counts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (events, expected) = workload("k", 20000, 40);
 
-    let (mut child, info) = spawn_dev(dir.path());
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
     publish_all(&info.grpc_addr, &events[..12000]).await;
     // Every event above is acknowledged, hence durable. Kill the process
     // while the processors are still working through them.
     child.kill().expect("kill -9");
     child.wait().unwrap();
 
-    let (mut child, info) = spawn_dev(dir.path());
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
     publish_all(&info.grpc_addr, &events[12000..]).await;
     child.kill().expect("kill -9");
     child.wait().unwrap();
 
     // A clean run over the same directory converges to exactly the fold of
     // what was acknowledged.
-    let (mut child, info) = spawn_dev(dir.path());
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
     assert_counts(&info.grpc_addr, &expected).await;
     // Graceful stop on SIGTERM.
     let status = Command::new("kill")

@@ -742,9 +742,18 @@ impl Writer {
                 }
             }
             Err(e) => {
-                error!(error = %e, "embedded log commit failed");
+                if matches!(e, LogError::Closed) {
+                    // Requests that raced a close: each caller is told.
+                    tracing::debug!("embedded log closed; requests refused");
+                } else {
+                    error!(error = %e, "embedded log commit failed");
+                }
                 for request in requests {
-                    Answer::Failed(LogError::Unavailable(e.to_string())).send(request);
+                    let e = match &e {
+                        LogError::Closed => LogError::Closed,
+                        other => LogError::Unavailable(other.to_string()),
+                    };
+                    Answer::Failed(e).send(request);
                 }
             }
         }

@@ -9,16 +9,18 @@
 
 pub mod contract;
 pub mod engines;
+pub mod kafka;
 pub mod replay;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use tonic::transport::Channel;
-use waymark_cli::dev::{Dev, DevOptions};
+use waymark_cli::dev::{Dev, DevInfo, DevOptions};
 use waymark_cli::registry::PROCESSORS;
 use waymark_core::default_person_id;
 use waymark_proto::v1 as pb;
@@ -180,4 +182,62 @@ pub async fn assert_counts(addr: &str, expected: &BTreeMap<String, u64>) {
         .await;
         assert_eq!(got, *count, "{who}: event count");
     }
+}
+
+/// Starts the `waymark` binary's `dev` on `dir`, its Kafka endpoint on
+/// `kafka_addr` (`127.0.0.1:0` for any port), and waits for `dev.json`.
+/// Callers own the child and always kill and wait for it.
+#[allow(clippy::zombie_processes)]
+pub fn spawn_dev(dir: &Path, kafka_addr: &str) -> (Child, DevInfo) {
+    let _ = std::fs::remove_file(dir.join("dev.json"));
+    let child = Command::new(env!("CARGO_BIN_EXE_waymark"))
+        .args([
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            kafka_addr,
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn waymark dev");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(bytes) = std::fs::read(dir.join("dev.json")) {
+            if let Ok(info) = serde_json::from_slice::<DevInfo>(&bytes) {
+                return (child, info);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waymark dev did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit 0.
+pub fn terminate(child: &mut Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "waymark dev exits 0 on SIGTERM, got {exit:?}");
 }
