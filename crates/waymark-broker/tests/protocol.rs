@@ -377,3 +377,24 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
     let r = busy.call(&fetch(INPUTS, 0, 0, 1200), FETCH_V).await;
     assert_eq!(r.responses[0].partitions[0].error_code, 0);
 }
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_connections_take_no_thread_each() {
+    let s = setup(|_| {}).await;
+    let mut warm = Raw::connect(s.broker.addr()).await;
+    warm.call(&ApiVersionsRequest::default(), 3).await;
+    let before = threads();
+    let mut open = Vec::new();
+    for _ in 0..300 {
+        let mut c = Raw::connect(s.broker.addr()).await;
+        assert_eq!(c.call(&ApiVersionsRequest::default(), 3).await.error_code, 0);
+        open.push(c);
+    }
+    assert_eq!(s.broker.status().get().connections, 301);
+    let after = threads();
+    assert!(after <= before + 2, "{before} threads before, {after} with 300 connections");
+}
