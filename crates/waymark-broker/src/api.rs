@@ -170,47 +170,63 @@ impl Api {
                 let r = ApiVersionsResponse::default().with_api_keys(Self::api_keys());
                 ready(ResponseKind::ApiVersions(r))
             }
-            RequestKind::Metadata(r) => ready(ResponseKind::Metadata(self.metadata(&r, version, local))),
+            RequestKind::Metadata(r) => {
+                ready(ResponseKind::Metadata(self.metadata(&r, version, local)))
+            }
             RequestKind::Produce(r) => self.produce(r, version).await,
             RequestKind::InitProducerId(r) => {
                 let api = self.clone();
-                Box::pin(async move { Some(ResponseKind::InitProducerId(api.init_producer_id(r).await)) })
+                Box::pin(async move {
+                    Some(ResponseKind::InitProducerId(api.init_producer_id(r).await))
+                })
             }
             RequestKind::ListOffsets(r) => {
                 let api = self.clone();
-                Box::pin(async move { Some(ResponseKind::ListOffsets(api.list_offsets(r, version).await)) })
+                Box::pin(async move {
+                    Some(ResponseKind::ListOffsets(
+                        api.list_offsets(r, version).await,
+                    ))
+                })
             }
             RequestKind::Fetch(r) => {
                 let api = self.clone();
                 Box::pin(async move { Some(ResponseKind::Fetch(api.fetch(r, version).await)) })
             }
-            RequestKind::FindCoordinator(r) => {
-                ready(ResponseKind::FindCoordinator(self.find_coordinator(&r, version, local)))
-            }
+            RequestKind::FindCoordinator(r) => ready(ResponseKind::FindCoordinator(
+                self.find_coordinator(&r, version, local),
+            )),
             RequestKind::JoinGroup(r) => {
                 let groups = self.groups.clone();
                 let host = local.ip().to_string();
                 Box::pin(async move {
-                    Some(ResponseKind::JoinGroup(groups.join(r, version, client_id, host).await))
+                    Some(ResponseKind::JoinGroup(
+                        groups.join(r, version, client_id, host).await,
+                    ))
                 })
             }
             RequestKind::SyncGroup(r) => {
                 let groups = self.groups.clone();
-                Box::pin(async move { Some(ResponseKind::SyncGroup(groups.sync(r, version).await)) })
+                Box::pin(
+                    async move { Some(ResponseKind::SyncGroup(groups.sync(r, version).await)) },
+                )
             }
             RequestKind::Heartbeat(r) => ready(ResponseKind::Heartbeat(self.groups.heartbeat(&r))),
-            RequestKind::LeaveGroup(r) => ready(ResponseKind::LeaveGroup(self.groups.leave(&r, version))),
+            RequestKind::LeaveGroup(r) => {
+                ready(ResponseKind::LeaveGroup(self.groups.leave(&r, version)))
+            }
             RequestKind::OffsetCommit(r) => {
                 let groups = self.groups.clone();
                 Box::pin(async move { Some(ResponseKind::OffsetCommit(groups.commit(r).await)) })
             }
-            RequestKind::OffsetFetch(r) => {
-                ready(ResponseKind::OffsetFetch(self.groups.fetch_offsets(&r, version)))
-            }
+            RequestKind::OffsetFetch(r) => ready(ResponseKind::OffsetFetch(
+                self.groups.fetch_offsets(&r, version),
+            )),
             RequestKind::DescribeGroups(r) => {
                 ready(ResponseKind::DescribeGroups(self.groups.describe(&r)))
             }
-            RequestKind::ListGroups(r) => ready(ResponseKind::ListGroups(self.groups.list(&r, version))),
+            RequestKind::ListGroups(r) => {
+                ready(ResponseKind::ListGroups(self.groups.list(&r, version)))
+            }
             other => {
                 // Not advertised, so a well-behaved client never sends it;
                 // `supports` has already closed the connection for it.
@@ -244,7 +260,8 @@ impl Api {
         let topics = wanted
             .into_iter()
             .map(|name| {
-                let topic = MetadataResponseTopic::default().with_name(Some(TopicName(str_bytes(name.clone()))));
+                let topic = MetadataResponseTopic::default()
+                    .with_name(Some(TopicName(str_bytes(name.clone()))));
                 match known.get(name.as_str()) {
                     Some(&partitions) => topic.with_partitions(
                         (0..partitions)
@@ -289,7 +306,10 @@ impl Api {
                 ResponseError::TransactionalIdAuthorizationFailed,
                 "transaction coordinator asked for; transactions are not supported",
             );
-            (code, Some(str_bytes("transactions are not supported by waymark dev")))
+            (
+                code,
+                Some(str_bytes("transactions are not supported by waymark dev")),
+            )
         };
         if version >= 4 {
             let coordinators = r
@@ -299,7 +319,11 @@ impl Api {
                     Coordinator::default()
                         .with_key(key.clone())
                         .with_node_id(BrokerId(if error == 0 { NODE_ID } else { -1 }))
-                        .with_host(if error == 0 { host.clone() } else { StrBytes::default() })
+                        .with_host(if error == 0 {
+                            host.clone()
+                        } else {
+                            StrBytes::default()
+                        })
                         .with_port(if error == 0 { port } else { -1 })
                         .with_error_code(error)
                         .with_error_message(message.clone())
@@ -384,7 +408,10 @@ impl Api {
             for data in topic.partition_data {
                 let index = data.index;
                 let refusal = if bad_acks {
-                    Some((ResponseError::InvalidRequiredAcks, format!("acks={acks} is not -1, 0 or 1")))
+                    Some((
+                        ResponseError::InvalidRequiredAcks,
+                        format!("acks={acks} is not -1, 0 or 1"),
+                    ))
                 } else if transactional {
                     Some((
                         ResponseError::InvalidRequest,
@@ -418,8 +445,12 @@ impl Api {
                     max_decompressed_bytes: self.config.max_decompressed_bytes,
                 };
                 let Some(bytes) = data.records else {
-                    let code = self.refuse(ResponseError::CorruptMessage, "produce without records");
-                    slots.push((index, Slot::Error(partition_error(index, code, "no records".into()))));
+                    let code =
+                        self.refuse(ResponseError::CorruptMessage, "produce without records");
+                    slots.push((
+                        index,
+                        Slot::Error(partition_error(index, code, "no records".into())),
+                    ));
                     continue;
                 };
                 match records::decode_batches(bytes, limits) {
@@ -489,7 +520,9 @@ impl Api {
                         .into_iter()
                         .map(|(index, slot)| match slot {
                             Slot::Error(p) => p,
-                            Slot::Appends(at) => api.produce_answer(index, &at, &results, version, &name),
+                            Slot::Appends(at) => {
+                                api.produce_answer(index, &at, &results, version, &name)
+                            }
                         })
                         .collect();
                     TopicProduceResponse::default()
@@ -500,7 +533,9 @@ impl Api {
             if acks == 0 {
                 return None;
             }
-            Some(ResponseKind::Produce(ProduceResponse::default().with_responses(responses)))
+            Some(ResponseKind::Produce(
+                ProduceResponse::default().with_responses(responses),
+            ))
         })
     }
 
@@ -534,14 +569,21 @@ impl Api {
         let mut first: Option<(i64, i64, i64)> = None;
         for i in at {
             let Some(result) = results.get(*i) else {
-                return fail(ResponseError::UnknownServerError.code(), "missing append result".into());
+                return fail(
+                    ResponseError::UnknownServerError.code(),
+                    "missing append result".into(),
+                );
             };
             let (offset, time, start) = match result {
                 Ok(AppendOutcome::Appended {
                     base_offset,
                     log_append_time_ms,
                     log_start_offset,
-                }) => (*base_offset as i64, *log_append_time_ms, *log_start_offset as i64),
+                }) => (
+                    *base_offset as i64,
+                    *log_append_time_ms,
+                    *log_start_offset as i64,
+                ),
                 Ok(AppendOutcome::Duplicate { base_offset }) => (*base_offset as i64, -1, 0),
                 Err(refusal) => {
                     let (e, why) = match refusal {
@@ -553,14 +595,17 @@ impl Api {
                             ResponseError::InvalidProducerEpoch,
                             format!("producer epoch is older than the current {current}"),
                         ),
-                        AppendRefusal::UnknownTopic(t) => {
-                            (ResponseError::UnknownTopicOrPartition, format!("unknown topic {t}"))
-                        }
-                        AppendRefusal::UnknownPartition(p) => {
-                            (ResponseError::UnknownTopicOrPartition, format!("unknown partition {p}"))
-                        }
+                        AppendRefusal::UnknownTopic(t) => (
+                            ResponseError::UnknownTopicOrPartition,
+                            format!("unknown topic {t}"),
+                        ),
+                        AppendRefusal::UnknownPartition(p) => (
+                            ResponseError::UnknownTopicOrPartition,
+                            format!("unknown partition {p}"),
+                        ),
                     };
-                    let code = self.refuse(e, &format!("produce to {}/{index}: {why}", topic.as_str()));
+                    let code =
+                        self.refuse(e, &format!("produce to {}/{index}: {why}", topic.as_str()));
                     return fail(code, why);
                 }
             };
@@ -578,9 +623,11 @@ impl Api {
             let name = topic.name.to_string();
             let mut partitions = Vec::with_capacity(topic.partitions.len());
             for p in topic.partitions {
-                let base = ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
+                let base =
+                    ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
                 let Ok(index) = u32::try_from(p.partition_index) else {
-                    partitions.push(base.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
+                    partitions
+                        .push(base.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
                     continue;
                 };
                 let (low, high) = match self.log.offsets(&name, index) {
@@ -590,7 +637,11 @@ impl Api {
                             ResponseError::UnknownTopicOrPartition,
                             &format!("list offsets of unknown {name}/{index}"),
                         );
-                        partitions.push(base.with_error_code(code).with_offset(-1).with_timestamp(-1));
+                        partitions.push(
+                            base.with_error_code(code)
+                                .with_offset(-1)
+                                .with_timestamp(-1),
+                        );
                         continue;
                     }
                 };
@@ -648,7 +699,11 @@ impl Api {
         }
         let deadline = Instant::now() + Duration::from_millis(r.max_wait_ms.max(0) as u64);
         let min_bytes = r.min_bytes.max(0) as usize;
-        let max_bytes = if r.max_bytes > 0 { r.max_bytes as usize } else { usize::MAX };
+        let max_bytes = if r.max_bytes > 0 {
+            r.max_bytes as usize
+        } else {
+            usize::MAX
+        };
         loop {
             // Registered before reading, so an append in between wakes us.
             let appended = self.log.appended();
@@ -667,7 +722,12 @@ impl Api {
         }
     }
 
-    async fn fetch_once(&self, r: &FetchRequest, version: i16, max_bytes: usize) -> (FetchResponse, usize) {
+    async fn fetch_once(
+        &self,
+        r: &FetchRequest,
+        version: i16,
+        max_bytes: usize,
+    ) -> (FetchResponse, usize) {
         let mut total = 0usize;
         let mut responses = Vec::with_capacity(r.topics.len());
         for topic in &r.topics {
@@ -719,12 +779,14 @@ impl Api {
                             .fetch_add(records.len() as u64, Ordering::Relaxed);
                         metrics::counter!(RECORDS_OUT, "topic" => name.clone())
                             .increment(records.len() as u64);
-                        metrics::counter!(BYTES_OUT, "topic" => name.clone()).increment(bytes.len() as u64);
+                        metrics::counter!(BYTES_OUT, "topic" => name.clone())
+                            .increment(bytes.len() as u64);
                         partitions.push(base.with_records(Some(bytes)));
                     }
                     Err(e) => {
                         warn!(topic = %name, partition = index, error = %e, "kafka endpoint: fetch failed");
-                        partitions.push(base.with_error_code(ResponseError::KafkaStorageError.code()));
+                        partitions
+                            .push(base.with_error_code(ResponseError::KafkaStorageError.code()));
                     }
                 }
             }

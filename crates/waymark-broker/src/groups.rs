@@ -166,10 +166,12 @@ impl Group {
         // The protocol every member supports, by the members' votes (each
         // votes for its most preferred one among those).
         let common: Vec<String> = {
-            let mut sets = self
-                .members
-                .values()
-                .map(|m| m.protocols.iter().map(|(n, _)| n.clone()).collect::<HashSet<_>>());
+            let mut sets = self.members.values().map(|m| {
+                m.protocols
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect::<HashSet<_>>()
+            });
             let first = sets.next().unwrap_or_default();
             sets.fold(first, |acc, s| acc.intersection(&s).cloned().collect())
                 .into_iter()
@@ -291,7 +293,9 @@ impl Coordinator {
                 let expired: Vec<String> = g
                     .members
                     .iter()
-                    .filter(|(_, m)| m.join.is_none() && now.duration_since(m.last_seen) > m.session_timeout)
+                    .filter(|(_, m)| {
+                        m.join.is_none() && now.duration_since(m.last_seen) > m.session_timeout
+                    })
                     .map(|(k, _)| k.clone())
                     .collect();
                 for member in expired {
@@ -366,22 +370,27 @@ impl Coordinator {
                         .with_generation_id(-1)
                         .with_member_id(str_bytes(member_id));
                 }
-            } else if !g.members.contains_key(&member_id) && g.pending.remove(&member_id).is_none() {
-                return error_join(ResponseError::UnknownMemberId).with_member_id(r.member_id.clone());
+            } else if !g.members.contains_key(&member_id) && g.pending.remove(&member_id).is_none()
+            {
+                return error_join(ResponseError::UnknownMemberId)
+                    .with_member_id(r.member_id.clone());
             }
             g.protocol_type = Some(protocol_type);
             let (tx, rx) = oneshot::channel();
-            let member = g.members.entry(member_id.clone()).or_insert_with(|| Member {
-                client_id: client_id.clone(),
-                client_host: client_host.clone(),
-                protocols: Vec::new(),
-                session_timeout: session,
-                rebalance_timeout: rebalance,
-                last_seen: now,
-                assignment: Bytes::new(),
-                join: None,
-                sync: None,
-            });
+            let member = g
+                .members
+                .entry(member_id.clone())
+                .or_insert_with(|| Member {
+                    client_id: client_id.clone(),
+                    client_host: client_host.clone(),
+                    protocols: Vec::new(),
+                    session_timeout: session,
+                    rebalance_timeout: rebalance,
+                    last_seen: now,
+                    assignment: Bytes::new(),
+                    join: None,
+                    sync: None,
+                });
             member.protocols = protocols;
             member.session_timeout = session;
             member.rebalance_timeout = rebalance;
@@ -635,7 +644,9 @@ impl Coordinator {
                 .map(|(t, ps)| {
                     (
                         TopicName(str_bytes(t)),
-                        ps.into_iter().map(|(p, o)| (p as i32, o as i64, 0)).collect(),
+                        ps.into_iter()
+                            .map(|(p, o)| (p as i32, o as i64, 0))
+                            .collect(),
                     )
                 })
                 .collect(),
@@ -662,7 +673,11 @@ impl Coordinator {
         }
     }
 
-    pub(crate) fn fetch_offsets(&self, r: &OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
+    pub(crate) fn fetch_offsets(
+        &self,
+        r: &OffsetFetchRequest,
+        version: i16,
+    ) -> OffsetFetchResponse {
         if version >= 8 {
             let groups = r
                 .groups
@@ -743,7 +758,9 @@ impl Coordinator {
                 match groups.get(id.as_str()) {
                     Some(g) => {
                         let protocol = g.protocol.clone().unwrap_or_default();
-                        let members = if g.state == State::Stable || g.state == State::CompletingRebalance {
+                        let members = if g.state == State::Stable
+                            || g.state == State::CompletingRebalance
+                        {
                             g.members
                                 .iter()
                                 .map(|(mid, m)| {
@@ -759,7 +776,9 @@ impl Coordinator {
                             Vec::new()
                         };
                         base.with_group_state(str_bytes(g.state.name()))
-                            .with_protocol_type(str_bytes(g.protocol_type.clone().unwrap_or_default()))
+                            .with_protocol_type(str_bytes(
+                                g.protocol_type.clone().unwrap_or_default(),
+                            ))
                             .with_protocol_data(str_bytes(protocol))
                             .with_members(members)
                     }
@@ -783,7 +802,9 @@ impl Coordinator {
             listed.insert(
                 id.clone(),
                 (
-                    g.protocol_type.clone().unwrap_or_else(|| "consumer".to_owned()),
+                    g.protocol_type
+                        .clone()
+                        .unwrap_or_else(|| "consumer".to_owned()),
                     g.state.name().to_owned(),
                 ),
             );

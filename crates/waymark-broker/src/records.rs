@@ -232,8 +232,7 @@ fn decompress(codec: i16, body: Bytes, limits: Limits) -> Result<Bytes, BatchErr
             Ok(out.into())
         }
         3 => {
-            let decoder =
-                lz4::Decoder::new(&body[..]).map_err(|e| corrupt(format!("lz4: {e}")))?;
+            let decoder = lz4::Decoder::new(&body[..]).map_err(|e| corrupt(format!("lz4: {e}")))?;
             bounded(decoder, limit, "lz4")
         }
         4 => {
@@ -293,8 +292,8 @@ fn decode_record(buf: &mut Bytes) -> Result<StoredRecord, String> {
     let mut headers = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let len = varint(&mut r)?;
-        let name = take(&mut r, len, "header name")?
-            .ok_or_else(|| "null header name".to_owned())?;
+        let name =
+            take(&mut r, len, "header name")?.ok_or_else(|| "null header name".to_owned())?;
         let len = varint(&mut r)?;
         headers.push((name, take(&mut r, len, "header value")?));
     }
@@ -434,10 +433,23 @@ mod tests {
         // accepts UTF-8 header names, so use those here).
         let mut r = record("k", "v");
         r.headers = vec![(b"name".to_vec(), Some(b"x".to_vec()))];
-        let fetched = vec![(3, r.clone()), (4, r.clone()), (5, StoredRecord { timestamp_ms: 2000, ..r })];
+        let fetched = vec![
+            (3, r.clone()),
+            (4, r.clone()),
+            (
+                5,
+                StoredRecord {
+                    timestamp_ms: 2000,
+                    ..r
+                },
+            ),
+        ];
         let mut bytes = encode_fetched(&fetched);
         let sets = kafka_protocol::records::RecordBatchDecoder::decode_all(&mut bytes).unwrap();
-        let offsets: Vec<i64> = sets.iter().flat_map(|s| s.records.iter().map(|r| r.offset)).collect();
+        let offsets: Vec<i64> = sets
+            .iter()
+            .flat_map(|s| s.records.iter().map(|r| r.offset))
+            .collect();
         assert_eq!(offsets, vec![3, 4, 5]);
         assert_eq!(sets.len(), 2, "one batch per append time");
         assert_eq!(sets[1].records[0].timestamp, 2000);
@@ -461,12 +473,18 @@ mod tests {
         ));
         let mut magic = good.to_vec();
         magic[16] = 1;
-        assert_eq!(decode_batches(Bytes::from(magic), LIMITS), Err(BatchError::Magic(1)));
+        assert_eq!(
+            decode_batches(Bytes::from(magic), LIMITS),
+            Err(BatchError::Magic(1))
+        );
         let small = Limits {
             max_message_bytes: 20,
             max_decompressed_bytes: 100,
         };
-        assert!(matches!(decode_batches(good, small), Err(BatchError::TooLarge(_))));
+        assert!(matches!(
+            decode_batches(good, small),
+            Err(BatchError::TooLarge(_))
+        ));
     }
 
     #[test]

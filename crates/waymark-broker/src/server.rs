@@ -61,12 +61,13 @@ impl Broker {
     /// Binds `config.addr` and serves `log` until stopped. A busy address
     /// is an error here, before anything is served.
     pub async fn start(log: EmbeddedLog, config: BrokerConfig) -> Result<Self, BrokerError> {
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .map_err(|source| BrokerError::Bind {
-                addr: config.addr,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.addr)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.addr,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: config.addr,
             source,
@@ -314,8 +315,10 @@ async fn start_request(
     let header = match RequestHeader::decode(&mut frame, header_version) {
         Ok(h) => h,
         Err(e) => {
-            api.counters
-                .refused("INVALID_REQUEST", &format!("{peer}: bad request header: {e}"));
+            api.counters.refused(
+                "INVALID_REQUEST",
+                &format!("{peer}: bad request header: {e}"),
+            );
             return None;
         }
     };

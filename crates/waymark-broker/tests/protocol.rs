@@ -134,7 +134,10 @@ async fn an_unknown_api_versions_version_gets_the_kip_511_answer() {
     let _ = resp.split_to(4);
     let v0 = ApiVersionsResponse::decode(&mut resp, 0).unwrap();
     assert_eq!(v0.error_code, ResponseError::UnsupportedVersion.code());
-    assert!(v0.api_keys.iter().any(|k| k.api_key == 0 && k.max_version >= 3));
+    assert!(v0
+        .api_keys
+        .iter()
+        .any(|k| k.api_key == 0 && k.max_version >= 3));
 
     // The client then picks a version it shares and goes on.
     let v3 = raw.call(&ApiVersionsRequest::default(), 3).await;
@@ -160,12 +163,37 @@ async fn every_refusal_has_its_code_and_the_connection_goes_on() {
     let truncated = good.slice(..good.len() - 3);
     let big = plain_batch(&[record(&"x".repeat(100 * 1024))]);
     let cases: Vec<(&str, &str, Bytes, ResponseError)> = vec![
-        ("bad CRC", INPUTS, Bytes::from(crc), ResponseError::CorruptMessage),
-        ("bad framing", INPUTS, truncated, ResponseError::CorruptMessage),
-        ("old magic", INPUTS, Bytes::from(magic), ResponseError::UnsupportedForMessageFormat),
+        (
+            "bad CRC",
+            INPUTS,
+            Bytes::from(crc),
+            ResponseError::CorruptMessage,
+        ),
+        (
+            "bad framing",
+            INPUTS,
+            truncated,
+            ResponseError::CorruptMessage,
+        ),
+        (
+            "old magic",
+            INPUTS,
+            Bytes::from(magic),
+            ResponseError::UnsupportedForMessageFormat,
+        ),
         ("too large", INPUTS, big, ResponseError::MessageTooLarge),
-        ("unknown topic", "waymark.input", good.clone(), ResponseError::UnknownTopicOrPartition),
-        ("processors' topic", EVENTS, good.clone(), ResponseError::TopicAuthorizationFailed),
+        (
+            "unknown topic",
+            "waymark.input",
+            good.clone(),
+            ResponseError::UnknownTopicOrPartition,
+        ),
+        (
+            "processors' topic",
+            EVENTS,
+            good.clone(),
+            ResponseError::TopicAuthorizationFailed,
+        ),
         (
             "transactional batch",
             INPUTS,
@@ -182,7 +210,9 @@ async fn every_refusal_has_its_code_and_the_connection_goes_on() {
     }
     let (code, _) = produce_one(&mut raw, INPUTS, 7, good.clone()).await;
     assert_eq!(code, ResponseError::UnknownTopicOrPartition.code());
-    let bad_acks = raw.call(&produce(INPUTS, 0, good.clone(), 2), PRODUCE_V).await;
+    let bad_acks = raw
+        .call(&produce(INPUTS, 0, good.clone(), 2), PRODUCE_V)
+        .await;
     assert_eq!(
         bad_acks.responses[0].partition_responses[0].error_code,
         ResponseError::InvalidRequiredAcks.code()
@@ -194,12 +224,17 @@ async fn every_refusal_has_its_code_and_the_connection_goes_on() {
             4,
         )
         .await;
-    assert_eq!(txn.error_code, ResponseError::TransactionalIdAuthorizationFailed.code());
+    assert_eq!(
+        txn.error_code,
+        ResponseError::TransactionalIdAuthorizationFailed.code()
+    );
 
     // Exactly the good batches were appended, nothing else.
     let records = stored(&s.log, INPUTS, 0).await;
     assert_eq!(records.len(), 7);
-    assert!(records.iter().all(|r| r.value.as_deref() == Some(&b"good"[..])));
+    assert!(records
+        .iter()
+        .all(|r| r.value.as_deref() == Some(&b"good"[..])));
     assert!(stored(&s.log, EVENTS, 0).await.is_empty());
     let status = s.broker.status().get();
     assert_eq!(status.records_in, 7);
@@ -213,16 +248,35 @@ async fn idempotent_retries_append_once_across_a_restart_and_gaps_are_refused() 
     let config = BrokerConfig::new("127.0.0.1:0".parse().unwrap()).writable(INPUTS);
     let broker = Broker::start(log.clone(), config.clone()).await.unwrap();
     let mut raw = Raw::connect(broker.addr()).await;
-    let init = raw.call(&InitProducerIdRequest::default().with_transactional_id(None), 4).await;
+    let init = raw
+        .call(
+            &InitProducerIdRequest::default().with_transactional_id(None),
+            4,
+        )
+        .await;
     assert_eq!(init.error_code, 0);
     let pid = init.producer_id.0;
-    let second = raw.call(&InitProducerIdRequest::default().with_transactional_id(None), 4).await;
+    let second = raw
+        .call(
+            &InitProducerIdRequest::default().with_transactional_id(None),
+            4,
+        )
+        .await;
     assert_ne!(second.producer_id.0, pid, "producer ids are never reused");
 
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 0, 3, false)).await, (0, 0));
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 0, 3, false)).await,
+        (0, 0)
+    );
     // A retry of the same batch: the original offset, nothing appended.
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 0, 3, false)).await, (0, 0));
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 3, 2, false)).await, (0, 3));
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 0, 3, false)).await,
+        (0, 0)
+    );
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 3, 2, false)).await,
+        (0, 3)
+    );
     let (code, _) = produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 9, 1, false)).await;
     assert_eq!(code, ResponseError::OutOfOrderSequenceNumber.code());
     assert_eq!(stored(&log, INPUTS, 1).await.len(), 5);
@@ -235,10 +289,19 @@ async fn idempotent_retries_append_once_across_a_restart_and_gaps_are_refused() 
     let log = open_log(dir.path()).await;
     let broker = Broker::start(log.clone(), config).await.unwrap();
     let mut raw = Raw::connect(broker.addr()).await;
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 3, 2, false)).await, (0, 3));
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 5, 1, false)).await, (0, 5));
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 3, 2, false)).await,
+        (0, 3)
+    );
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 5, 1, false)).await,
+        (0, 5)
+    );
     // A newer epoch starts over at 0 and fences the old one.
-    assert_eq!(produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 1, 0, 1, false)).await, (0, 6));
+    assert_eq!(
+        produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 1, 0, 1, false)).await,
+        (0, 6)
+    );
     let (code, _) = produce_one(&mut raw, INPUTS, 1, idempotent_batch(pid, 0, 6, 1, false)).await;
     assert_eq!(code, ResponseError::InvalidProducerEpoch.code());
     let values: Vec<String> = stored(&log, INPUTS, 1)
@@ -246,7 +309,10 @@ async fn idempotent_retries_append_once_across_a_restart_and_gaps_are_refused() 
         .into_iter()
         .map(|r| String::from_utf8(r.value.unwrap()).unwrap())
         .collect();
-    assert_eq!(values, ["seq 0", "seq 1", "seq 2", "seq 3", "seq 4", "seq 5", "seq 0"]);
+    assert_eq!(
+        values,
+        ["seq 0", "seq 1", "seq 2", "seq 3", "seq 4", "seq 5", "seq 0"]
+    );
 }
 
 #[tokio::test]
@@ -265,7 +331,13 @@ async fn header_names_and_values_of_any_bytes_and_length_round_trip() {
             (b"null".to_vec(), None),
         ],
     };
-    let (code, offset) = produce_one(&mut raw, INPUTS, 0, plain_batch(&[sent.clone(), record("after")])).await;
+    let (code, offset) = produce_one(
+        &mut raw,
+        INPUTS,
+        0,
+        plain_batch(&[sent.clone(), record("after")]),
+    )
+    .await;
     assert_eq!((code, offset), (0, 0));
     let r = raw.call(&fetch(INPUTS, 0, 0, 100), FETCH_V).await;
     let p = &r.responses[0].partitions[0];
@@ -292,10 +364,18 @@ async fn fetch_answers_out_of_range_and_long_polls_until_data() {
     // A long poll is answered as soon as a record arrives.
     let c = raw.send(&fetch(INPUTS, 0, 0, 10_000), FETCH_V).await;
     let mut other = Raw::connect(s.broker.addr()).await;
-    assert_eq!(produce_one(&mut other, INPUTS, 0, plain_batch(&[record("r")])).await.0, 0);
+    assert_eq!(
+        produce_one(&mut other, INPUTS, 0, plain_batch(&[record("r")]))
+            .await
+            .0,
+        0
+    );
     let r = raw.recv::<FetchRequest>(FETCH_V, c).await;
     assert_eq!(r.responses[0].partitions[0].high_watermark, 1);
-    assert!(r.responses[0].partitions[0].records.as_ref().is_some_and(|b| !b.is_empty()));
+    assert!(r.responses[0].partitions[0]
+        .records
+        .as_ref()
+        .is_some_and(|b| !b.is_empty()));
 }
 
 #[tokio::test]
@@ -312,7 +392,13 @@ async fn an_oversize_request_frame_is_refused_before_it_is_read() {
     assert!(raw.closed_within(Duration::from_secs(10)).await);
     // Everyone else is unaffected.
     let mut other = Raw::connect(s.broker.addr()).await;
-    assert_eq!(other.call(&ApiVersionsRequest::default(), 3).await.error_code, 0);
+    assert_eq!(
+        other
+            .call(&ApiVersionsRequest::default(), 3)
+            .await
+            .error_code,
+        0
+    );
     assert!(s.broker.status().get().refusals >= 1);
 }
 
@@ -321,8 +407,14 @@ async fn connections_over_the_cap_are_closed() {
     let s = setup(|c| c.max_connections = 2).await;
     let mut a = Raw::connect(s.broker.addr()).await;
     let mut b = Raw::connect(s.broker.addr()).await;
-    assert_eq!(a.call(&ApiVersionsRequest::default(), 3).await.error_code, 0);
-    assert_eq!(b.call(&ApiVersionsRequest::default(), 3).await.error_code, 0);
+    assert_eq!(
+        a.call(&ApiVersionsRequest::default(), 3).await.error_code,
+        0
+    );
+    assert_eq!(
+        b.call(&ApiVersionsRequest::default(), 3).await.error_code,
+        0
+    );
     let mut c = Raw::connect(s.broker.addr()).await;
     assert!(c.closed_within(Duration::from_secs(10)).await);
     drop(a);
@@ -354,7 +446,10 @@ async fn a_connection_with_too_many_requests_in_flight_is_not_read_further() {
         // A long poll on an empty partition, then a produce behind it.
         let f = raw.send(&fetch(EVENTS, 0, 0, 1500), FETCH_V).await;
         let p = raw
-            .send(&produce(INPUTS, 0, plain_batch(&[record("x")]), -1), PRODUCE_V)
+            .send(
+                &produce(INPUTS, 0, plain_batch(&[record("x")]), -1),
+                PRODUCE_V,
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         let (_, high) = s.log.offsets(INPUTS, 0).unwrap();
@@ -391,10 +486,16 @@ async fn three_hundred_connections_take_no_thread_each() {
     let mut open = Vec::new();
     for _ in 0..300 {
         let mut c = Raw::connect(s.broker.addr()).await;
-        assert_eq!(c.call(&ApiVersionsRequest::default(), 3).await.error_code, 0);
+        assert_eq!(
+            c.call(&ApiVersionsRequest::default(), 3).await.error_code,
+            0
+        );
         open.push(c);
     }
     assert_eq!(s.broker.status().get().connections, 301);
     let after = threads();
-    assert!(after <= before + 2, "{before} threads before, {after} with 300 connections");
+    assert!(
+        after <= before + 2,
+        "{before} threads before, {after} with 300 connections"
+    );
 }

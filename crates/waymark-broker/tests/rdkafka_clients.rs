@@ -48,10 +48,18 @@ fn poll_n(c: &BaseConsumer, n: usize) -> Vec<(i32, i64, Vec<u8>)> {
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while out.len() < n {
-        assert!(std::time::Instant::now() < deadline, "got {} of {n}", out.len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "got {} of {n}",
+            out.len()
+        );
         if let Some(m) = c.poll(Duration::from_millis(100)) {
             let m = m.unwrap();
-            out.push((m.partition(), m.offset(), m.payload().unwrap_or_default().to_vec()));
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
         }
     }
     out
@@ -62,7 +70,10 @@ async fn every_compression_round_trips_through_produce_and_fetch() {
     let s = setup(|_| {}).await;
     let mut expected = Vec::new();
     for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
-        let p = producer(&s.bootstrap(), &[("compression.codec", codec), ("linger.ms", "20")]);
+        let p = producer(
+            &s.bootstrap(),
+            &[("compression.codec", codec), ("linger.ms", "20")],
+        );
         let sends: Vec<_> = (0..200)
             .map(|i| {
                 let value = format!("{codec}-{i}-{}", "y".repeat(i % 50));
@@ -90,16 +101,23 @@ async fn every_compression_round_trips_through_produce_and_fetch() {
     }
     let c = consumer(&s.bootstrap(), "unused");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(INPUTS, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(INPUTS, 0, Offset::Beginning)
+        .unwrap();
     c.assign(&tpl).unwrap();
     let got = poll_n(&c, expected.len());
-    let values: Vec<String> = got.iter().map(|(_, _, v)| String::from_utf8(v.clone()).unwrap()).collect();
+    let values: Vec<String> = got
+        .iter()
+        .map(|(_, _, v)| String::from_utf8(v.clone()).unwrap())
+        .collect();
     assert_eq!(values, expected, "every record once, in order");
     let offsets: Vec<i64> = got.iter().map(|(_, o, _)| *o).collect();
     assert_eq!(offsets, (0..expected.len() as i64).collect::<Vec<_>>());
     // Headers came through too.
     let stored = stored(&s.log, INPUTS, 0).await;
-    assert_eq!(stored[0].headers, vec![(b"codec".to_vec(), Some(b"none".to_vec()))]);
+    assert_eq!(
+        stored[0].headers,
+        vec![(b"codec".to_vec(), Some(b"none".to_vec()))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,11 +152,20 @@ async fn refusals_reach_the_producer_as_kafka_errors() {
         Err(KafkaError::MessageProduction(code)) => code,
         other => panic!("expected a produce error, got {other:?}"),
     };
-    assert_eq!(code(send(EVENTS, 10).await), RDKafkaErrorCode::TopicAuthorizationFailed);
-    assert_eq!(code(send(INPUTS, 200_000).await), RDKafkaErrorCode::MessageSizeTooLarge);
+    assert_eq!(
+        code(send(EVENTS, 10).await),
+        RDKafkaErrorCode::TopicAuthorizationFailed
+    );
+    assert_eq!(
+        code(send(INPUTS, 200_000).await),
+        RDKafkaErrorCode::MessageSizeTooLarge
+    );
     let unknown = code(send("waymark.input", 10).await);
     assert!(
-        matches!(unknown, RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic),
+        matches!(
+            unknown,
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+        ),
         "{unknown:?}"
     );
     // And the same producer goes on.
@@ -182,7 +209,10 @@ fn until(members: &[&BaseConsumer], what: &str, done: impl Fn(&[BTreeSet<i32>]) 
         if done(&now) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{what}: assignments {now:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: assignments {now:?}"
+        );
     }
 }
 
@@ -210,7 +240,9 @@ async fn a_group_of_two_splits_the_partitions_and_hands_them_over() {
     tokio::task::spawn_blocking(move || {
         let a = consumer(&bootstrap, "split");
         a.subscribe(&[EVENTS]).unwrap();
-        until(&[&a], "the first member gets everything", |m| m[0].len() == 4);
+        until(&[&a], "the first member gets everything", |m| {
+            m[0].len() == 4
+        });
         let b = consumer(&bootstrap, "split");
         b.subscribe(&[EVENTS]).unwrap();
         until(&[&a, &b], "two members split 2/2", |m| {
@@ -230,7 +262,9 @@ async fn a_group_of_two_splits_the_partitions_and_hands_them_over() {
         a.commit_consumer_state(CommitMode::Sync).unwrap();
         let mine = assigned(&a);
         drop(a); // leaves the group
-        until(&[&b], "the remaining member takes over all four", |m| m[0].len() == 4);
+        until(&[&b], "the remaining member takes over all four", |m| {
+            m[0].len() == 4
+        });
         // b resumes a's partitions from a's commits: only b's own 80 and
         // nothing of a's.
         let mut got = Vec::new();
@@ -249,7 +283,9 @@ async fn a_group_of_two_splits_the_partitions_and_hands_them_over() {
         assert_eq!(got.len(), 80, "nothing of the committed partitions again");
         assert!(got.iter().all(|p| !mine.contains(p)));
         // The group and its offsets are visible to admin tools.
-        let groups = b.fetch_group_list(Some("split"), Duration::from_secs(10)).unwrap();
+        let groups = b
+            .fetch_group_list(Some("split"), Duration::from_secs(10))
+            .unwrap();
         let g = &groups.groups()[0];
         assert_eq!(g.state(), "Stable");
         assert_eq!(g.members().len(), 1);

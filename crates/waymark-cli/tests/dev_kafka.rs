@@ -36,7 +36,10 @@ fn keyed(events: &[String]) -> Vec<(String, String)> {
 }
 
 /// Every id once, and each key's ids in the order they were produced.
-fn assert_exactly_once_in_order(records: &[(i32, i64, Vec<u8>, Vec<u8>)], sent: &[(String, String)]) {
+fn assert_exactly_once_in_order(
+    records: &[(i32, i64, Vec<u8>, Vec<u8>)],
+    sent: &[(String, String)],
+) {
     let got = ids(records);
     let distinct: BTreeSet<&String> = got.iter().collect();
     assert_eq!(got.len(), sent.len(), "records in the log");
@@ -79,7 +82,14 @@ async fn a_burst_of_250k_idempotent_records_is_applied_exactly_once() {
     let stored = dev.log.read_stored(INPUTS, 0, 0, usize::MAX).await.unwrap();
     let as_records: Vec<_> = stored
         .into_iter()
-        .map(|(o, r)| (0, o as i64, r.key.unwrap_or_default(), r.value.unwrap_or_default()))
+        .map(|(o, r)| {
+            (
+                0,
+                o as i64,
+                r.key.unwrap_or_default(),
+                r.value.unwrap_or_default(),
+            )
+        })
         .collect();
     assert_exactly_once_in_order(&as_records, &records);
     // And applied: every person's count is exactly its events.
@@ -122,7 +132,10 @@ async fn kill_9_after_acks_and_mid_stream_loses_nothing_and_duplicates_nothing()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while acks.acked.load(Ordering::Relaxed) < 15_000 {
-        assert!(std::time::Instant::now() < deadline, "the stream makes progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream makes progress"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     child.kill().unwrap();
@@ -180,13 +193,22 @@ async fn a_busy_kafka_port_is_a_clear_error_before_anything_starts() {
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_waymark"))
-        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--kafka-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--kafka-addr") && err.contains(&port.to_string()), "{err}");
+    assert!(
+        err.contains("--kafka-addr") && err.contains(&port.to_string()),
+        "{err}"
+    );
     assert!(gone(dir.path()), "nothing started, no dev.json");
 }

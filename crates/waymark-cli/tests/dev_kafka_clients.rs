@@ -156,10 +156,19 @@ async fn kcat_produces_with_any_header_bytes_consumes_and_joins_a_group() {
         .stdin(Stdio::piped());
     let mut child = p.spawn().unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(EVENT.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(EVENT.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "kcat -P");
 
-    let stored = dev.log.read_stored("waymark.inputs", 0, 0, usize::MAX).await.unwrap();
+    let stored = dev
+        .log
+        .read_stored("waymark.inputs", 0, 0, usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(stored.len(), 1);
     let headers = &stored[0].1.headers;
     assert_eq!(
@@ -177,7 +186,17 @@ async fn kcat_produces_with_any_header_bytes_consumes_and_joins_a_group() {
 
     // -C gives the same bytes back.
     let out = Command::new(&kcat)
-        .args(["-C", "-b", &b, "-t", "waymark.inputs", "-e", "-o", "beginning", "-q"])
+        .args([
+            "-C",
+            "-b",
+            &b,
+            "-t",
+            "waymark.inputs",
+            "-e",
+            "-o",
+            "beginning",
+            "-q",
+        ])
         .args(["-f", "%k|%h|%s\n"])
         .output()
         .unwrap();
@@ -214,7 +233,14 @@ async fn kcat_produces_with_any_header_bytes_consumes_and_joins_a_group() {
     dev.stop().await.unwrap();
 }
 
-fn java_member(java: &str, cp: &str, bootstrap: &str, group: &str, name: &str, stop: &str) -> Lines {
+fn java_member(
+    java: &str,
+    cp: &str,
+    bootstrap: &str,
+    group: &str,
+    name: &str,
+    stop: &str,
+) -> Lines {
     let mut cmd = Command::new(java);
     cmd.arg("-cp")
         .arg(cp)
@@ -234,7 +260,10 @@ fn assignment(lines: &[String], name: &str) -> Option<BTreeSet<i32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
-    let (Some(java), Some(cp)) = (client("WAYMARK_TEST_JAVA"), client("WAYMARK_TEST_KAFKA_CLASSPATH")) else {
+    let (Some(java), Some(cp)) = (
+        client("WAYMARK_TEST_JAVA"),
+        client("WAYMARK_TEST_KAFKA_CLASSPATH"),
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -247,7 +276,14 @@ async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
     let stop_b = dir.path().join("b.stop");
     let (b1, java1, cp1) = (b.clone(), java.clone(), cp.clone());
     let a = tokio::task::spawn_blocking(move || {
-        let a = java_member(&java1, &cp1, &b1, "java-group", "alpha", "/nonexistent/stop");
+        let a = java_member(
+            &java1,
+            &cp1,
+            &b1,
+            "java-group",
+            "alpha",
+            "/nonexistent/stop",
+        );
         a.wait_for("alpha gets all six partitions", |l| {
             assignment(l, "alpha").is_some_and(|p| p.len() == 6)
         });
@@ -263,8 +299,12 @@ async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
     .await
     .unwrap();
     let (a, beta) = tokio::task::spawn_blocking(move || {
-        a.wait_for("alpha keeps three", |l| assignment(l, "alpha").is_some_and(|p| p.len() == 3));
-        beta.wait_for("beta takes three", |l| assignment(l, "beta").is_some_and(|p| p.len() == 3));
+        a.wait_for("alpha keeps three", |l| {
+            assignment(l, "alpha").is_some_and(|p| p.len() == 3)
+        });
+        beta.wait_for("beta takes three", |l| {
+            assignment(l, "beta").is_some_and(|p| p.len() == 3)
+        });
         (a, beta)
     })
     .await
@@ -283,7 +323,10 @@ async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
         "--group",
         "java-group",
     ]));
-    assert!(describe.contains("waymark-test-alpha") && describe.contains("waymark-test-beta"), "{describe}");
+    assert!(
+        describe.contains("waymark-test-alpha") && describe.contains("waymark-test-beta"),
+        "{describe}"
+    );
 
     // More events while both consume; then beta leaves and alpha takes over.
     publish_all(&dev.info.grpc_addr, &events[300..]).await;
@@ -291,7 +334,8 @@ async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
     let a = tokio::task::spawn_blocking(move || {
         beta.wait_for("beta closes", |l| l.iter().any(|x| x == "CLOSED beta"));
         a.wait_for("alpha takes all six back", |l| {
-            l.iter().any(|x| *x == format!("REVOKED alpha {}", fmt(&split_a)))
+            l.iter()
+                .any(|x| *x == format!("REVOKED alpha {}", fmt(&split_a)))
                 && assignment(l, "alpha").is_some_and(|p| p.len() == 6)
         });
         let seen_by_beta: BTreeSet<(String, String)> = records(&beta.lines.lock().unwrap(), "beta");
@@ -321,7 +365,10 @@ async fn a_java_consumer_group_of_two_splits_waymark_events_and_hands_over() {
 }
 
 fn fmt(p: &BTreeSet<i32>) -> String {
-    p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    p.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn records(lines: &[String], name: &str) -> BTreeSet<(String, String)> {
@@ -383,7 +430,15 @@ async fn kafka_python_produces_consumes_in_a_group_and_round_trips_headers() {
     let (py, s, b1) = (python.clone(), script.clone(), b.clone());
     let out = tokio::task::spawn_blocking(move || {
         run(Command::new(&py).arg(&s).args([
-            "produce", "--bootstrap", &b1, "--topic", "waymark.inputs", "--count", "25", "--key-prefix", "alice",
+            "produce",
+            "--bootstrap",
+            &b1,
+            "--topic",
+            "waymark.inputs",
+            "--count",
+            "25",
+            "--key-prefix",
+            "alice",
         ]))
     })
     .await
@@ -393,15 +448,30 @@ async fn kafka_python_produces_consumes_in_a_group_and_round_trips_headers() {
     let (py, s, b1) = (python.clone(), script.clone(), b.clone());
     let out = tokio::task::spawn_blocking(move || {
         run(Command::new(&py).arg(&s).args([
-            "consume", "--bootstrap", &b1, "--topic", "waymark.events", "--group", "py-group", "--count", "25",
-            "--timeout", "60",
+            "consume",
+            "--bootstrap",
+            &b1,
+            "--topic",
+            "waymark.events",
+            "--group",
+            "py-group",
+            "--count",
+            "25",
+            "--timeout",
+            "60",
         ]))
     })
     .await
     .unwrap();
     assert!(out.contains("CONSUMED 25"), "{out}");
     let out = tokio::task::spawn_blocking(move || {
-        run(Command::new(&python).arg(&script).args(["headers", "--bootstrap", &b, "--topic", "waymark.inputs"]))
+        run(Command::new(&python).arg(&script).args([
+            "headers",
+            "--bootstrap",
+            &b,
+            "--topic",
+            "waymark.inputs",
+        ]))
     })
     .await
     .unwrap();

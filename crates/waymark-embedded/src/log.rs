@@ -330,7 +330,10 @@ impl EmbeddedLog {
     /// Every topic with its partition count, sorted by name.
     pub fn topics(&self) -> Result<Vec<(String, u32)>, LogError> {
         let map = self.inner.topics.read().map_err(|_| LogError::Closed)?;
-        let mut out: Vec<_> = map.values().map(|t| (t.name.clone(), t.partitions())).collect();
+        let mut out: Vec<_> = map
+            .values()
+            .map(|t| (t.name.clone(), t.partitions()))
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -616,8 +619,8 @@ impl Writer {
             let mut expired = Vec::new();
             for entry in table.iter().map_err(unavailable)? {
                 let (key, value) = entry.map_err(unavailable)?;
-                let parsed = producers::parse_key(key.value())
-                    .zip(producers::Entry::decode(value.value()));
+                let parsed =
+                    producers::parse_key(key.value()).zip(producers::Entry::decode(value.value()));
                 match parsed {
                     Some((k, e)) if now - e.last_write_ms < producers::EXPIRY_MS => {
                         loaded.entries.insert(k, e);

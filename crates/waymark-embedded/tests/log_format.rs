@@ -38,7 +38,8 @@ async fn a_format_1_log_is_migrated_on_open() {
         txn.open_table(TOPICS).unwrap().insert("t", 1).unwrap();
         {
             let mut t = txn.open_table(PARTITION).unwrap();
-            t.insert(0, v1(5, b"k0", &[(b"h", b"1")], b"zero").as_slice()).unwrap();
+            t.insert(0, v1(5, b"k0", &[(b"h", b"1")], b"zero").as_slice())
+                .unwrap();
             t.insert(1, v1(6, b"k1", &[], b"one").as_slice()).unwrap();
         }
         txn.commit().unwrap();
@@ -64,7 +65,10 @@ async fn a_format_1_log_is_migrated_on_open() {
         .into_iter()
         .map(|r| r.value.unwrap())
         .collect();
-    assert_eq!(values, vec![b"zero".to_vec(), b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(
+        values,
+        vec![b"zero".to_vec(), b"one".to_vec(), b"two".to_vec()]
+    );
 }
 
 #[tokio::test]
@@ -106,5 +110,9 @@ async fn a_record_that_does_not_decode_is_handed_out_as_corrupt() {
     assert_eq!(records[2].value.as_deref(), Some(&b"c"[..]));
     let stored = log.read_stored("t", 0, 0, usize::MAX).await.unwrap();
     assert_eq!(stored.len(), 3);
-    assert!(stored[1].1.headers.iter().any(|(n, _)| n == CORRUPT_HEADER.as_bytes()));
+    assert!(stored[1]
+        .1
+        .headers
+        .iter()
+        .any(|(n, _)| n == CORRUPT_HEADER.as_bytes()));
 }

@@ -252,7 +252,14 @@ mod tests {
             ("GetStatusResponse", &["kafka_endpoint"]),
             (
                 "KafkaEndpointStatus",
-                &["bootstrap", "connections", "records_in", "records_out", "refusals", "last_refusal"],
+                &[
+                    "bootstrap",
+                    "connections",
+                    "records_in",
+                    "records_out",
+                    "refusals",
+                    "last_refusal",
+                ],
             ),
         ];
         for (name, fields) in expected {

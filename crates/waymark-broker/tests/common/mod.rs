@@ -132,7 +132,11 @@ impl Raw {
 }
 
 /// Reads back every record of a partition through the log.
-pub async fn stored(log: &EmbeddedLog, topic: &str, partition: u32) -> Vec<waymark_embedded::StoredRecord> {
+pub async fn stored(
+    log: &EmbeddedLog,
+    topic: &str,
+    partition: u32,
+) -> Vec<waymark_embedded::StoredRecord> {
     log.read_stored(topic, partition, 0, usize::MAX)
         .await
         .unwrap()

@@ -239,5 +239,8 @@ pub fn terminate(child: &mut Child) {
         .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
-    assert!(exit.success(), "waymark dev exits 0 on SIGTERM, got {exit:?}");
+    assert!(
+        exit.success(),
+        "waymark dev exits 0 on SIGTERM, got {exit:?}"
+    );
 }
