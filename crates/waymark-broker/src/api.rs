@@ -460,7 +460,7 @@ impl Api {
                             let count = batch.records.len() as u64;
                             let size: usize = batch.records.iter().map(|r| r.payload_len()).sum();
                             records_in.push((name.clone(), count, size as u64));
-                            let producer = (batch.producer_id >= 0).then(|| ProducerBatch {
+                            let producer = (batch.producer_id >= 0).then_some(ProducerBatch {
                                 producer_id: batch.producer_id,
                                 epoch: batch.producer_epoch,
                                 first_sequence: batch.base_sequence,

@@ -250,6 +250,9 @@ impl Group {
     }
 }
 
+/// A committed offset as answered: `(partition, offset or -1, error code)`.
+type Committed = (i32, i64, i16);
+
 /// The coordinator of every group.
 pub(crate) struct Coordinator {
     log: EmbeddedLog,
@@ -632,7 +635,7 @@ impl Coordinator {
         &self,
         group: &str,
         wanted: Option<Vec<(TopicName, Vec<i32>)>>,
-    ) -> Vec<(TopicName, Vec<(i32, i64, i16)>)> {
+    ) -> Vec<(TopicName, Vec<Committed>)> {
         let stored = self.log.group_offsets(group).unwrap_or_default();
         let mut by_topic: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
         for (topic, p, o) in stored {

@@ -232,9 +232,10 @@ async fn connection(
     let local = stream.local_addr()?;
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel(1);
-    let reader = tokio::spawn(read_frames(rd, tx, api.clone(), peer));
+    // Ends with the connection, however it ends (even aborted at shutdown).
+    let _reader = AbortOnDrop(tokio::spawn(read_frames(rd, tx, api.clone(), peer)));
     let mut pending: FuturesOrdered<Outgoing> = FuturesOrdered::new();
-    let result = loop {
+    loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             incoming = rx.recv(), if pending.len() < api.config.max_in_flight => {
@@ -269,9 +270,16 @@ async fn connection(
                 }
             }
         }
-    };
-    reader.abort();
-    result
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A response frame, or nothing to send.
