@@ -89,6 +89,32 @@ pub const REFUSALS: &str = "waymark_kafka_refusals_total";
 /// Metric: open connections.
 pub const CONNECTIONS: &str = "waymark_kafka_connections";
 
+/// Registers the help text of every metric above with the installed
+/// recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(REQUESTS, "Kafka requests handled, by api");
+    metrics::describe_histogram!(
+        REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Kafka request latency, by api (a long poll counts its wait)"
+    );
+    metrics::describe_counter!(
+        RECORDS_IN,
+        "Records appended through the Kafka endpoint, by topic"
+    );
+    metrics::describe_counter!(
+        BYTES_IN,
+        "Record bytes appended through the Kafka endpoint, by topic"
+    );
+    metrics::describe_counter!(RECORDS_OUT, "Records fetched by Kafka consumers, by topic");
+    metrics::describe_counter!(
+        BYTES_OUT,
+        "Record bytes fetched by Kafka consumers, by topic"
+    );
+    metrics::describe_counter!(REFUSALS, "Kafka requests or batches refused, by error code");
+    metrics::describe_gauge!(CONNECTIONS, "Open Kafka connections");
+}
+
 /// What clients may do with one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicPolicy {

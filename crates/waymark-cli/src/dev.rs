@@ -40,6 +40,45 @@ pub struct DevOptions {
     pub topology: Topology,
     /// Where to serve the Kafka protocol; `None`: not at all.
     pub kafka_addr: Option<SocketAddr>,
+    /// Limits of the Kafka endpoint.
+    pub kafka_limits: KafkaLimits,
+}
+
+/// Limits of the Kafka endpoint (`waymark dev --kafka-*`); the defaults are
+/// [`BrokerConfig::new`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaLimits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Requests of one connection handled at once.
+    pub max_in_flight: usize,
+    /// Largest request frame, in bytes.
+    pub max_request_bytes: usize,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for KafkaLimits {
+    fn default() -> Self {
+        let c = BrokerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self {
+            max_connections: c.max_connections,
+            max_in_flight: c.max_in_flight,
+            max_request_bytes: c.max_request_bytes,
+            idle_timeout: c.idle_timeout,
+        }
+    }
+}
+
+impl KafkaLimits {
+    fn config(&self, addr: SocketAddr, writable: &str) -> BrokerConfig {
+        let mut c = BrokerConfig::new(addr).writable(writable);
+        c.max_connections = self.max_connections;
+        c.max_in_flight = self.max_in_flight;
+        c.max_request_bytes = self.max_request_bytes;
+        c.idle_timeout = self.idle_timeout;
+        c
+    }
 }
 
 /// The addresses `waymark dev` writes to `DIR/dev.json` once ready.
@@ -81,6 +120,9 @@ impl Dev {
     /// Opens the data directory and starts everything; returns once ready
     /// (listening, `dev.json` written).
     pub async fn start(options: DevOptions) -> anyhow::Result<Self> {
+        // Installed first, so that nothing started below records into the
+        // void.
+        crate::metrics_http::recorder();
         let dir = &options.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
@@ -104,7 +146,12 @@ impl Dev {
             .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
         let broker = match options.kafka_addr {
             Some(addr) => Some(
-                Broker::start(log.clone(), BrokerConfig::new(addr).writable(&topology.topics.inputs.name))
+                Broker::start(
+                    log.clone(),
+                    options
+                        .kafka_limits
+                        .config(addr, &topology.topics.inputs.name),
+                )
                     .await
                     .context("cannot start the Kafka endpoint (choose another with --kafka-addr, or --no-kafka)")?,
             ),
@@ -190,7 +237,6 @@ impl Dev {
             ("retention".to_owned(), Ok(()))
         });
 
-        crate::metrics_http::recorder();
         let metrics = bind_metrics(options.metrics_addr).await?;
         let metrics_addr = metrics.local_addr()?;
         let token = shutdown.clone();

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use waymark_cli::dev::{Dev, DevOptions};
+use waymark_cli::dev::{Dev, DevOptions, KafkaLimits};
 use waymark_cli::ops::{self, ReplayOptions};
 use waymark_cli::publish::{publish, Target};
 use waymark_cli::registry::PROCESSORS;
@@ -54,6 +54,20 @@ enum Command {
         /// Do not start the Kafka-protocol endpoint.
         #[arg(long)]
         no_kafka: bool,
+        /// Kafka endpoint: open connections at most (more are closed).
+        #[arg(long, default_value_t = KafkaLimits::default().max_connections, env = "WAYMARK_KAFKA_MAX_CONNECTIONS")]
+        kafka_max_connections: usize,
+        /// Kafka endpoint: requests of one connection handled at once (a
+        /// client pipelining more waits).
+        #[arg(long, default_value_t = KafkaLimits::default().max_in_flight, env = "WAYMARK_KAFKA_MAX_IN_FLIGHT")]
+        kafka_max_in_flight: usize,
+        /// Kafka endpoint: largest request in bytes (larger ones close the
+        /// connection before they are read).
+        #[arg(long, default_value_t = KafkaLimits::default().max_request_bytes, env = "WAYMARK_KAFKA_MAX_REQUEST_BYTES")]
+        kafka_max_request_bytes: usize,
+        /// Kafka endpoint: seconds after which an idle connection is closed.
+        #[arg(long, default_value_t = KafkaLimits::default().idle_timeout.as_secs(), env = "WAYMARK_KAFKA_IDLE_TIMEOUT_SECS")]
+        kafka_idle_timeout_secs: u64,
     },
     /// Run processors on Apache Kafka and ScyllaDB/Cassandra (all by
     /// default). Start as many as you like: each processor is a Kafka
@@ -285,6 +299,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topology,
             kafka_addr,
             no_kafka,
+            kafka_max_connections,
+            kafka_max_in_flight,
+            kafka_max_request_bytes,
+            kafka_idle_timeout_secs,
         } => {
             let topology = match topology {
                 Some(path) => {
@@ -299,6 +317,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr,
                 topology,
                 kafka_addr: (!no_kafka).then_some(kafka_addr),
+                kafka_limits: KafkaLimits {
+                    max_connections: kafka_max_connections,
+                    max_in_flight: kafka_max_in_flight.max(1),
+                    max_request_bytes: kafka_max_request_bytes,
+                    idle_timeout: std::time::Duration::from_secs(kafka_idle_timeout_secs.max(1)),
+                },
             })
             .await?;
             println!("waymark dev is ready (data in {})", data_dir.display());

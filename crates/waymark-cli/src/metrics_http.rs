@@ -17,6 +17,7 @@ pub fn recorder() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new().install_recorder().ok();
             waymark_runtime::metrics::describe();
+            waymark_broker::describe_metrics();
             handle
         })
         .clone()

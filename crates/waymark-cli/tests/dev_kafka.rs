@@ -212,3 +212,91 @@ async fn a_busy_kafka_port_is_a_clear_error_before_anything_starts() {
     );
     assert!(gone(dir.path()), "nothing started, no dev.json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_records_are_dead_letters_or_refused_and_nothing_else_is_lost() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use waymark_proto::v1 as pb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start_dev(dir.path(), true).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &dev.info.kafka_bootstrap)
+        .set("enable.idempotence", "true")
+        // Let the broker decide what is too large.
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let send = |value: Vec<u8>| {
+        let p = producer.clone();
+        async move {
+            p.send(
+                FutureRecord::to(INPUTS).key("web:big").payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+        }
+    };
+    // 3 MiB: accepted by the topic (4 MiB), over the 1 MiB event limit.
+    send(vec![b' '; 3 << 20]).await.unwrap();
+    // 5 MiB: over the topic's limit.
+    match send(vec![b' '; 5 << 20]).await {
+        Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {}
+        other => panic!("expected MESSAGE_TOO_LARGE, got {other:?}"),
+    }
+    let (events, expected) = workload("big", 30, 3);
+    for (_, v) in keyed(&events) {
+        send(v.into_bytes()).await.unwrap();
+    }
+    assert_counts(&dev.info.grpc_addr, &expected).await;
+    let mut admin = common::clients(&dev.info.grpc_addr).await.admin;
+    let dead = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error, "too_large");
+
+    let status = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .kafka_endpoint
+        .unwrap();
+    assert_eq!(status.records_in, 31);
+    assert!(
+        status.last_refusal.starts_with("MESSAGE_TOO_LARGE"),
+        "{status:?}"
+    );
+    // The operator sees the same in the metrics.
+    let metrics = metrics_text(&dev.info.metrics_addr).await;
+    assert!(
+        metrics.contains("waymark_kafka_refusals_total{code=\"MESSAGE_TOO_LARGE\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("waymark_kafka_records_in_total{topic=\"waymark.inputs\"}"));
+    assert!(metrics.contains("waymark_kafka_request_duration_seconds"));
+    dev.stop().await.unwrap();
+}
+
+/// `GET /metrics` with a plain TCP request (no HTTP client needed).
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

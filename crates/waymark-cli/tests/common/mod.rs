@@ -38,6 +38,7 @@ pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         topology,
         kafka_addr: kafka.then(|| "127.0.0.1:0".parse().unwrap()),
+        kafka_limits: Default::default(),
     })
     .await
     .expect("waymark dev starts")
