@@ -180,6 +180,7 @@ impl Target {
                     metrics_addr: "127.0.0.1:0".parse()?,
                     topology: self.topology.clone(),
                     kafka_addr: None,
+                    kafka_limits: Default::default(),
                 })
                 .await?;
                 Ok(Platform {
