@@ -89,6 +89,8 @@ pub(crate) struct Api {
     pub(crate) counters: Arc<Counters>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) groups: Arc<Groups>,
+    /// Bytes of request frames being read or handled, broker-wide.
+    pub(crate) memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl Api {
@@ -99,7 +101,15 @@ impl Api {
         shutdown: CancellationToken,
     ) -> Self {
         let groups = Arc::new(Groups::new(log.clone(), config.session_timeout_bounds));
+        // At least one largest request always fits.
+        let memory = config
+            .max_queued_request_bytes
+            .max(config.max_request_bytes)
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
+        let memory = Arc::new(tokio::sync::Semaphore::new(memory));
         Self {
+            memory,
             log,
             config,
             counters,

@@ -46,8 +46,9 @@
 //!   bytes and any length come back from a fetch exactly as produced, in
 //!   order, null values included.
 //! - **Bounded.** No thread per connection; a connection cap, a per-connection
-//!   limit of requests in flight, a request size limit and an idle timeout
-//!   ([`BrokerConfig`]).
+//!   limit of requests in flight, a request size limit, a broker-wide bound
+//!   on request bytes held, a bound on decompressed batch size and an idle
+//!   timeout ([`BrokerConfig`]).
 //!
 //! # What it does not do
 //! Transactions, static group membership (`group.instance.id` is accepted
@@ -137,6 +138,10 @@ pub struct BrokerConfig {
     /// Largest request frame; a larger one is refused before it is read and
     /// the connection closed (Kafka's `socket.request.max.bytes`).
     pub max_request_bytes: usize,
+    /// Bytes of request frames all connections may hold at once (being
+    /// read or handled); a connection whose next request does not fit waits
+    /// (Kafka's `queued.max.request.bytes`). At least `max_request_bytes`.
+    pub max_queued_request_bytes: usize,
     /// Largest decompressed size of one record batch.
     pub max_decompressed_bytes: usize,
     /// A connection with nothing in flight and no request for this long is
@@ -155,14 +160,16 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 impl BrokerConfig {
     /// Defaults as Kafka's where Kafka has one: 100 MiB requests, 10-minute
-    /// idle timeout, sessions of 6 s to 30 min; 1024 connections and 32
-    /// requests in flight per connection.
+    /// idle timeout, sessions of 6 s to 30 min; 1024 connections, 32
+    /// requests in flight per connection and 512 MiB of requests held at
+    /// once.
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
             max_connections: 1024,
             max_in_flight: 32,
             max_request_bytes: 100 * 1024 * 1024,
+            max_queued_request_bytes: 512 * 1024 * 1024,
             max_decompressed_bytes: 64 * 1024 * 1024,
             idle_timeout: Duration::from_secs(600),
             topics: HashMap::new(),

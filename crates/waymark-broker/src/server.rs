@@ -21,7 +21,7 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeade
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -172,7 +172,9 @@ async fn accept_loop(
 
 /// What the reader hands to the connection task.
 enum Incoming {
-    Frame(Bytes),
+    /// A request frame and its share of the broker-wide request memory,
+    /// held until its response is written.
+    Frame(Bytes, OwnedSemaphorePermit),
     /// Nothing arrived for the idle timeout.
     Idle,
 }
@@ -213,11 +215,20 @@ async fn read_frames(
             warn!(%peer, size, limit = max, "kafka endpoint: request frame refused; closing the connection");
             return;
         }
+        // Waits while the requests of all connections already hold the
+        // broker's request memory (Kafka's `queued.max.request.bytes`).
+        let Ok(permit) = api.memory.clone().acquire_many_owned(size as u32).await else {
+            return;
+        };
         let mut buf = BytesMut::zeroed(size);
         if rd.read_exact(&mut buf).await.is_err() {
             return;
         }
-        if tx.send(Incoming::Frame(buf.freeze())).await.is_err() {
+        if tx
+            .send(Incoming::Frame(buf.freeze(), permit))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -256,9 +267,13 @@ async fn connection(
                             break Ok(());
                         }
                     }
-                    Some(Incoming::Frame(frame)) => {
+                    Some(Incoming::Frame(frame, permit)) => {
                         match start_request(api, frame, peer, local).await {
-                            Some(fut) => pending.push_back(fut),
+                            Some(fut) => pending.push_back(Box::pin(async move {
+                                let out = fut.await;
+                                drop(permit);
+                                out
+                            })),
                             None => break Ok(()),
                         }
                     }

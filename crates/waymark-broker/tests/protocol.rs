@@ -499,3 +499,29 @@ async fn three_hundred_connections_take_no_thread_each() {
         "{before} threads before, {after} with 300 connections"
     );
 }
+
+#[tokio::test]
+async fn request_memory_is_bounded_across_connections() {
+    let s = setup(|c| {
+        c.max_request_bytes = 16 * 1024;
+        c.max_queued_request_bytes = 16 * 1024;
+    })
+    .await;
+    // A long poll holds a little of the request memory for 1.5 s...
+    let mut a = Raw::connect(s.broker.addr()).await;
+    let f = a.send(&fetch(EVENTS, 0, 0, 1500), FETCH_V).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so a request needing nearly all of it waits, on another connection.
+    let mut b = Raw::connect(s.broker.addr()).await;
+    // A produce whose frame is 10 bytes short of the limit.
+    let sized = |n: usize| produce(INPUTS, 0, plain_batch(&[record(&"z".repeat(n))]), -1);
+    let n = 15_000 + (16 * 1024 - 10) - Raw::frame_len(&sized(15_000), PRODUCE_V);
+    assert_eq!(Raw::frame_len(&sized(n), PRODUCE_V), 16 * 1024 - 10);
+    let p = b.send(&sized(n), PRODUCE_V).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.log.offsets(INPUTS, 0).unwrap().1, 0, "waits for memory");
+    a.recv::<FetchRequest>(FETCH_V, f).await;
+    let r = b.recv::<ProduceRequest>(PRODUCE_V, p).await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+    assert_eq!(s.log.offsets(INPUTS, 0).unwrap().1, 1);
+}

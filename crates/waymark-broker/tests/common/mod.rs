@@ -76,6 +76,20 @@ impl Raw {
         }
     }
 
+    /// The size of `req`'s frame (without the length prefix) as sent.
+    pub fn frame_len<R: Request>(req: &R, version: i16) -> usize {
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_client_id(Some(StrBytes::from_static_str("raw-test")));
+        let mut body = BytesMut::new();
+        header
+            .encode(&mut body, R::header_version(version))
+            .unwrap();
+        req.encode(&mut body, version).unwrap();
+        body.len()
+    }
+
     /// Sends a request without waiting; returns its correlation id.
     pub async fn send<R: Request>(&mut self, req: &R, version: i16) -> i32 {
         self.correlation += 1;
