@@ -389,15 +389,7 @@ impl Api {
     async fn produce(self: &Arc<Self>, r: ProduceRequest, version: i16) -> Pending {
         let acks = r.acks;
         let partition_error = |index: i32, code: i16, message: String| {
-            let p = PartitionProduceResponse::default()
-                .with_index(index)
-                .with_error_code(code)
-                .with_base_offset(-1);
-            if version >= 8 {
-                p.with_error_message(Some(str_bytes(message)))
-            } else {
-                p
-            }
+            partition_failure(index, code, message, version)
         };
         // Per topic, per partition: either an immediate error or a slot in
         // the append.
@@ -557,15 +549,7 @@ impl Api {
         version: i16,
         topic: &TopicName,
     ) -> PartitionProduceResponse {
-        let base = PartitionProduceResponse::default().with_index(index);
-        let fail = |code: i16, message: String| {
-            let p = base.clone().with_error_code(code).with_base_offset(-1);
-            if version >= 8 {
-                p.with_error_message(Some(str_bytes(message)))
-            } else {
-                p
-            }
-        };
+        let fail = |code: i16, message: String| partition_failure(index, code, message, version);
         let results = match results {
             Ok(r) => r,
             Err(e) => {
@@ -622,7 +606,9 @@ impl Api {
             first.get_or_insert((offset, time, start));
         }
         let (offset, time, start) = first.unwrap_or((-1, -1, 0));
-        base.with_base_offset(offset)
+        PartitionProduceResponse::default()
+            .with_index(index)
+            .with_base_offset(offset)
             .with_log_append_time_ms(time)
             .with_log_start_offset(start)
     }
@@ -807,6 +793,24 @@ impl Api {
             );
         }
         (FetchResponse::default().with_responses(responses), total)
+    }
+}
+
+/// A produce partition's answer for a refusal (`error_message` from v8).
+fn partition_failure(
+    index: i32,
+    code: i16,
+    message: String,
+    version: i16,
+) -> PartitionProduceResponse {
+    let p = PartitionProduceResponse::default()
+        .with_index(index)
+        .with_error_code(code)
+        .with_base_offset(-1);
+    if version >= 8 {
+        p.with_error_message(Some(str_bytes(message)))
+    } else {
+        p
     }
 }
 
