@@ -7,7 +7,7 @@
 //! - [`measure`]: CPU time (`getrusage`), latency percentiles, resident
 //!   memory of a process.
 //! - `src/main.rs` and its modules: the harness binary `waymark-bench`,
-//!   one module per scenario of issue 4 (S1–S5), each measuring its
+//!   one module per scenario (S1–S5 of issue 4, and S6), each measuring its
 //!   baseline in the same run.
 //!
 //! # Guarantees

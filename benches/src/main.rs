@@ -13,6 +13,10 @@
 //! - `s4.rs` `Ingest.Publish` (validate + durable append), vs a raw append
 //!   of the same bytes with the same durability.
 //! - `s5.rs` peak RSS of the release `waymark dev` while a lag drains.
+//! - `s6.rs` `waymark dev`'s Kafka endpoint (`waymark_broker` on the
+//!   embedded log) with librdkafka: idempotent acks=all produce vs a raw
+//!   durable append of the same bytes, and an assigned consumer's fetch vs
+//!   a raw scan of the same log; with `--real` also vs Apache Kafka.
 //! - `engines.rs` where scenarios run: the embedded default, or (`--real`)
 //!   Apache Kafka + Cassandra with fresh topics and keyspace per scenario;
 //!   `raw.rs` the baselines' raw clients of each log (the embedded log's
@@ -37,9 +41,10 @@ mod s2;
 mod s3;
 mod s4;
 mod s5;
+mod s6;
 
 /// The allocator of the `waymark` binary, so the in-process scenarios
-/// (S1–S4) measure the product as it ships.
+/// (S1–S4, S6) measure the product as it ships.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -55,9 +60,9 @@ use crate::engines::Engines;
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
     pub(crate) quick: bool,
-    /// Also run S1–S4 on Kafka + Cassandra.
+    /// Also run S1–S4 on Kafka + Cassandra, and S6 against Apache Kafka.
     pub(crate) real: bool,
-    /// Run S1–S4 on Kafka + Cassandra only (S5 is skipped).
+    /// Run S1–S4 on Kafka + Cassandra only (S5 and S6 are skipped).
     pub(crate) real_only: bool,
     pub(crate) out: PathBuf,
     pub(crate) work: PathBuf,
@@ -78,11 +83,14 @@ pub(crate) struct Options {
     pub(crate) s4_events: u64,
     /// S5: events of lag on the inputs topic.
     pub(crate) s5_events: u64,
+    /// S6: events produced through the Kafka endpoint (and fetched back).
+    pub(crate) s6_events: u64,
 }
 
 const USAGE: &str =
     "usage: waymark-bench [--quick] [--real | --real-only] [--out FILE] [--work DIR] [--waymark BIN]
                      [--only S1,S2,...] [--s1-events N] [--s4-events N] [--s5-events N]
+                     [--s6-events N]
                      [--s2-secs S] [--s2-rate-fraction F] [--s3-secs S] [--s3-concurrency N]";
 
 impl Options {
@@ -106,6 +114,7 @@ impl Options {
             s2_rate_fraction: 0.5,
             s4_events: if quick { 50_000 } else { 200_000 },
             s5_events: if quick { 250_000 } else { 2_000_000 },
+            s6_events: if quick { 200_000 } else { 1_000_000 },
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -130,6 +139,7 @@ impl Options {
                 "--s1-events" => o.s1_events = value()?.parse()?,
                 "--s4-events" => o.s4_events = value()?.parse()?,
                 "--s5-events" => o.s5_events = value()?.parse()?,
+                "--s6-events" => o.s6_events = value()?.parse()?,
                 "--s2-secs" => o.s2_secs = value()?.parse()?,
                 "--s2-rate-fraction" => o.s2_rate_fraction = value()?.parse()?,
                 "--s3-secs" => o.s3_secs = value()?.parse()?,
@@ -239,6 +249,18 @@ async fn run(o: Options) -> anyhow::Result<()> {
             o.s5_events
         );
         scenarios.push(s5::run(&o).await?);
+    }
+    if o.wants("S6") && !o.real_only {
+        // With `--real` the same produce and fetch also run on Apache Kafka.
+        let kafka = engines.iter().find_map(|e| match e {
+            Engines::Real { bootstrap, .. } => Some(bootstrap.as_str()),
+            Engines::Embedded { .. } => None,
+        });
+        eprintln!(
+            "== S6 Kafka endpoint of waymark dev: produce + fetch ({} events)",
+            o.s6_events
+        );
+        scenarios.extend(s6::run(&o, kafka).await?);
     }
 
     let report = report::Report { machine, scenarios };

@@ -129,6 +129,8 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
