@@ -540,4 +540,34 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// Any bytes are a batch or a refusal, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = decode_batches(Bytes::from(bytes), LIMITS);
+        }
+
+        /// A valid batch with bytes changed after the CRC, and the CRC fixed
+        /// up so that parsing goes deep, is still a batch or a refusal.
+        #[test]
+        fn damaged_batches_with_a_good_crc_never_panic(
+            changes in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 1..8),
+            cut in 0usize..400,
+        ) {
+            let mut buf = BytesMut::new();
+            encode_batch(&mut buf, 0, &[record("a", "1"), record("b", "22")]);
+            let mut bytes = buf.to_vec();
+            for (at, v) in changes {
+                let at = CRC_START + at % (bytes.len() - CRC_START);
+                bytes[at] = v;
+            }
+            bytes.truncate(bytes.len().min(BATCH_HEADER + cut));
+            if bytes.len() >= BATCH_HEADER {
+                let crc = crc32c::crc32c(&bytes[CRC_START..]);
+                bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+            }
+            let _ = decode_batches(Bytes::from(bytes), LIMITS);
+        }
+    }
 }

@@ -300,3 +300,67 @@ async fn metrics_text(addr: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_requests_close_their_connection_and_nothing_else() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (mut child, _) = spawn_dev(dir.path(), &addr);
+    // Each frame: api key, version, correlation id, client id "x", then a
+    // body claiming an array of 2^31 - 1 elements (or plain noise).
+    let frame = |api: i16, version: i16, rest: &[u8]| {
+        let mut body = Vec::new();
+        body.extend_from_slice(&api.to_be_bytes());
+        body.extend_from_slice(&version.to_be_bytes());
+        body.extend_from_slice(&1i32.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.push(b'x');
+        body.extend_from_slice(rest);
+        let mut out = (body.len() as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    };
+    let huge = i32::MAX.to_be_bytes();
+    let cases = [
+        frame(3, 1, &huge), // Metadata
+        frame(
+            0,
+            3,
+            &[
+                &(-1i16).to_be_bytes()[..],
+                &1i16.to_be_bytes(),
+                &1000i32.to_be_bytes(),
+                &huge,
+            ]
+            .concat(),
+        ), // Produce
+        frame(
+            1,
+            4,
+            &[&(-1i32).to_be_bytes()[..], &[0; 12], &[0], &huge].concat(),
+        ), // Fetch
+        frame(12, 0, &[0xff; 40]), // Heartbeat noise
+        frame(999, 0, &[]), // unknown API key
+    ];
+    for bytes in cases {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "the connection is closed");
+    }
+    // Still serving: a real producer and consumer go on.
+    let (events, _) = workload("gb", 100, 10);
+    let records = keyed(&events);
+    let back = tokio::task::spawn_blocking(move || {
+        let (p, acks) = idempotent_producer(&addr);
+        produce_all(&p, INPUTS, &records);
+        assert_eq!(acks.acked.load(Ordering::Relaxed), 100);
+        read_all(&addr, INPUTS, 100)
+    })
+    .await
+    .unwrap();
+    assert_eq!(back.len(), 100);
+    terminate(&mut child);
+}
