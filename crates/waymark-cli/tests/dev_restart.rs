@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{assert_counts, publish_all, spawn_dev, start_dev, workload};
+use common::{assert_counts, publish_all, spawn_dev, start_dev, terminate, workload};
 use waymark_cli::dev::DevInfo;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,15 +51,5 @@ async fn kill_9_mid_batch_loses_nothing_and_double_counts_nothing() {
     let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
     assert_counts(&info.grpc_addr, &expected).await;
     // Graceful stop on SIGTERM.
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    assert!(
-        exit.success(),
-        "waymark dev exits 0 on SIGTERM, got {exit:?}"
-    );
+    terminate(&mut child);
 }

@@ -365,12 +365,10 @@ impl EmbeddedLog {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::Append { parts, reply })
+        self.queue_append(parts)
+            .await?
             .await
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+            .map_err(|_| LogError::Closed)?
     }
 
     /// Queues a Kafka-protocol append and returns the receiver of its
@@ -380,22 +378,36 @@ impl EmbeddedLog {
         &self,
         parts: Vec<PartitionAppend>,
     ) -> Result<oneshot::Receiver<Result<Vec<AppendResult>, LogError>>, LogError> {
+        self.queue(|reply| Request::Append { parts, reply }).await
+    }
+
+    /// Queues a request for the writer; returns the receiver of its answer.
+    async fn queue<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> Request,
+    ) -> Result<oneshot::Receiver<Result<T, LogError>>, LogError> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send(Request::Append { parts, reply })
+            .send(request(reply))
             .await
             .map_err(|_| LogError::Closed)?;
         Ok(answer)
     }
 
+    /// Queues a request for the writer and waits for its answer.
+    async fn call<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> Request,
+    ) -> Result<T, LogError> {
+        self.queue(request)
+            .await?
+            .await
+            .map_err(|_| LogError::Closed)?
+    }
+
     /// A new producer id, durably allocated (never handed out twice).
     pub async fn allocate_producer_id(&self) -> Result<i64, LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::ProducerId { reply })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        self.call(|reply| Request::ProducerId { reply }).await
     }
 
     /// Commits next-offsets of `group` on `topic`; returns once durable.
@@ -405,17 +417,13 @@ impl EmbeddedLog {
         topic: &str,
         offsets: Vec<(u32, u64)>,
     ) -> Result<(), LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::Commit {
-                group: group.to_owned(),
-                topic: topic.to_owned(),
-                offsets,
-                reply: Some(reply),
-            })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        self.call(|reply| Request::Commit {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            offsets,
+            reply: Some(reply),
+        })
+        .await
     }
 
     /// Every committed offset of `group`: `(topic, partition, next offset)`.
@@ -1113,12 +1121,7 @@ impl Log for EmbeddedLog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Request::Produce { records, reply })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        self.call(|reply| Request::Produce { records, reply }).await
     }
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn LogConsumer>, LogError> {
