@@ -972,6 +972,22 @@ fn read_range(
     inner.with_db(|db| read_range_in(db, topic, partition, from, max))
 }
 
+/// A partition's table in a read transaction; `None` before its first
+/// append.
+fn open_partition(
+    txn: &redb::ReadTransaction,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<redb::ReadOnlyTable<u64, &'static [u8]>>, LogError> {
+    let name = partition_table(topic, partition);
+    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 fn read_range_in(
     db: &Database,
     topic: &str,
@@ -980,12 +996,8 @@ fn read_range_in(
     max: usize,
 ) -> Result<Vec<Record>, LogError> {
     let txn = db.begin_read().map_err(unavailable)?;
-    let name = partition_table(topic, partition);
-    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
-    let table = match txn.open_table(def) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(unavailable(e)),
+    let Some(table) = open_partition(&txn, topic, partition)? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for entry in table.range(from..).map_err(unavailable)?.take(max) {
@@ -1016,12 +1028,8 @@ fn read_stored_in(
     max_bytes: usize,
 ) -> Result<Vec<(u64, StoredRecord)>, LogError> {
     let txn = db.begin_read().map_err(unavailable)?;
-    let name = partition_table(topic, partition);
-    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
-    let table = match txn.open_table(def) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(unavailable(e)),
+    let Some(table) = open_partition(&txn, topic, partition)? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     let mut size = 0usize;
@@ -1060,12 +1068,8 @@ fn offset_for_time_in(
     ts: i64,
 ) -> Result<Option<(u64, i64)>, LogError> {
     let txn = db.begin_read().map_err(unavailable)?;
-    let name = partition_table(&topic.name, partition);
-    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
-    let table = match txn.open_table(def) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(unavailable(e)),
+    let Some(table) = open_partition(&txn, &topic.name, partition)? else {
+        return Ok(None);
     };
     let time_at = |offset: u64| -> Result<Option<i64>, LogError> {
         Ok(table

@@ -76,33 +76,30 @@ impl Raw {
         }
     }
 
-    /// The size of `req`'s frame (without the length prefix) as sent.
-    pub fn frame_len<R: Request>(req: &R, version: i16) -> usize {
+    /// A request's frame body (header and request, no length prefix).
+    fn body<R: Request>(req: &R, version: i16, correlation: i32) -> BytesMut {
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
             .with_request_api_version(version)
+            .with_correlation_id(correlation)
             .with_client_id(Some(StrBytes::from_static_str("raw-test")));
         let mut body = BytesMut::new();
         header
             .encode(&mut body, R::header_version(version))
             .unwrap();
         req.encode(&mut body, version).unwrap();
-        body.len()
+        body
+    }
+
+    /// The size of `req`'s frame (without the length prefix) as sent.
+    pub fn frame_len<R: Request>(req: &R, version: i16) -> usize {
+        Self::body(req, version, 0).len()
     }
 
     /// Sends a request without waiting; returns its correlation id.
     pub async fn send<R: Request>(&mut self, req: &R, version: i16) -> i32 {
         self.correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("raw-test")));
-        let mut body = BytesMut::new();
-        header
-            .encode(&mut body, R::header_version(version))
-            .unwrap();
-        req.encode(&mut body, version).unwrap();
+        let body = Self::body(req, version, self.correlation);
         let mut frame = BytesMut::new();
         frame.put_i32(body.len() as i32);
         frame.put_slice(&body);
