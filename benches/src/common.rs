@@ -7,7 +7,7 @@ use std::thread;
 
 use anyhow::{anyhow, Context};
 use tokio::sync::mpsc;
-use waymark_cli::registry::PROCESSORS;
+use waymark_cli::registry::registry;
 use waymark_runtime::{Log, OutRecord};
 use waymark_topology::Topology;
 
@@ -17,7 +17,7 @@ const FILL_CHUNK: u64 = 2000;
 /// The topology `waymark dev` runs: the built-in one with a single inputs
 /// partition (docs/decisions/0002-dev-inputs-partition.md).
 pub(crate) fn dev_topology() -> anyhow::Result<Topology> {
-    let mut t = Topology::default_for(PROCESSORS).map_err(|e| anyhow!("{e}"))?;
+    let mut t = Topology::default_for(&registry().declarations()).map_err(|e| anyhow!("{e}"))?;
     t.topics.inputs.partitions = 1;
     Ok(t)
 }

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use waymark_cli::dev::{Dev, DevOptions};
 use waymark_cli::platform::{self, Tasks};
-use waymark_cli::registry::PROCESSORS;
+use waymark_cli::registry::registry;
 use waymark_cql::{CqlConfig, CqlStore};
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
 use waymark_kafka::{KafkaConfig, KafkaLog};
@@ -91,7 +91,7 @@ impl Engines {
                 // with topic names of this deployment only.
                 let prefix = format!("{id}.");
                 let yaml = waymark_topology::default_yaml().replace("waymark.", &prefix);
-                let topology = waymark_topology::parse(&yaml, PROCESSORS)
+                let topology = waymark_topology::parse(&yaml, &registry().declarations())
                     .map_err(|e| anyhow!("bench topology: {e:?}"))?;
                 let log = KafkaLog::new(KafkaConfig::new(bootstrap.clone()))
                     .map_err(|e| anyhow!("{e}"))?;

@@ -96,7 +96,7 @@ async fn stored_rows(store: &dyn ProjectionStore) -> anyhow::Result<FoldRows> {
     let mut per_fold = Vec::new();
     for name in FOLDS {
         let mut tables = Vec::new();
-        for table in waymark_cli::registry::tables(name, 1) {
+        for table in waymark_cli::registry::registry().tables(name, 1) {
             let mut all = Vec::new();
             let mut after: Option<String> = None;
             loop {
@@ -192,7 +192,7 @@ async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow
         bytes,
         tables: FOLDS
             .iter()
-            .map(|f| waymark_cli::registry::tables(f, 1).len())
+            .map(|f| waymark_cli::registry::registry().tables(f, 1).len())
             .sum(),
         concurrency,
     })

@@ -325,9 +325,7 @@ pub(crate) async fn run(o: &Options, s1: &S1) -> anyhow::Result<Scenario> {
     let topology = s1.platform.topology.clone();
     let handlers = QueryService::new(Projections::new(
         store,
-        waymark_cli::versions::projection_tables(|name| {
-            topology.processor(name).map_or(1, |p| p.projection_version)
-        }),
+        waymark_control::configured_versions(waymark_cli::registry::registry(), &topology),
     ));
     let handlers = serve_query(handlers, Transport::Stock, token.clone()).await?;
     let handlers = connect(&handlers).await?;

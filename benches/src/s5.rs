@@ -19,7 +19,7 @@ use waymark_bench::measure::proc_status_kib;
 use waymark_bench::mix::Mix;
 use waymark_cli::dev::DevInfo;
 use waymark_cli::platform;
-use waymark_cli::registry::PROCESSORS;
+use waymark_cli::registry::registry;
 use waymark_embedded::EmbeddedLog;
 use waymark_runtime::{Log, OutRecord};
 
@@ -176,7 +176,8 @@ pub(crate) async fn run(o: &Options) -> anyhow::Result<Scenario> {
         samples.push((started.elapsed().as_secs_f64(), rss));
         if tick.is_multiple_of(5) {
             let counts = handled(&scrape(&info.metrics_addr).await.unwrap_or_default());
-            let slowest = PROCESSORS
+            let slowest = registry()
+                .names()
                 .iter()
                 .map(|p| counts.get(*p).copied().unwrap_or(0.0))
                 .fold(f64::MAX, f64::min);

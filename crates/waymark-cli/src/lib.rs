@@ -27,4 +27,3 @@ pub mod platform;
 pub mod publish;
 pub mod registry;
 pub mod scale;
-pub mod versions;

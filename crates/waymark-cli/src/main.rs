@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use waymark_cli::dev::{Dev, DevOptions, KafkaLimits};
 use waymark_cli::ops::{self, ReplayOptions};
 use waymark_cli::publish::{publish, Target};
-use waymark_cli::registry::PROCESSORS;
+use waymark_cli::registry;
 use waymark_cli::scale::EngineOptions;
 
 /// jemalloc instead of the system allocator. With glibc's malloc, the
@@ -245,10 +245,8 @@ impl EngineArgs {
 
 fn load_topology(path: Option<&std::path::Path>) -> anyhow::Result<waymark_topology::Topology> {
     match path {
-        Some(path) => waymark_topology::load(path, PROCESSORS).map_err(|e| anyhow::anyhow!("{e}")),
-        None => {
-            waymark_topology::Topology::default_for(PROCESSORS).map_err(|e| anyhow::anyhow!("{e}"))
-        }
+        Some(path) => registry::load_topology(path),
+        None => registry::default_topology(),
     }
 }
 
@@ -305,11 +303,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kafka_idle_timeout_secs,
         } => {
             let topology = match topology {
-                Some(path) => {
-                    waymark_topology::load(&path, PROCESSORS).map_err(|e| anyhow::anyhow!("{e}"))?
-                }
-                None => waymark_topology::Topology::default_for(PROCESSORS)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                Some(path) => registry::load_topology(&path)?,
+                None => registry::default_topology()?,
             };
             let dev = Dev::start(DevOptions {
                 data_dir: data_dir.clone(),
@@ -427,7 +422,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => ops::inspect(&grpc_addr, &person_id).await,
         Command::Topology {
             command: TopologyCommand::Check { file },
-        } => match waymark_topology::load(&file, PROCESSORS) {
+        } => match waymark_topology::load(&file, &registry::registry().declarations()) {
             Ok(t) => {
                 println!(
                     "{}: ok ({} topics, {} processors)",

@@ -11,8 +11,9 @@ use waymark_schemas::Validator;
 use waymark_server::{AdminService, IngestService, Projections, QueryService, Services};
 use waymark_topology::Topology;
 
-use crate::registry::PROCESSORS;
-use crate::versions::{self, Controller, ControllerHandle, PlatformOperator};
+use waymark_control::{Controller, ControllerHandle, PlatformOperator};
+
+use crate::registry::registry;
 
 /// Named tasks of a process; if one ends, the process shuts down.
 pub type Tasks = JoinSet<(String, anyhow::Result<()>)>;
@@ -33,18 +34,19 @@ pub fn topic_configs(topology: &Topology) -> Vec<TopicConfig> {
 
 /// Checks processor names given on the command line.
 pub fn select_processors(names: &[String], topology: &Topology) -> anyhow::Result<Vec<String>> {
+    let registry = registry();
     if names.is_empty() {
-        return Ok(PROCESSORS
-            .iter()
-            .filter(|n| topology.processor(n).is_some())
-            .map(|n| (*n).to_owned())
+        return Ok(registry
+            .configured(topology)
+            .into_iter()
+            .map(str::to_owned)
             .collect());
     }
     for name in names {
-        if !PROCESSORS.contains(&name.as_str()) {
+        if !registry.contains(name) {
             return Err(anyhow!(
                 "unknown processor {name:?}; known processors: {}",
-                PROCESSORS.join(", ")
+                registry.names().join(", ")
             ));
         }
     }
@@ -73,6 +75,7 @@ pub async fn spawn_processors(
         }
     }
     let (mut controller, handle) = Controller::new(
+        registry().clone(),
         log.clone(),
         store.clone(),
         topology.clone(),
@@ -100,18 +103,17 @@ pub async fn services(
     controller: Option<ControllerHandle>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Services> {
+    let registry = registry();
     let projections = Projections::new(
         store.clone(),
-        versions::projection_tables(|name| {
-            topology.processor(name).map_or(1, |p| p.projection_version)
-        }),
+        waymark_control::configured_versions(registry, topology),
     );
     // Read the catalog before serving, so the first query already reads
     // the active versions; create their tables so queries answer NOT_FOUND
     // rather than fail before the first write.
     let mut delay = std::time::Duration::from_millis(200);
     loop {
-        match versions::refresh(&projections, topology).await {
+        match waymark_control::refresh(&projections, registry, topology).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the projection catalog failed; retrying");
@@ -123,24 +125,21 @@ pub async fn services(
             }
         }
     }
-    let t = projections.tables();
-    store
-        .ensure_tables(&[
-            t.identity.links.clone(),
-            t.identity.persons.clone(),
-            t.person.clone(),
-            t.interactions.clone(),
-            t.journey.clone(),
-            t.learning.clone(),
-            t.history.clone(),
-        ])
-        .await?;
+    let active = projections.active();
+    let tables: Vec<String> = registry
+        .configured(topology)
+        .into_iter()
+        .flat_map(|name| registry.tables(name, active.get(name)))
+        .collect();
+    store.ensure_tables(&tables).await?;
     let (p, topo, token) = (projections.clone(), topology.clone(), shutdown.clone());
+    let r = registry.clone();
     tasks.spawn(async move {
-        versions::track_active(p, topo, token).await;
+        waymark_control::track_active(p, r, topo, token).await;
         ("projection tracker".to_owned(), Ok(()))
     });
     let operator = Arc::new(PlatformOperator::new(
+        registry.clone(),
         log.clone(),
         store.clone(),
         topology.clone(),

@@ -1,111 +1,67 @@
-//! The processor registry: one explicit table of name → handler factory.
+//! The processor registry: every processor this binary runs, one line
+//! each (see `docs/extending.md`). Everything else — topology validation,
+//! tables, the controller, verify, metrics, the query side — takes
+//! processor names and tables from it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use waymark_interactions::InteractionsFold;
-use waymark_journey::JourneyFold;
-use waymark_learning::LearningFold;
-use waymark_person::PersonFold;
-use waymark_runtime::history::{history_table, WithHistory};
-use waymark_runtime::identity::IdentityTables;
-use waymark_runtime::{Handler, IdentityHandler, ProjectionHandler};
-use waymark_schemas::Validator;
-use waymark_topology::{ProcessorSpec, Topology};
+use waymark_runtime::plugin::Registry;
 
-/// Every processor Waymark knows, in topology order.
-pub const PROCESSORS: &[&str] = &["identity", "person", "interactions", "journey", "learning"];
-
-/// Why a handler could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegistryError {
-    /// The name is not in [`PROCESSORS`].
-    #[error("unknown processor {name:?}; known processors: {}", PROCESSORS.join(", "))]
-    Unknown {
-        /// The name asked for.
-        name: String,
-    },
-    /// The topology has no entry for it.
-    #[error("processor {0:?} is not configured in the topology")]
-    NotConfigured(String),
+/// Every processor of the binary, the inputs' processor first.
+pub fn builtin() -> Registry {
+    Registry::new(vec![
+        Arc::new(waymark_identity::IdentityProcessor),
+        Arc::new(waymark_person::PersonProcessor),
+        Arc::new(waymark_interactions::InteractionsProcessor),
+        Arc::new(waymark_journey::JourneyProcessor),
+        Arc::new(waymark_learning::LearningProcessor),
+    ])
 }
 
-/// The table a fold processor writes for its projection version.
-pub fn projection_table(processor: &str, version: u32) -> String {
-    format!("{processor}_v{version}")
+/// The [`builtin`] registry, built once.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(builtin)
 }
 
-fn window(spec: &ProcessorSpec) -> chrono::Duration {
-    chrono::Duration::from_std(spec.dedupe_window).unwrap_or(chrono::Duration::MAX)
+/// The topology of the repository's `topology.yaml` for the [`builtin`]
+/// processors.
+pub fn default_topology() -> anyhow::Result<waymark_topology::Topology> {
+    waymark_topology::Topology::default_for(&registry().declarations())
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Every store table of projection version `version` of processor `name`.
-pub fn tables(name: &str, version: u32) -> Vec<String> {
-    match name {
-        "identity" => {
-            let t = IdentityTables::for_version(version);
-            vec![t.links, t.persons]
-        }
-        "person" => vec![projection_table(name, version), history_table(version)],
-        _ => vec![projection_table(name, version)],
+/// Reads the topology at `path` for the [`builtin`] processors.
+pub fn load_topology(path: &std::path::Path) -> anyhow::Result<waymark_topology::Topology> {
+    waymark_topology::load(path, &registry().declarations()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_processors_and_their_tables() {
+        let r = builtin();
+        assert_eq!(
+            r.names(),
+            ["identity", "person", "interactions", "journey", "learning"]
+        );
+        assert_eq!(
+            r.tables("identity", 2),
+            ["identity_v2_links", "identity_v2_persons"]
+        );
+        assert_eq!(r.tables("person", 1), ["person_v1", "person_v1_history"]);
+        assert_eq!(r.tables("journey", 3), ["journey_v3"]);
+        let topology = default_topology().unwrap();
+        assert_eq!(r.configured(&topology), r.names());
+        assert_eq!(
+            r.input_topic("identity", &topology).unwrap(),
+            "waymark.inputs"
+        );
+        assert_eq!(
+            r.input_topic("learning", &topology).unwrap(),
+            "waymark.events"
+        );
     }
-}
-
-/// Builds the handler of projection version `v` of processor `name` as
-/// configured in `topology`.
-pub fn handler(
-    name: &str,
-    v: u32,
-    topology: &Topology,
-    validator: &Arc<Validator>,
-) -> Result<Arc<dyn Handler>, RegistryError> {
-    let spec = topology
-        .processor(name)
-        .ok_or_else(|| RegistryError::NotConfigured(name.to_owned()))?;
-    let table = projection_table(name, v);
-    Ok(match name {
-        "identity" => Arc::new(IdentityHandler::new(
-            validator.clone(),
-            IdentityTables::for_version(v),
-            topology.topics.events.name.clone(),
-        )),
-        // The person processor also keeps each person's event history.
-        "person" => Arc::new(WithHistory::new(
-            Arc::new(ProjectionHandler::new(
-                name,
-                table,
-                PersonFold,
-                window(spec),
-            )),
-            history_table(v),
-            window(spec),
-        )),
-        "interactions" => {
-            let retention = chrono::Duration::from_std(spec.retention_or_default())
-                .unwrap_or(chrono::Duration::MAX);
-            Arc::new(ProjectionHandler::new(
-                name,
-                table,
-                InteractionsFold::new(retention),
-                window(spec),
-            ))
-        }
-        "journey" => Arc::new(ProjectionHandler::new(
-            name,
-            table,
-            JourneyFold,
-            window(spec),
-        )),
-        "learning" => Arc::new(ProjectionHandler::new(
-            name,
-            table,
-            LearningFold,
-            window(spec),
-        )),
-        other => {
-            return Err(RegistryError::Unknown {
-                name: other.to_owned(),
-            })
-        }
-    })
 }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use common::event;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use waymark_cli::registry::{self, PROCESSORS};
+use waymark_cli::registry::{self, registry};
 use waymark_core::{default_person_id, Tracked};
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
 use waymark_journey::JourneysState;
@@ -56,7 +56,7 @@ async fn platform() -> Platform {
     Platform {
         log,
         store,
-        topology: Topology::default_for(PROCESSORS).unwrap(),
+        topology: registry::default_topology().unwrap(),
         validator: Arc::new(Validator::new().unwrap()),
         _dir: dir,
     }
@@ -64,7 +64,9 @@ async fn platform() -> Platform {
 
 impl Platform {
     fn handler(&self, name: &str) -> Arc<dyn Handler> {
-        registry::handler(name, 1, &self.topology, &self.validator).unwrap()
+        registry()
+            .handler(name, 1, &self.topology, &self.validator)
+            .unwrap()
     }
 
     /// Starts a runner for `name` with consumer id `consumer` on `store`.
@@ -442,7 +444,7 @@ async fn replay_from_offset_zero_equals_live_processing() {
     let token = CancellationToken::new();
     let store: Arc<dyn ProjectionStore> = Arc::new(p.store.clone());
     let mut live = Vec::new();
-    for name in PROCESSORS {
+    for name in registry().names() {
         live.push(
             p.run(name, &format!("{name}.v1"), store.clone(), &token)
                 .await,
@@ -479,8 +481,8 @@ async fn replay_from_offset_zero_equals_live_processing() {
         p.publish(chunk).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    for name in PROCESSORS {
-        let topic = if *name == "identity" { INPUTS } else { EVENTS };
+    for name in registry().names() {
+        let topic = if name == "identity" { INPUTS } else { EVENTS };
         p.caught_up(&format!("{name}.v1"), topic).await;
     }
     token.cancel();

@@ -454,6 +454,33 @@ pub async fn handed_off(
     Ok(true)
 }
 
+/// Why a [`VersionGate`] cannot say yet which side effects are its
+/// version's to write.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GateError {
+    /// The other version of the hand-off has not recorded its part yet
+    /// (the predecessor's acknowledgement, or the active version's marker).
+    /// Normal control flow during a switch: the runner waits and asks
+    /// again; nothing failed.
+    #[error("{processor} version {version} waits for version {other} to record its {what} on partition {partition}")]
+    Waiting {
+        /// Processor.
+        processor: String,
+        /// The waiting version.
+        version: u32,
+        /// The version waited for.
+        other: u32,
+        /// What it waits for: "hand-off marker" or "retirement acknowledgement".
+        what: &'static str,
+        /// The partition.
+        partition: u32,
+    },
+    /// Reading or writing the gate's records failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Decides from which offset a version writes its side effects (see the
 /// module docs). One per running version.
 pub struct VersionGate {
@@ -493,7 +520,7 @@ impl VersionGate {
         &self,
         store: &dyn ProjectionStore,
         first: &BTreeMap<u32, u64>,
-    ) -> Result<EmitRanges, StoreError> {
+    ) -> Result<EmitRanges, GateError> {
         let all = |range: std::ops::Range<u64>| {
             first
                 .keys()
@@ -530,11 +557,13 @@ impl VersionGate {
             .keys()
             .map(|p| match markers.get(p) {
                 Some(m) => Ok((*p, 0..*m)),
-                None => Err(StoreError::Unavailable(format!(
-                    "{} version {} waits for version {} to record its hand-off marker \
-                     on partition {p}",
-                    self.processor, self.version, entry.active
-                ))),
+                None => Err(GateError::Waiting {
+                    processor: self.processor.clone(),
+                    version: self.version,
+                    other: entry.active,
+                    what: "hand-off marker",
+                    partition: *p,
+                }),
             })
             .collect()
     }
@@ -589,8 +618,8 @@ impl VersionGate {
             if let Some(previous) = entry.previous {
                 match self.mark(store, previous, next).await {
                     // The predecessor has not acknowledged yet: next tick.
-                    Err(StoreError::Unavailable(_)) | Ok(_) => {}
-                    Err(e) => return Err(e),
+                    Err(GateError::Waiting { .. }) | Ok(_) => {}
+                    Err(GateError::Store(e)) => return Err(e),
                 }
             }
         } else if entry.previous == Some(self.version) {
@@ -608,7 +637,7 @@ impl VersionGate {
         store: &dyn ProjectionStore,
         previous: u32,
         first: &BTreeMap<u32, u64>,
-    ) -> Result<BTreeMap<u32, u64>, StoreError> {
+    ) -> Result<BTreeMap<u32, u64>, GateError> {
         let mut out = BTreeMap::new();
         let missing: Vec<u32> = {
             let marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
@@ -637,11 +666,13 @@ impl VersionGate {
                 Some(m) => *m,
                 None => {
                     let Some(ack) = acks.get(p) else {
-                        return Err(StoreError::Unavailable(format!(
-                            "{} version {} waits for version {previous} to acknowledge its \
-                             retirement on partition {p}",
-                            self.processor, self.version
-                        )));
+                        return Err(GateError::Waiting {
+                            processor: self.processor.clone(),
+                            version: self.version,
+                            other: previous,
+                            what: "retirement acknowledgement",
+                            partition: *p,
+                        });
                     };
                     let m = first.get(p).copied().unwrap_or(0).max(*ack);
                     new.push((*p, m));

@@ -206,7 +206,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
 }
 
 /// Decodes a record of `waymark.events`: a canonical event with a person id.
-pub(crate) fn decode_event(record: &Record) -> Result<Event, Rejection> {
+pub fn decode_event(record: &Record) -> Result<Event, Rejection> {
     let value = record
         .value
         .as_deref()

@@ -3,16 +3,16 @@
 //! # Layout
 //! - [`log`]: the log seam ([`Log`], [`LogConsumer`]) and the key partitioner.
 //! - [`store`]: the projection-store seam ([`ProjectionStore`]).
+//! - [`plugin`]: what a processor crate provides
+//!   ([`plugin::ProcessorFactory`]) and the [`plugin::Registry`] of them;
+//!   the runtime itself names no processor.
 //! - [`handler`]: what a processor does with a batch ([`Handler`]);
-//!   [`ProjectionHandler`] runs any [`waymark_core::Fold`];
-//!   [`IdentityHandler`] resolves identities.
+//!   [`ProjectionHandler`] runs any [`waymark_core::Fold`].
 //! - [`runner`]: the loop that owns polling, retries, store writes,
 //!   positions, commits and dead letters ([`Runner`]).
 //! - [`catalog`]: projection versions (building / live / retired), which
 //!   one queries read, and the exactly-once hand-off of side effects between
 //!   versions ([`catalog::VersionGate`]).
-//! - [`history`]: per-person event history kept next to the `person`
-//!   projection.
 //! - [`cache`]: a runner's row cache in front of a remote store.
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
 //! - [`metrics`]: metric names.
@@ -60,15 +60,13 @@ pub mod cache;
 pub mod catalog;
 pub mod dead_letter;
 pub mod handler;
-pub mod history;
-pub mod identity;
 pub mod log;
 pub mod metrics;
+pub mod plugin;
 pub mod runner;
 pub mod store;
 
 pub use handler::{BatchOutput, BatchStats, HandleError, Handler, ProjectionHandler};
-pub use identity::IdentityHandler;
 pub use log::{
     partition_for, Appended, ConsumerEvent, Log, LogConsumer, LogError, OutRecord, Record,
     TopicConfig,

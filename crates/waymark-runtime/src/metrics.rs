@@ -1,7 +1,10 @@
 //! Metric names of the runtime, declared in one place.
 //!
-//! Labels are limited to processor, topic, partition and kind — never a
-//! person id. Counters are bumped once per batch, not per event.
+//! Every runner metric has the labels `processor` and `version` (the
+//! projection version, so a rebuild's runner and the live one never share
+//! a series); some add `partition`, `stage` or `kind` — never a person id.
+//! Counters are bumped once per batch, not per event. The lag gauges are
+//! set once a second by each runner, whether or not it has work.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -17,8 +20,11 @@ pub const DEAD_LETTERS: &str = "waymark_processor_dead_letters_total";
 pub const BATCH_DURATION: &str = "waymark_processor_batch_duration_seconds";
 /// Records per batch, by processor.
 pub const BATCH_SIZE: &str = "waymark_processor_batch_records";
-/// Records not yet applied, by processor and partition.
+/// Records not yet applied, by processor, version and partition.
 pub const LAG: &str = "waymark_processor_lag_records";
+/// Seconds since the oldest record not yet applied was appended (0 when
+/// caught up), by processor, version and partition.
+pub const LAG_SECONDS: &str = "waymark_processor_lag_seconds";
 /// Retries after a store or log error, by processor and stage.
 pub const RETRIES: &str = "waymark_processor_retries_total";
 /// Row writes (upserts and deletes) sent to the store, by processor: set
@@ -62,6 +68,11 @@ pub fn describe() {
         LAG,
         Unit::Count,
         "records in the input partition not yet applied"
+    );
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "age of the oldest record in the input partition not yet applied"
     );
     describe_counter!(RETRIES, Unit::Count, "retries after a store or log error");
     describe_counter!(

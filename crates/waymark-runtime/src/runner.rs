@@ -1,15 +1,17 @@
 //! The processor loop: poll a batch → handle → produce outputs and dead
 //! letters → write rows and positions atomically → commit.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use metrics::Label;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cache::RowCache;
-use crate::catalog::VersionGate;
+use crate::catalog::{GateError, VersionGate};
 use crate::dead_letter::dead_letter;
 use crate::handler::{BatchOutput, HandleError, Handler};
 use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, Record};
@@ -21,6 +23,9 @@ use crate::store::{PositionWrite, ProjectionStore, StoreError, WriteBatch};
 pub struct RunnerConfig {
     /// Consumer id under which positions are stored, e.g. `journey.v1`.
     pub consumer: String,
+    /// The projection version this runner builds (the `version` label of
+    /// its metrics); 1 by default.
+    pub version: u32,
     /// The consumer group this processor joins, `waymark.<consumer>` by
     /// default.
     pub group: String,
@@ -47,12 +52,19 @@ impl RunnerConfig {
         Self {
             group: format!("waymark.{consumer}"),
             consumer,
+            version: 1,
             input_topic: input_topic.into(),
             dlq_topic: dlq_topic.into(),
             max_batch: 10000,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
         }
+    }
+
+    /// Labels its metrics as projection version `version`.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
     }
 
     /// Joins the group `<prefix>.<consumer>` instead (isolated test or
@@ -86,6 +98,8 @@ pub struct Runner {
     handler: Arc<dyn Handler>,
     config: RunnerConfig,
     gate: Option<Arc<VersionGate>>,
+    /// `processor` and `version`, on every metric.
+    labels: Vec<Label>,
 }
 
 /// Where the batch got to, so a retry resumes instead of redoing effects.
@@ -115,6 +129,10 @@ impl Runner {
             Some(cache) => cache.clone() as Arc<dyn ProjectionStore>,
             None => store,
         };
+        let labels = vec![
+            Label::new("processor", handler.processor().to_owned()),
+            Label::new("version", config.version.to_string()),
+        ];
         Self {
             log,
             store,
@@ -122,6 +140,7 @@ impl Runner {
             handler,
             config,
             gate: None,
+            labels,
         }
     }
 
@@ -158,7 +177,16 @@ impl Runner {
         // Next offset to apply per assigned partition; records below it are
         // stale fetches from before a seek.
         let mut next: HashMap<u32, u64> = HashMap::new();
-        let mut last_lag = Instant::now() - Duration::from_secs(60);
+        // What the lag reporter reads, every second, batch or no batch.
+        let lag = Arc::new(Mutex::new(LagState::default()));
+        let reporter = tokio::spawn(report_lag(
+            self.log.clone(),
+            self.config.input_topic.clone(),
+            self.labels.clone(),
+            lag.clone(),
+            shutdown.child_token(),
+        ));
+        let _stop_reporter = AbortOnDrop(reporter);
         let mut idle = tokio::time::interval(Duration::from_secs(1));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%processor, topic = %self.config.input_topic, "processor started");
@@ -203,6 +231,7 @@ impl Runner {
                             warn!(%processor, partition = p, error = %e, "seek failed");
                         }
                         next.insert(p, offset);
+                        lag_state(&lag).assigned(p, offset);
                         debug!(%processor, partition = p, offset, "partition assigned");
                     }
                 }
@@ -210,6 +239,7 @@ impl Runner {
                     self.forget_cached_rows();
                     for p in partitions {
                         next.remove(&p);
+                        lag_state(&lag).revoked(p, &self.labels);
                     }
                 }
                 ConsumerEvent::Records(records) => {
@@ -220,6 +250,7 @@ impl Runner {
                     if records.is_empty() {
                         continue;
                     }
+                    lag_state(&lag).polled(&records);
                     let started = Instant::now();
                     let Some(positions) = self
                         .apply_batch(&records, &mut consumer, &shutdown, &mut backoff)
@@ -230,14 +261,11 @@ impl Runner {
                     for (p, offset) in &positions {
                         next.insert(*p, *offset);
                     }
-                    metrics::histogram!(m::BATCH_DURATION, "processor" => processor.clone())
+                    lag_state(&lag).applied(&positions);
+                    metrics::histogram!(m::BATCH_DURATION, self.labels.clone())
                         .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!(m::BATCH_SIZE, "processor" => processor.clone())
+                    metrics::histogram!(m::BATCH_SIZE, self.labels.clone())
                         .record(records.len() as f64);
-                    if last_lag.elapsed() >= Duration::from_secs(1) {
-                        last_lag = Instant::now();
-                        self.report_lag(&next).await;
-                    }
                 }
             }
         }
@@ -305,6 +333,14 @@ impl Runner {
                         source: e,
                     })
                 }
+                // A hand-off in progress: wait for the other version, it is
+                // not a failure.
+                Err(StepError::Gate(GateError::Waiting { .. })) => {
+                    debug!(%processor, "waiting for the other version of a hand-off");
+                    if !backoff.sleep(shutdown).await {
+                        return Ok(None);
+                    }
+                }
                 Err(e) => {
                     warn!(%processor, error = %e, "batch failed, retrying without committing");
                     self.retried(e.stage());
@@ -317,20 +353,19 @@ impl Runner {
         backoff.reset();
         if let Some(output) = progress.output {
             let stats = output.stats;
-            let label = processor.to_owned();
-            metrics::counter!(m::EVENTS_APPLIED, "processor" => label.clone())
-                .increment(stats.applied);
+            metrics::counter!(m::EVENTS_APPLIED, self.labels.clone()).increment(stats.applied);
             if stats.duplicates > 0 {
-                metrics::counter!(m::EVENTS_DUPLICATE, "processor" => label.clone())
+                metrics::counter!(m::EVENTS_DUPLICATE, self.labels.clone())
                     .increment(stats.duplicates);
             }
             if stats.redelivered > 0 {
-                metrics::counter!(m::EVENTS_REDELIVERED, "processor" => label.clone())
+                metrics::counter!(m::EVENTS_REDELIVERED, self.labels.clone())
                     .increment(stats.redelivered);
             }
             for (_, rejection) in &output.rejected {
-                metrics::counter!(m::DEAD_LETTERS, "processor" => label.clone(), "kind" => rejection.kind.as_str())
-                    .increment(1);
+                let mut labels = self.labels.clone();
+                labels.push(Label::new("kind", rejection.kind.as_str()));
+                metrics::counter!(m::DEAD_LETTERS, labels).increment(1);
             }
         }
         // Kafka's committed offsets are for lag tooling; the store is the truth.
@@ -346,10 +381,10 @@ impl Runner {
         positions: &[(u32, u64)],
         progress: &mut Progress,
     ) -> Result<(), StepError> {
-        let processor = self.handler.processor();
         let stage = |name: &'static str, started: Instant| {
-            metrics::histogram!(m::STAGE_DURATION, "processor" => processor.to_owned(), "stage" => name)
-                .record(started.elapsed().as_secs_f64());
+            let mut labels = self.labels.clone();
+            labels.push(Label::new("stage", name));
+            metrics::histogram!(m::STAGE_DURATION, labels).record(started.elapsed().as_secs_f64());
         };
         if progress.output.is_none() {
             let started = Instant::now();
@@ -373,7 +408,7 @@ impl Runner {
                     Some(
                         gate.emit_ranges(self.store.as_ref(), &first)
                             .await
-                            .map_err(StepError::Store)?,
+                            .map_err(StepError::Gate)?,
                     )
                 }
                 None => None,
@@ -443,32 +478,138 @@ impl Runner {
             }
             .map_err(StepError::Store)?;
             stage("write", started);
-            metrics::counter!(m::ROWS_WRITTEN, "processor" => processor.to_owned()).increment(rows);
+            metrics::counter!(m::ROWS_WRITTEN, self.labels.clone()).increment(rows);
             progress.written = true;
         }
         Ok(())
     }
 
-    async fn report_lag(&self, next: &HashMap<u32, u64>) {
-        for (partition, offset) in next {
-            if let Ok((_, high)) = self
-                .log
-                .watermarks(&self.config.input_topic, *partition)
-                .await
-            {
-                metrics::gauge!(
-                    m::LAG,
-                    "processor" => self.handler.processor().to_owned(),
-                    "partition" => partition.to_string()
-                )
-                .set(high.saturating_sub(*offset) as f64);
+    fn retried(&self, stage: &'static str) {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("stage", stage));
+        metrics::counter!(m::RETRIES, labels).increment(1);
+    }
+}
+
+/// Per assigned partition: the next offset to apply and the append time of
+/// the oldest record polled but not applied yet.
+#[derive(Debug, Default)]
+struct LagState {
+    partitions: BTreeMap<u32, PartitionLag>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PartitionLag {
+    next: u64,
+    /// Append time (ms) of the record at `next`, once polled.
+    oldest_ms: Option<i64>,
+}
+
+impl LagState {
+    fn assigned(&mut self, partition: u32, next: u64) {
+        self.partitions.insert(
+            partition,
+            PartitionLag {
+                next,
+                oldest_ms: None,
+            },
+        );
+    }
+
+    fn revoked(&mut self, partition: u32, labels: &[Label]) {
+        self.partitions.remove(&partition);
+        // Another member reports it now; this one no longer lags on it.
+        let labels = partition_labels(labels, partition);
+        metrics::gauge!(m::LAG, labels.clone()).set(0.0);
+        metrics::gauge!(m::LAG_SECONDS, labels).set(0.0);
+    }
+
+    fn polled(&mut self, records: &[Record]) {
+        for r in records {
+            if let Some(p) = self.partitions.get_mut(&r.partition) {
+                if p.oldest_ms.is_none() && r.offset == p.next {
+                    p.oldest_ms = Some(r.timestamp_ms);
+                }
             }
         }
     }
 
-    fn retried(&self, stage: &'static str) {
-        metrics::counter!(m::RETRIES, "processor" => self.handler.processor().to_owned(), "stage" => stage)
-            .increment(1);
+    fn applied(&mut self, positions: &[(u32, u64)]) {
+        for (partition, next) in positions {
+            if let Some(p) = self.partitions.get_mut(partition) {
+                p.next = *next;
+                // The next record's time is known once it is polled.
+                p.oldest_ms = None;
+            }
+        }
+    }
+}
+
+fn lag_state(lag: &Mutex<LagState>) -> std::sync::MutexGuard<'_, LagState> {
+    lag.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn partition_labels(labels: &[Label], partition: u32) -> Vec<Label> {
+    let mut labels = labels.to_vec();
+    labels.push(Label::new("partition", partition.to_string()));
+    labels
+}
+
+/// Sets the lag gauges of every assigned partition once a second until
+/// `stop`: records between the next offset to apply and the high
+/// watermark, and seconds since the oldest of them was appended (0 when
+/// none; while the runner has not polled it yet, the time of the last
+/// known oldest record is kept).
+async fn report_lag(
+    log: Arc<dyn Log>,
+    topic: String,
+    labels: Vec<Label>,
+    lag: Arc<Mutex<LagState>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_oldest: HashMap<u32, i64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let partitions: Vec<(u32, PartitionLag)> = lag_state(&lag)
+            .partitions
+            .iter()
+            .map(|(p, l)| (*p, *l))
+            .collect();
+        for (partition, state) in partitions {
+            let Ok((_, high)) = log.watermarks(&topic, partition).await else {
+                continue;
+            };
+            let records = high.saturating_sub(state.next);
+            let seconds = if records == 0 {
+                last_oldest.remove(&partition);
+                0.0
+            } else {
+                if let Some(ms) = state.oldest_ms {
+                    last_oldest.insert(partition, ms);
+                }
+                last_oldest.get(&partition).map_or(0.0, |ms| {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    (now.saturating_sub(*ms)).max(0) as f64 / 1000.0
+                })
+            };
+            let labels = partition_labels(&labels, partition);
+            metrics::gauge!(m::LAG, labels.clone()).set(records as f64);
+            metrics::gauge!(m::LAG_SECONDS, labels).set(seconds);
+        }
+    }
+}
+
+/// Aborts a task when dropped (the runner's lag reporter ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -480,6 +621,8 @@ enum StepError {
     Log(LogError),
     #[error("writing failed: {0}")]
     Store(StoreError),
+    #[error("{0}")]
+    Gate(GateError),
     #[error("batch output missing")]
     Internal,
 }
@@ -490,6 +633,7 @@ impl StepError {
             StepError::Handle(_) => "read",
             StepError::Log(_) => "produce",
             StepError::Store(_) => "write",
+            StepError::Gate(_) => "handoff",
             StepError::Internal => "internal",
         }
     }

@@ -123,7 +123,7 @@ pub(crate) fn course(person: Uuid, course_id: &str, c: &CourseState) -> pb::Lear
 
 /// One event of a person's history.
 pub(crate) fn person_event(
-    entry: &waymark_runtime::history::HistoryEntry,
+    entry: &waymark_person::history::HistoryEntry,
 ) -> Result<pb::PersonEvent, ApiError> {
     let event = waymark_core::Event::from_json(&entry.event).map_err(|e| {
         ApiError::Store(waymark_runtime::StoreError::Corrupt {

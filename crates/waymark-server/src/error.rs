@@ -2,7 +2,7 @@
 //! become statuses.
 
 use tonic::{Code, Status};
-use waymark_runtime::{LogError, StoreError};
+use waymark_runtime::{HandleError, LogError, StoreError};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +36,22 @@ impl From<ApiError> for Status {
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unimplemented(_) => Code::Unimplemented,
-            ApiError::Store(StoreError::Corrupt { .. }) => Code::Internal,
+            // Not the client's doing, and not going away by retrying.
+            ApiError::Store(StoreError::Corrupt { .. }) => Code::DataLoss,
             ApiError::Store(_) | ApiError::Log(_) => Code::Unavailable,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<HandleError> for ApiError {
+    /// A handler run by the service itself (`verify`) failed: its store
+    /// error, as is.
+    fn from(e: HandleError) -> Self {
+        match e {
+            HandleError::Store(e) => ApiError::Store(e),
+            other => ApiError::Store(StoreError::Unavailable(other.to_string())),
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use waymark_proto::v1::query_server::QueryServer;
 pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus, Operator};
 pub use error::{parse_person_id, ApiError};
 pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
-pub use projections::{ProjectionTables, Projections};
+pub use projections::{ActiveVersions, Projections};
 pub use query::QueryService;
 
 /// Largest request the Ingest service decodes (1000 events of typical size;

@@ -1,5 +1,6 @@
 //! The read side: typed access to the projection tables.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use uuid::Uuid;
@@ -8,77 +9,74 @@ use waymark_identity::{IdentityRow, PersonLinks};
 use waymark_interactions::InteractionsState;
 use waymark_journey::JourneysState;
 use waymark_learning::LearningState;
+use waymark_person::history::{self, HistoryEntry};
 use waymark_person::PersonState;
 use waymark_runtime::handler::decode_row;
-use waymark_runtime::identity::IdentityTables;
+use waymark_runtime::plugin::table_name;
 use waymark_runtime::{ProjectionStore, StoreError};
 
-/// The table of each projection that queries read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectionTables {
-    /// Identity links and persons.
-    pub identity: IdentityTables,
-    /// `person` projection.
-    pub person: String,
-    /// `interactions` projection.
-    pub interactions: String,
-    /// `journey` projection.
-    pub journey: String,
-    /// `learning` projection.
-    pub learning: String,
-    /// Per-person event history (kept by the `person` processor).
-    pub history: String,
-}
+/// The version of each processor's projections that queries read; a
+/// processor not listed reads version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ActiveVersions(BTreeMap<String, u32>);
 
-impl ProjectionTables {
-    /// Version 1 of every projection.
-    pub fn v1() -> Self {
-        Self {
-            identity: IdentityTables::for_version(1),
-            person: "person_v1".into(),
-            interactions: "interactions_v1".into(),
-            journey: "journey_v1".into(),
-            learning: "learning_v1".into(),
-            history: waymark_runtime::history::history_table(1),
-        }
+impl ActiveVersions {
+    /// The versions `versions`, by processor.
+    pub fn new(versions: BTreeMap<String, u32>) -> Self {
+        Self(versions)
+    }
+
+    /// The version of `processor` read.
+    pub fn get(&self, processor: &str) -> u32 {
+        self.0.get(processor).copied().unwrap_or(1)
+    }
+
+    /// The table `suffix` of `processor` in the version read.
+    pub fn table(&self, processor: &str, suffix: &str) -> String {
+        table_name(processor, self.get(processor), suffix)
     }
 }
 
 /// Typed reads of the projections.
 ///
 /// The tables read are those of the active projection versions; a switch
-/// replaces them all at once ([`Projections::set_tables`]), and every read
+/// replaces them all at once ([`Projections::set_active`]), and every read
 /// uses one consistent snapshot of them.
 #[derive(Clone)]
 pub struct Projections {
     store: Arc<dyn ProjectionStore>,
-    tables: Arc<RwLock<Arc<ProjectionTables>>>,
+    active: Arc<RwLock<Arc<ActiveVersions>>>,
 }
 
 impl Projections {
-    /// Reads `tables` from `store`.
-    pub fn new(store: Arc<dyn ProjectionStore>, tables: ProjectionTables) -> Self {
+    /// Reads the `active` versions from `store`.
+    pub fn new(store: Arc<dyn ProjectionStore>, active: ActiveVersions) -> Self {
         Self {
             store,
-            tables: Arc::new(RwLock::new(Arc::new(tables))),
+            active: Arc::new(RwLock::new(Arc::new(active))),
         }
     }
 
-    /// The tables read now.
-    pub fn tables(&self) -> Arc<ProjectionTables> {
-        self.tables
+    /// The versions read now.
+    pub fn active(&self) -> Arc<ActiveVersions> {
+        self.active
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// Reads `tables` from now on (after a version switch).
-    pub fn set_tables(&self, tables: ProjectionTables) {
-        let mut current = self.tables.write().unwrap_or_else(PoisonError::into_inner);
-        if **current != tables {
-            tracing::info!(?tables, "queries now read new projection versions");
-            *current = Arc::new(tables);
+    /// Reads the `active` versions from now on (after a version switch).
+    pub fn set_active(&self, active: ActiveVersions) {
+        let mut current = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        if **current != active {
+            tracing::info!(versions = ?active.0, "queries now read new projection versions");
+            *current = Arc::new(active);
         }
+    }
+
+    /// The table `suffix` of `processor` in the version read now.
+    pub fn table(&self, processor: &str, suffix: &str) -> String {
+        self.active().table(processor, suffix)
     }
 
     /// The store read.
@@ -93,9 +91,9 @@ impl Projections {
         person: Uuid,
         from: u64,
         limit: u64,
-    ) -> Result<Option<(Vec<waymark_runtime::history::HistoryEntry>, u64)>, StoreError> {
-        let table = self.tables().history.clone();
-        waymark_runtime::history::read_page(
+    ) -> Result<Option<(Vec<HistoryEntry>, u64)>, StoreError> {
+        let table = self.table(waymark_person::NAME, history::HISTORY);
+        history::read_page(
             self.store.as_ref(),
             &table,
             &person.to_string(),
@@ -105,14 +103,18 @@ impl Projections {
         .await
     }
 
-    async fn tracked<S: serde::de::DeserializeOwned>(
+    /// One person's state in the main table of fold processor `processor`
+    /// (the version read now): the `state` of its
+    /// [`Tracked`](waymark_core::Tracked) row, `None` when it has none.
+    pub async fn state<S: serde::de::DeserializeOwned>(
         &self,
-        table: &str,
+        processor: &str,
         person: Uuid,
     ) -> Result<Option<S>, StoreError> {
+        let table = self.table(processor, "");
         let key = person.to_string();
-        match self.store.get(table, &key).await? {
-            Some(bytes) => Ok(Some(decode_row::<Tracked<S>>(table, &key, &bytes)?.state)),
+        match self.store.get(&table, &key).await? {
+            Some(bytes) => Ok(Some(decode_row::<Tracked<S>>(&table, &key, &bytes)?.state)),
             None => Ok(None),
         }
     }
@@ -120,8 +122,7 @@ impl Projections {
     /// The person an identity resolves to.
     pub async fn resolve(&self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
         let key = identity.key();
-        let tables = self.tables();
-        let table = &tables.identity.links;
+        let table = &self.table(waymark_identity::NAME, waymark_identity::LINKS);
         match self.store.get(table, &key).await? {
             Some(bytes) => Ok(Some(
                 decode_row::<IdentityRow>(table, &key, &bytes)?.person_id,
@@ -133,8 +134,7 @@ impl Projections {
     /// The identities of a person and whom it was merged into.
     pub async fn links(&self, person: Uuid) -> Result<Option<PersonLinks>, StoreError> {
         let key = person.to_string();
-        let tables = self.tables();
-        let table = &tables.identity.persons;
+        let table = &self.table(waymark_identity::NAME, waymark_identity::PERSONS);
         match self.store.get(table, &key).await? {
             Some(bytes) => Ok(Some(decode_row(table, &key, &bytes)?)),
             None => Ok(None),
@@ -143,8 +143,7 @@ impl Projections {
 
     /// The `person` projection of a person.
     pub async fn person(&self, person: Uuid) -> Result<Option<PersonState>, StoreError> {
-        let table = self.tables().person.clone();
-        self.tracked(&table, person).await
+        self.state(waymark_person::NAME, person).await
     }
 
     /// The `interactions` projection of a person.
@@ -152,20 +151,17 @@ impl Projections {
         &self,
         person: Uuid,
     ) -> Result<Option<InteractionsState>, StoreError> {
-        let table = self.tables().interactions.clone();
-        self.tracked(&table, person).await
+        self.state(waymark_interactions::NAME, person).await
     }
 
     /// The `journey` projection of a person.
     pub async fn journeys(&self, person: Uuid) -> Result<Option<JourneysState>, StoreError> {
-        let table = self.tables().journey.clone();
-        self.tracked(&table, person).await
+        self.state(waymark_journey::NAME, person).await
     }
 
     /// The `learning` projection of a person.
     pub async fn learning(&self, person: Uuid) -> Result<Option<LearningState>, StoreError> {
-        let table = self.tables().learning.clone();
-        self.tracked(&table, person).await
+        self.state(waymark_learning::NAME, person).await
     }
 
     /// Whether anything is known about a person.

@@ -188,17 +188,6 @@ pub(crate) fn serialize_duration<S: Serializer>(
     serializer.collect_str(&format_duration(*duration))
 }
 
-/// Serializes an optional [`Duration`] as [`format_duration`] text or none.
-pub(crate) fn serialize_opt_duration<S: Serializer>(
-    duration: &Option<Duration>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match duration {
-        Some(d) => serializer.serialize_some(&format_duration(*d)),
-        None => serializer.serialize_none(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::duration::DurationError;
+use crate::model::TopicRole;
 
 /// Every problem found in a topology file, in file order. Displayed one
 /// error per line, each as `file:line:column: message`.
@@ -223,13 +224,38 @@ pub enum TopologyErrorKind {
         /// The processor's name.
         name: String,
     },
-    /// `retention` on a processor that has no retention.
-    #[error("`{field}` is not supported, only these processors have a retention: {}", .supported.join(", "))]
-    RetentionNotSupported {
+    /// A parameter of some processors (e.g. `retention`) on one that does
+    /// not have it.
+    #[error("`{field}` is not supported, only these processors have a {param}: {}", .supported.join(", "))]
+    ParamNotSupported {
         /// The field's path.
         field: String,
-        /// The processors that do have one.
+        /// The parameter's name.
+        param: String,
+        /// The processors that do have it.
         supported: Vec<&'static str>,
+    },
+    /// A processor's `inputs` that are not the one topic it reads.
+    #[error("`{field}` must be [{expected}]: {processor} reads the {role} topic")]
+    WrongInputs {
+        /// The list's path.
+        field: String,
+        /// The processor.
+        processor: String,
+        /// The topic it reads.
+        expected: String,
+        /// That topic's role.
+        role: TopicRole,
+    },
+    /// A processor's `outputs` that are not the topics it writes.
+    #[error("`{field}` must be [{}]: {processor} writes exactly these topics", .expected.join(", "))]
+    WrongOutputs {
+        /// The list's path.
+        field: String,
+        /// The processor.
+        processor: String,
+        /// The topics it writes.
+        expected: Vec<String>,
     },
 }
 

@@ -2,9 +2,13 @@
 //! parsed strictly.
 //!
 //! ```
-//! let topology = waymark_topology::Topology::default_for(&[
-//!     "identity", "person", "interactions", "journey", "learning",
-//! ])?;
+//! use waymark_topology::{ParamKind, ParamSpec, ProcessorDecl};
+//! // What the binary's processor registry declares (simplified): the
+//! // names, and `interactions`' own parameter `retention`.
+//! let mut known = ["identity", "person", "interactions", "journey", "learning"]
+//!     .map(ProcessorDecl::named);
+//! known[2].params = &[ParamSpec { name: "retention", kind: ParamKind::Duration }];
+//! let topology = waymark_topology::Topology::default_for(&known)?;
 //! assert_eq!(topology.topics.events.name, "waymark.events");
 //! assert_eq!(topology.processor("identity").unwrap().inputs, ["waymark.inputs"]);
 //! # Ok::<(), waymark_topology::TopologyErrors>(())
@@ -14,8 +18,9 @@
 //! - [`parse`] / [`load`] / [`Topology::default_for`]: the entry points;
 //!   [`default_yaml`] is the repository's `topology.yaml`, built in.
 //! - `model.rs`: the parsed data ([`Topology`], [`Topics`], [`TopicSpec`],
-//!   [`ProcessorSpec`]) and the defaults ([`DEFAULT_DEDUPE_WINDOW`],
-//!   [`DEFAULT_PROCESSOR_RETENTION`]).
+//!   [`ProcessorSpec`]), what a processor declares to the parser
+//!   ([`ProcessorDecl`]: its wiring and its own parameters) and the one
+//!   common default, [`DEFAULT_DEDUPE_WINDOW`].
 //! - `parse.rs`: the parser. It walks a `marked-yaml` node tree, which keeps
 //!   the line and column of every node, instead of deserializing with serde,
 //!   so that it can report every mistake at once rather than the first.
@@ -27,15 +32,19 @@
 //!   wrong type (`"6"` is a string, not a number), a bad duration, a
 //!   partition count or projection version below 1, a topic name Kafka
 //!   would refuse, two topics with one name, a processor input or output
-//!   that is not a declared topic, an unknown processor (the message lists
-//!   the known ones) and a known processor missing from the file are all
-//!   errors. Duplicate YAML keys, anchors, aliases and tags are refused.
+//!   that is not a declared topic, `inputs`/`outputs` other than the roles
+//!   the processor declares it reads and writes, a parameter of another
+//!   processor (e.g. `retention` on `journey`) or of the wrong type, an
+//!   unknown processor (the message lists the known ones) and a known
+//!   processor missing from the file are all errors. Duplicate YAML keys, anchors, aliases and tags are refused.
 //! - Every error is reported in one [`TopologyErrors`], in file order, each
 //!   as `file:line:column: message` (1-based, lowercase, no trailing
 //!   period). Only a YAML syntax error or duplicate key stops the walk,
 //!   since the tree after it cannot be trusted.
-//! - Defaults live in one place (`model.rs`): `compaction` false,
-//!   `dedupe_window` 7 days, a processor's `retention` 365 days.
+//! - Common defaults live in `model.rs` (`compaction` false,
+//!   `dedupe_window` 7 days); a processor's own parameters have their
+//!   defaults in the processor's crate (an unset one is absent from
+//!   [`ProcessorSpec::params`]).
 //! - No IO except [`load`], which reads one file.
 
 mod duration;
@@ -48,8 +57,8 @@ use std::path::Path;
 pub use duration::{format_duration, parse_duration, parse_retention, DurationError, Retention};
 pub use error::{LoadError, TopologyError, TopologyErrorKind, TopologyErrors};
 pub use model::{
-    ProcessorSpec, TopicRole, TopicSpec, Topics, Topology, DEFAULT_DEDUPE_WINDOW,
-    DEFAULT_PROCESSOR_RETENTION, PROCESSORS_WITH_RETENTION,
+    ParamKind, ParamSpec, ParamValue, ProcessorDecl, ProcessorSpec, TopicRole, TopicSpec, Topics,
+    Topology, COMMON_PROCESSOR_FIELDS, DEFAULT_DEDUPE_WINDOW,
 };
 
 /// The name used in error locations for text given to [`parse`].
@@ -66,10 +75,10 @@ pub fn default_yaml() -> &'static str {
 
 /// Parses a topology from `text`, naming it [`DEFAULT_ORIGIN`] in errors.
 ///
-/// `known_processors` are the processors the binary has (its registration
-/// table): each must be configured in the file, and the file may configure
-/// no other.
-pub fn parse(text: &str, known_processors: &[&str]) -> Result<Topology, TopologyErrors> {
+/// `known_processors` are the processors the binary has (its processor
+/// registry): each must be configured in the file, wired as it declares,
+/// and the file may configure no other.
+pub fn parse(text: &str, known_processors: &[ProcessorDecl]) -> Result<Topology, TopologyErrors> {
     parse_with_origin(text, DEFAULT_ORIGIN, known_processors)
 }
 
@@ -77,14 +86,14 @@ pub fn parse(text: &str, known_processors: &[&str]) -> Result<Topology, Topology
 pub fn parse_with_origin(
     text: &str,
     origin: &str,
-    known_processors: &[&str],
+    known_processors: &[ProcessorDecl],
 ) -> Result<Topology, TopologyErrors> {
     parse::parse(text, origin, known_processors)
 }
 
 /// Reads and parses the topology file at `path`; errors name the path as
 /// given.
-pub fn load(path: &Path, known_processors: &[&str]) -> Result<Topology, LoadError> {
+pub fn load(path: &Path, known_processors: &[ProcessorDecl]) -> Result<Topology, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.to_path_buf(),
         source,
@@ -95,7 +104,7 @@ pub fn load(path: &Path, known_processors: &[&str]) -> Result<Topology, LoadErro
 
 impl Topology {
     /// Parses the built-in [`default_yaml`].
-    pub fn default_for(known_processors: &[&str]) -> Result<Topology, TopologyErrors> {
+    pub fn default_for(known_processors: &[ProcessorDecl]) -> Result<Topology, TopologyErrors> {
         parse_with_origin(default_yaml(), BUILT_IN_ORIGIN, known_processors)
     }
 }

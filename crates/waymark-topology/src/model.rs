@@ -6,18 +6,71 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::duration::{serialize_duration, serialize_opt_duration, Retention};
+use crate::duration::{serialize_duration, Retention};
 
 /// `dedupe_window` when a processor does not set it: 7 days (contract §4).
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3_600);
 
-/// A processor's `retention` when it does not set it: 365 days of event
-/// time (contract §4, interactions).
-pub const DEFAULT_PROCESSOR_RETENTION: Duration = Duration::from_secs(365 * 24 * 3_600);
+/// The fields every processor entry has; a processor's own parameters
+/// ([`ProcessorDecl::params`]) come after them.
+pub const COMMON_PROCESSOR_FIELDS: &[&str] =
+    &["inputs", "outputs", "projection_version", "dedupe_window"];
 
-/// The processors that accept a `retention` field. Anywhere else the field
-/// would be ignored, so it is rejected instead.
-pub const PROCESSORS_WITH_RETENTION: &[&str] = &["interactions"];
+/// What a processor known to the binary declares to the parser: its name,
+/// how it must be wired and the parameters of its own (its section of
+/// `topology.yaml` beyond [`COMMON_PROCESSOR_FIELDS`]). The binary's
+/// processor registry builds one per processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessorDecl {
+    /// The processor's name, its key under `processors:`.
+    pub name: &'static str,
+    /// The role of the one topic it reads, when it insists on one: its
+    /// `inputs` must then be exactly that topic.
+    pub input: Option<TopicRole>,
+    /// The roles of the topics it writes, when it says: its `outputs` must
+    /// then list exactly those topics.
+    pub outputs: Option<&'static [TopicRole]>,
+    /// Its own parameters.
+    pub params: &'static [ParamSpec],
+}
+
+impl ProcessorDecl {
+    /// A processor with no wiring constraints and no parameters.
+    pub const fn named(name: &'static str) -> Self {
+        Self {
+            name,
+            input: None,
+            outputs: None,
+            params: &[],
+        }
+    }
+}
+
+/// One parameter of a processor's own (see [`ProcessorDecl`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// Its field name.
+    pub name: &'static str,
+    /// The type of its value.
+    pub kind: ParamKind,
+}
+
+/// The type of a processor parameter's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParamKind {
+    /// A duration such as `365d` (see [`crate::parse_duration`]).
+    Duration,
+}
+
+/// A processor parameter's value as read from the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum ParamValue {
+    /// A [`ParamKind::Duration`].
+    Duration(#[serde(serialize_with = "serialize_duration")] Duration),
+}
 
 /// The whole of `topology.yaml`: the topics and the processors wired to them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -139,17 +192,16 @@ pub struct ProcessorSpec {
     /// (default [`DEFAULT_DEDUPE_WINDOW`]).
     #[serde(serialize_with = "serialize_duration")]
     pub dedupe_window: Duration,
-    /// How much event time its projection keeps, as written in the file;
-    /// only processors in [`PROCESSORS_WITH_RETENTION`] may set it. See
-    /// [`ProcessorSpec::retention_or_default`].
-    #[serde(serialize_with = "serialize_opt_duration")]
-    pub retention: Option<Duration>,
+    /// The processor's own parameters set in the file (see
+    /// [`ProcessorDecl::params`]), by name; a parameter the file does not
+    /// set is absent and the processor applies its default.
+    #[serde(flatten)]
+    pub params: BTreeMap<String, ParamValue>,
 }
 
 impl ProcessorSpec {
-    /// [`ProcessorSpec::retention`], or [`DEFAULT_PROCESSOR_RETENTION`]
-    /// (365 days) when the file does not set it.
-    pub fn retention_or_default(&self) -> Duration {
-        self.retention.unwrap_or(DEFAULT_PROCESSOR_RETENTION)
+    /// The duration parameter `name`, when the file sets it.
+    pub fn duration_param(&self, name: &str) -> Option<Duration> {
+        self.params.get(name).map(|ParamValue::Duration(d)| *d)
     }
 }

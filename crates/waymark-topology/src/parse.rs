@@ -11,20 +11,13 @@ use marked_yaml::{LoadError as YamlError, LoaderOptions, Node, Span};
 use crate::duration::{parse_duration, parse_retention, Retention};
 use crate::error::{TopologyError, TopologyErrorKind as Kind, TopologyErrors};
 use crate::model::{
-    ProcessorSpec, TopicRole, TopicSpec, Topics, Topology, DEFAULT_DEDUPE_WINDOW,
-    PROCESSORS_WITH_RETENTION,
+    ParamKind, ParamValue, ProcessorDecl, ProcessorSpec, TopicRole, TopicSpec, Topics, Topology,
+    COMMON_PROCESSOR_FIELDS, DEFAULT_DEDUPE_WINDOW,
 };
 
 const ROOT_FIELDS: &[&str] = &["topics", "processors"];
 const TOPICS_FIELDS: &[&str] = &["inputs", "events", "dlq"];
 const TOPIC_FIELDS: &[&str] = &["name", "partitions", "retention", "compaction"];
-const PROCESSOR_FIELDS: &[&str] = &[
-    "inputs",
-    "outputs",
-    "projection_version",
-    "dedupe_window",
-    "retention",
-];
 
 /// Kafka's limit on topic name length.
 const MAX_TOPIC_NAME_LEN: usize = 249;
@@ -153,7 +146,7 @@ fn join(path: &str, name: &str) -> String {
 pub(crate) fn parse(
     text: &str,
     origin: &str,
-    known_processors: &[&str],
+    known_processors: &[ProcessorDecl],
 ) -> Result<Topology, TopologyErrors> {
     let mut ctx = Ctx {
         origin,
@@ -212,7 +205,7 @@ fn yaml_error(error: YamlError) -> (Loc, Kind) {
     }
 }
 
-fn read_root(ctx: &mut Ctx<'_>, root: &Node, known: &[&str]) -> Option<Topology> {
+fn read_root(ctx: &mut Ctx<'_>, root: &Node, known: &[ProcessorDecl]) -> Option<Topology> {
     // The loader guarantees a mapping at the top level.
     let map = expect_mapping(ctx, root, "topology", Loc::START)?;
     let fields = Fields::new(ctx, map, String::new(), Loc::START, ROOT_FIELDS);
@@ -376,40 +369,54 @@ fn read_processors(
     ctx: &mut Ctx<'_>,
     node: &Node,
     at: Loc,
-    known: &[&str],
+    known: &[ProcessorDecl],
     topics: &TopicsRead,
 ) -> Option<BTreeMap<String, ProcessorSpec>> {
     let map = expect_mapping(ctx, node, "processors", at)?;
+    // Every processor entry may name the common fields and any processor's
+    // parameter; a parameter of another processor is reported as such.
+    let mut allowed: Vec<&'static str> = COMMON_PROCESSOR_FIELDS.to_vec();
+    for param in known.iter().flat_map(|d| d.params) {
+        if !allowed.contains(&param.name) {
+            allowed.push(param.name);
+        }
+    }
     let mut processors = BTreeMap::new();
     let mut complete = true;
     for (key, value) in map.iter() {
         let name = key.as_str();
         let key_at = Loc::of_span(key.span(), at);
-        let is_known = known.contains(&name);
-        if !is_known {
+        let decl = known.iter().find(|d| d.name == name);
+        if decl.is_none() {
             ctx.error(
                 key_at,
                 Kind::UnknownProcessor {
                     name: name.to_owned(),
-                    known: known.iter().map(|&k| k.to_owned()).collect(),
+                    known: known.iter().map(|d| d.name.to_owned()).collect(),
                 },
             );
         }
         // Read the body of an unknown processor too: its mistakes are
         // reported in the same run.
-        match read_processor(ctx, value, name, key_at, topics) {
-            Some(spec) if is_known => {
+        let read = ProcessorRead {
+            name,
+            decl,
+            known,
+            allowed: &allowed,
+        };
+        match read_processor(ctx, value, &read, key_at, topics) {
+            Some(spec) if decl.is_some() => {
                 processors.insert(name.to_owned(), spec);
             }
             _ => complete = false,
         }
     }
-    for name in known {
-        if map.get(*name).is_none() {
+    for decl in known {
+        if map.get(decl.name).is_none() {
             ctx.error(
                 at,
                 Kind::MissingProcessor {
-                    name: (*name).to_owned(),
+                    name: decl.name.to_owned(),
                 },
             );
             complete = false;
@@ -418,16 +425,27 @@ fn read_processors(
     complete.then_some(processors)
 }
 
+/// What [`read_processor`] needs to know about the entry it reads.
+struct ProcessorRead<'a> {
+    name: &'a str,
+    /// Its declaration, `None` for an unknown processor.
+    decl: Option<&'a ProcessorDecl>,
+    known: &'a [ProcessorDecl],
+    /// The fields any processor entry may have.
+    allowed: &'a [&'static str],
+}
+
 fn read_processor(
     ctx: &mut Ctx<'_>,
     node: &Node,
-    name: &str,
+    read: &ProcessorRead<'_>,
     at: Loc,
     topics: &TopicsRead,
 ) -> Option<ProcessorSpec> {
+    let name = read.name;
     let path = join("processors", name);
     let map = expect_mapping(ctx, node, &path, at)?;
-    let fields = Fields::new(ctx, map, path, at, PROCESSOR_FIELDS);
+    let fields = Fields::new(ctx, map, path, at, read.allowed);
 
     let inputs = fields.required(ctx, "inputs").and_then(|(at, node)| {
         let field = fields.field("inputs");
@@ -450,32 +468,115 @@ fn read_processor(
         Some((at, node)) => expect_duration(ctx, node, &fields.field("dedupe_window"), at),
         None => Some(DEFAULT_DEDUPE_WINDOW),
     };
-    let retention = match fields.optional("retention") {
-        None => Some(None),
-        Some((key_at, node)) => {
-            let field = fields.field("retention");
-            if PROCESSORS_WITH_RETENTION.contains(&name) {
-                expect_duration(ctx, node, &field, key_at).map(Some)
-            } else {
+    let mut params = Some(BTreeMap::new());
+    for param in read.allowed[COMMON_PROCESSOR_FIELDS.len()..].iter() {
+        let Some((key_at, node)) = fields.optional(param) else {
+            continue;
+        };
+        let field = fields.field(param);
+        let own = read
+            .decl
+            .and_then(|d| d.params.iter().find(|p| p.name == *param));
+        let value = match own {
+            Some(spec) => match spec.kind {
+                ParamKind::Duration => {
+                    expect_duration(ctx, node, &field, key_at).map(ParamValue::Duration)
+                }
+            },
+            // An unknown processor's parameters are not checked further.
+            None if read.decl.is_none() => None,
+            None => {
                 ctx.error(
                     key_at,
-                    Kind::RetentionNotSupported {
+                    Kind::ParamNotSupported {
                         field,
-                        supported: PROCESSORS_WITH_RETENTION.to_vec(),
+                        param: (*param).to_owned(),
+                        supported: read
+                            .known
+                            .iter()
+                            .filter(|d| d.params.iter().any(|p| p.name == *param))
+                            .map(|d| d.name)
+                            .collect(),
                     },
                 );
                 None
             }
+        };
+        match (value, params.as_mut()) {
+            (Some(value), Some(params)) => {
+                params.insert((*param).to_owned(), value);
+            }
+            _ => params = None,
         }
-    };
+    }
+    if let Some(decl) = read.decl {
+        check_wiring(
+            ctx,
+            decl,
+            &fields,
+            inputs.as_deref(),
+            outputs.as_deref(),
+            topics,
+        );
+    }
 
     Some(ProcessorSpec {
         inputs: inputs?,
         outputs: outputs?,
         projection_version: projection_version?,
         dedupe_window: dedupe_window?,
-        retention: retention?,
+        params: params?,
     })
+}
+
+/// Checks that a processor's `inputs` and `outputs` are the topics of the
+/// roles it declares (when the topics could be read).
+fn check_wiring(
+    ctx: &mut Ctx<'_>,
+    decl: &ProcessorDecl,
+    fields: &Fields<'_>,
+    inputs: Option<&[String]>,
+    outputs: Option<&[String]>,
+    topics: &TopicsRead,
+) {
+    let Some(declared) = &topics.topics else {
+        return;
+    };
+    if let (Some(role), Some(inputs), Some((at, node))) =
+        (decl.input, inputs, fields.optional("inputs"))
+    {
+        let expected = &declared.get(role).name;
+        if inputs != std::slice::from_ref(expected) {
+            ctx.error(
+                Loc::of_value(node, at),
+                Kind::WrongInputs {
+                    field: fields.field("inputs"),
+                    processor: decl.name.to_owned(),
+                    expected: expected.clone(),
+                    role,
+                },
+            );
+        }
+    }
+    if let (Some(roles), Some(outputs), Some((at, node))) =
+        (decl.outputs, outputs, fields.optional("outputs"))
+    {
+        let expected: Vec<String> = roles
+            .iter()
+            .map(|r| declared.get(*r).name.clone())
+            .collect();
+        let same = outputs.len() == expected.len() && expected.iter().all(|e| outputs.contains(e));
+        if !same {
+            ctx.error(
+                Loc::of_value(node, at),
+                Kind::WrongOutputs {
+                    field: fields.field("outputs"),
+                    processor: decl.name.to_owned(),
+                    expected,
+                },
+            );
+        }
+    }
 }
 
 /// A list of declared topic names, without repeats.

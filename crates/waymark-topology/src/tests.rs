@@ -4,7 +4,28 @@ use std::time::Duration;
 
 use super::*;
 
-const KNOWN: &[&str] = &["identity", "person", "interactions", "journey", "learning"];
+const NAMES: &[&str] = &["identity", "person", "interactions", "journey", "learning"];
+
+const RETENTION: &[ParamSpec] = &[ParamSpec {
+    name: "retention",
+    kind: ParamKind::Duration,
+}];
+
+/// Declarations of `names`, as the binary's registry makes them:
+/// `interactions` has a `retention`.
+fn decls(names: &[&'static str]) -> Vec<ProcessorDecl> {
+    names
+        .iter()
+        .map(|&name| ProcessorDecl {
+            params: if name == "interactions" {
+                RETENTION
+            } else {
+                &[]
+            },
+            ..ProcessorDecl::named(name)
+        })
+        .collect()
+}
 const DAY: u64 = 24 * 3_600;
 
 fn days(n: u64) -> Duration {
@@ -12,8 +33,8 @@ fn days(n: u64) -> Duration {
 }
 
 /// The displayed errors, one string per error.
-fn messages(text: &str, known: &[&str]) -> Vec<String> {
-    match parse(text, known) {
+fn messages(text: &str, known: &[&'static str]) -> Vec<String> {
+    match parse(text, &decls(known)) {
         Ok(t) => panic!("expected errors, parsed {t:?}"),
         Err(errors) => errors.iter().map(ToString::to_string).collect(),
     }
@@ -21,7 +42,7 @@ fn messages(text: &str, known: &[&str]) -> Vec<String> {
 
 #[test]
 fn parses_the_real_topology_yaml() {
-    let topology = Topology::default_for(KNOWN).unwrap_or_else(|e| panic!("{e}"));
+    let topology = Topology::default_for(&decls(NAMES)).unwrap_or_else(|e| panic!("{e}"));
 
     let t = &topology.topics;
     assert_eq!(t.inputs.name, "waymark.inputs");
@@ -52,7 +73,7 @@ fn parses_the_real_topology_yaml() {
         assert_eq!(p.projection_version, 1, "{name}");
         assert_eq!(p.dedupe_window, days(7), "{name}");
         let expected = (name == "interactions").then(|| days(365));
-        assert_eq!(p.retention, expected, "{name}");
+        assert_eq!(p.duration_param("retention"), expected, "{name}");
     }
 
     assert_eq!(topology.topic("waymark.dlq"), Some(&t.dlq));
@@ -65,8 +86,8 @@ fn parses_the_real_topology_yaml() {
 #[test]
 fn loads_the_real_file_from_disk() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../topology.yaml");
-    let from_disk = load(&path, KNOWN).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(from_disk, Topology::default_for(KNOWN).unwrap());
+    let from_disk = load(&path, &decls(NAMES)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(from_disk, Topology::default_for(&decls(NAMES)).unwrap());
 }
 
 #[test]
@@ -131,11 +152,11 @@ processors:
         "topology.yaml:34:3: unknown processor `billing`, known processors: identity, person, interactions, journey, learning",
         "topology.yaml:38:5: unknown field `processors.billing.colour`, expected one of: inputs, outputs, projection_version, dedupe_window, retention",
     ];
-    let got = messages(text, KNOWN);
+    let got = messages(text, NAMES);
     assert_eq!(got, expected, "got:\n{}", got.join("\n"));
 
     // One error per line when displayed as a whole.
-    let errors = parse(text, KNOWN).unwrap_err();
+    let errors = parse(text, &decls(NAMES)).unwrap_err();
     assert_eq!(errors.len(), expected.len());
     assert_eq!(errors.to_string(), expected.join("\n"));
     let first = &errors.as_slice()[0];
@@ -173,7 +194,7 @@ fn error_messages_are_lowercase_without_trailing_period() {
         "a: !!str b\n",
         "topics: {}\nprocessors: {x: {retention: 0d, dedupe_window: 1y}}\n",
     ];
-    for msg in texts.iter().flat_map(|t| messages(t, KNOWN)) {
+    for msg in texts.iter().flat_map(|t| messages(t, NAMES)) {
         let message = msg.splitn(4, ':').nth(3).unwrap().trim_start();
         assert!(!message.ends_with('.'), "{msg}");
         assert!(!message.starts_with(char::is_uppercase), "{msg}");
@@ -184,7 +205,7 @@ fn error_messages_are_lowercase_without_trailing_period() {
 fn wrong_shapes_at_the_top() {
     let text = "topics: 3\nprocessors: [a]\nextra: 1\n";
     assert_eq!(
-        messages(text, KNOWN),
+        messages(text, NAMES),
         [
             "topology.yaml:1:9: `topics` must be a mapping, found `3`",
             "topology.yaml:2:13: `processors` must be a mapping, found a list",
@@ -192,7 +213,7 @@ fn wrong_shapes_at_the_top() {
         ]
     );
     assert_eq!(
-        messages("", KNOWN),
+        messages("", NAMES),
         [
             "topology.yaml:1:1: missing field `topics`",
             "topology.yaml:1:1: missing field `processors`",
@@ -211,7 +232,7 @@ processors:
   identity:     { inputs: [in], outputs: [ev, dead], projection_version: 2 }
   interactions: { inputs: [ev], outputs: [], projection_version: 1 }
 ";
-    let t = parse(text, &["identity", "interactions"]).unwrap_or_else(|e| panic!("{e}"));
+    let t = parse(text, &decls(&["identity", "interactions"])).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         t.topics.inputs.retention,
         Retention::Duration(Duration::from_secs(12 * 3_600))
@@ -224,8 +245,8 @@ processors:
     assert_eq!(identity.dedupe_window, DEFAULT_DEDUPE_WINDOW);
     let interactions = t.processor("interactions").unwrap();
     assert!(interactions.outputs.is_empty());
-    assert_eq!(interactions.retention, None);
-    assert_eq!(interactions.retention_or_default(), days(365));
+    assert_eq!(interactions.duration_param("retention"), None);
+    assert!(interactions.params.is_empty());
 }
 
 #[test]
@@ -252,7 +273,7 @@ processors:
 
 #[test]
 fn unknown_processor_lists_the_known_ones_and_missing_ones_are_reported() {
-    let text = Topology::default_for(KNOWN)
+    let text = Topology::default_for(&decls(NAMES))
         .map(|_| default_yaml())
         .unwrap()
         .replace("  learning:\n", "  learnings:\n");
@@ -278,33 +299,87 @@ fn unknown_processor_lists_the_known_ones_and_missing_ones_are_reported() {
         .iter()
         .any(|m| m.ends_with("missing processor `audit` in `processors`")));
 
+    // With no processor known, `interactions.retention` is no one's
+    // parameter either.
     let got = messages(&text, &[]);
     assert!(
-        got.iter().all(|m| m.contains("known processors: (none)")),
+        got.iter()
+            .filter(|m| !m.contains("unknown field `processors.interactions.retention`"))
+            .all(|m| m.contains("known processors: (none)")),
         "{got:?}"
     );
 }
 
 #[test]
+fn declared_wiring_is_enforced() {
+    const FOLD: ProcessorDecl = ProcessorDecl {
+        input: Some(TopicRole::Events),
+        outputs: Some(&[TopicRole::Dlq]),
+        ..ProcessorDecl::named("journey")
+    };
+    const IDENTITY: ProcessorDecl = ProcessorDecl {
+        input: Some(TopicRole::Inputs),
+        outputs: Some(&[TopicRole::Events, TopicRole::Dlq]),
+        ..ProcessorDecl::named("identity")
+    };
+    let text = "\
+topics:
+  inputs: { name: in, partitions: 1, retention: 1d }
+  events: { name: ev, partitions: 1, retention: forever }
+  dlq:    { name: dead, partitions: 1, retention: 1d }
+processors:
+  identity: { inputs: [in], outputs: [dead, ev], projection_version: 1 }
+  journey:  { inputs: [ev], outputs: [dead], projection_version: 1 }
+";
+    let t = parse(text, &[IDENTITY, FOLD]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(t.processor("identity").unwrap().outputs, ["dead", "ev"]);
+
+    let wrong = text
+        .replace("journey:  { inputs: [ev]", "journey:  { inputs: [in]")
+        .replace("outputs: [dead, ev]", "outputs: [dead]");
+    let errors: Vec<String> = parse(&wrong, &[IDENTITY, FOLD])
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "topology.yaml:6:38: `processors.identity.outputs` must be [ev, dead]: identity writes exactly these topics",
+            "topology.yaml:7:23: `processors.journey.inputs` must be [ev]: journey reads the events topic",
+        ]
+    );
+}
+
+#[test]
+fn parameters_are_typed_and_belong_to_their_processor() {
+    let text = default_yaml().replace("    retention: 365d\n", "    retention: 12\n");
+    assert_eq!(
+        messages(&text, NAMES),
+        ["topology.yaml:64:16: invalid duration `12` for `processors.interactions.retention`: missing unit, expected one of ms, s, m, h, d, w"]
+    );
+}
+
+#[test]
 fn yaml_syntax_errors_and_duplicate_keys_stop_early() {
-    let got = messages("topics:\n  inputs: [a\nprocessors: {}\n", KNOWN);
+    let got = messages("topics:\n  inputs: [a\nprocessors: {}\n", NAMES);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].starts_with("topology.yaml:"), "{got:?}");
     assert!(got[0].contains(": invalid yaml: "), "{got:?}");
 
     let text = "topics:\n  inputs: {}\n  inputs: {}\nprocessors: {}\n";
     assert_eq!(
-        messages(text, KNOWN),
+        messages(text, NAMES),
         ["topology.yaml:3:3: duplicate key `inputs`, first defined at 2:3"]
     );
 
-    let got = messages("- a\n- b\n", KNOWN);
+    let got = messages("- a\n- b\n", NAMES);
     assert_eq!(
         got,
         ["topology.yaml:1:1: invalid yaml: the top level must be a mapping"]
     );
 
-    let got = messages("topics: &a {}\nprocessors: *a\n", KNOWN);
+    let got = messages("topics: &a {}\nprocessors: *a\n", NAMES);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(
         got[0].contains("anchors and aliases are not supported"),
@@ -333,7 +408,7 @@ fn load_names_the_file_in_errors() {
     );
 
     let missing = dir.path().join("absent.yaml");
-    let err = load(&missing, KNOWN).unwrap_err();
+    let err = load(&missing, &decls(NAMES)).unwrap_err();
     assert!(matches!(err, LoadError::Read { .. }), "{err:?}");
     assert!(
         err.to_string().starts_with("cannot read topology file"),
@@ -343,7 +418,7 @@ fn load_names_the_file_in_errors() {
 
 #[test]
 fn serializes_with_readable_durations() {
-    let topology = Topology::default_for(KNOWN).unwrap();
+    let topology = Topology::default_for(&decls(NAMES)).unwrap();
     let json = serde_json::to_value(&topology).unwrap();
     assert_eq!(json["topics"]["events"]["retention"], "forever");
     assert_eq!(json["topics"]["dlq"]["retention"], "30d");

@@ -22,6 +22,8 @@
 //!   offsets).
 //! - [`needed_identities`], [`needed_persons`]: what the runtime must load
 //!   into the overlay before a batch.
+//! - `handler.rs`: the processor as a plugin ([`IdentityProcessor`]) and
+//!   its batch handler ([`IdentityHandler`]), which does exactly that.
 //!
 //! # Rules
 //! 1. If `event.person_id` is set, resolution is skipped: the person is that
@@ -62,8 +64,11 @@
 //! person and changes no row. Events are resolved in log order; a link only
 //! affects events resolved after it.
 
+mod handler;
+
 use std::collections::{BTreeSet, HashMap};
 
+pub use handler::{IdentityHandler, IdentityProcessor, IdentityTables, LINKS, NAME, PERSONS};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use waymark_core::{Event, EventData, Identity, RejectKind, Rejection};

@@ -34,6 +34,47 @@ use std::cmp::Ordering;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{ContentType, Direction, Event, EventData, Fold, Identity, InteractionKind};
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+use waymark_topology::{ParamKind, ParamSpec};
+
+/// The processor's name.
+pub const NAME: &str = "interactions";
+
+/// The interactions processor as a plugin: [`InteractionsFold`] over the
+/// events, one row per person. Its parameter `retention` (a duration,
+/// default [`DEFAULT_RETENTION`]) is the fold's retention.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InteractionsProcessor;
+
+impl ProcessorFactory for InteractionsProcessor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn params(&self) -> &'static [ParamSpec] {
+        const PARAMS: &[ParamSpec] = &[ParamSpec {
+            name: "retention",
+            kind: ParamKind::Duration,
+        }];
+        PARAMS
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
+        TABLES
+    }
+
+    fn build(
+        &self,
+        ctx: &BuildContext<'_>,
+    ) -> Result<std::sync::Arc<dyn waymark_runtime::Handler>, BuildError> {
+        let retention = match ctx.spec().duration_param("retention") {
+            Some(d) => Duration::from_std(d).unwrap_or(Duration::MAX),
+            None => DEFAULT_RETENTION,
+        };
+        Ok(ctx.fold(InteractionsFold::new(retention)))
+    }
+}
 
 /// The contract's default retention: 365 days of event time.
 pub const DEFAULT_RETENTION: Duration = Duration::days(365);

@@ -38,6 +38,33 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{Event, EventData, Fold};
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+
+/// The processor's name.
+pub const NAME: &str = "journey";
+
+/// The journey processor as a plugin: [`JourneyFold`] over the events, one
+/// row per person.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JourneyProcessor;
+
+impl ProcessorFactory for JourneyProcessor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
+        TABLES
+    }
+
+    fn build(
+        &self,
+        ctx: &BuildContext<'_>,
+    ) -> Result<std::sync::Arc<dyn waymark_runtime::Handler>, BuildError> {
+        Ok(ctx.fold(JourneyFold))
+    }
+}
 
 /// Folds `journey.*` events into a [`JourneysState`].
 #[derive(Debug, Clone, Copy, Default)]

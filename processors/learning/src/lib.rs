@@ -30,6 +30,33 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{Event, EventData, Fold};
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+
+/// The processor's name.
+pub const NAME: &str = "learning";
+
+/// The learning processor as a plugin: [`LearningFold`] over the events,
+/// one row per person.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LearningProcessor;
+
+impl ProcessorFactory for LearningProcessor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
+        TABLES
+    }
+
+    fn build(
+        &self,
+        ctx: &BuildContext<'_>,
+    ) -> Result<std::sync::Arc<dyn waymark_runtime::Handler>, BuildError> {
+        Ok(ctx.fold(LearningFold))
+    }
+}
 
 /// Folds `learning.*` events into a [`LearningState`].
 #[derive(Debug, Clone, Copy, Default)]

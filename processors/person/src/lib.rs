@@ -2,8 +2,11 @@
 //! `waymark.events` (contract §4, "Person").
 //!
 //! # Layout
-//! - [`PersonFold`]: the [`Fold`] the runtime registers as `person`.
+//! - [`PersonFold`]: the [`Fold`] of the `person` projection.
 //! - [`PersonState`]: one person's stored projection.
+//! - [`history`]: every event applied to a person, kept in a second table.
+//! - [`PersonProcessor`]: the processor as a plugin: both tables, the
+//!   fold's handler wrapped in [`history::WithHistory`].
 //!
 //! The person's `identities` and `merged_into` are owned by the identity
 //! processor (`waymark-identity`, `PersonLinks`); the query side joins them
@@ -18,9 +21,49 @@
 //! depend on the order events arrive in; the counts are sums. A replay from
 //! offset 0 therefore reproduces exactly the state live processing built.
 
+pub mod history;
+
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{Event, EventType, Fold};
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+use waymark_runtime::Handler;
+
+/// The processor's name.
+pub const NAME: &str = "person";
+
+/// The person processor: [`PersonFold`] over the events, plus each
+/// person's event history.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PersonProcessor;
+
+impl ProcessorFactory for PersonProcessor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[
+            TableSpec::tracked("", "person id"),
+            TableSpec {
+                suffix: history::HISTORY,
+                key: "person id (head) or `<person id>/<chunk>`",
+                position: history::row_position,
+            },
+        ];
+        TABLES
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
+        Ok(Arc::new(history::WithHistory::new(
+            ctx.fold(PersonFold),
+            ctx.table(history::HISTORY),
+            ctx.dedupe_window(),
+        )))
+    }
+}
 
 /// Folds every event of a person into a [`PersonState`].
 #[derive(Debug, Clone, Copy, Default)]

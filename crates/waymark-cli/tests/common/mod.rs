@@ -21,7 +21,6 @@ use std::time::Duration;
 use serde_json::json;
 use tonic::transport::Channel;
 use waymark_cli::dev::{Dev, DevInfo, DevOptions};
-use waymark_cli::registry::PROCESSORS;
 use waymark_core::default_person_id;
 use waymark_proto::v1 as pb;
 use waymark_proto::v1::admin_client::AdminClient;
@@ -31,7 +30,7 @@ use waymark_proto::v1::query_client::QueryClient;
 
 /// Starts `waymark dev` in-process on ephemeral ports.
 pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
-    let topology = waymark_topology::Topology::default_for(PROCESSORS).expect("built-in topology");
+    let topology = waymark_cli::registry::default_topology().expect("built-in topology");
     Dev::start(DevOptions {
         data_dir: dir.to_path_buf(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),

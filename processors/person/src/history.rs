@@ -1,6 +1,6 @@
 //! Per-person event history: every event applied to a person, in log
 //! order, as the `person` processor stores it next to its projection
-//! (`Query.ListEvents`, `waymark inspect`).
+//! (`Query.ListEvents`, `waymark inspect`): its table [`HISTORY`].
 //!
 //! # Layout of the history table (`person_vN_history`)
 //! | key | row |
@@ -20,9 +20,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 
-use crate::handler::{decode_event, decode_row, encode_row, BatchOutput, HandleError, Handler};
-use crate::log::Record;
-use crate::store::{ProjectionStore, RowWrite};
+use waymark_runtime::handler::{
+    decode_event, decode_row, encode_row, BatchOutput, HandleError, Handler,
+};
+use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
+
+/// Suffix of the history table.
+pub const HISTORY: &str = "history";
 
 /// Events per history chunk row.
 pub const CHUNK: u64 = 32;
@@ -50,9 +54,14 @@ pub fn chunk_key(person: &str, chunk: u64) -> String {
     format!("{person}/{chunk:012}")
 }
 
-/// The history table of the `person` projection version `version`.
-pub fn history_table(version: u32) -> String {
-    format!("person_v{version}_history")
+/// The log position a history row reflects: the head's (a
+/// [`Tracked`] row), or a chunk's newest entry.
+pub fn row_position(key: &str, row: &[u8]) -> Option<Position> {
+    if key.contains('/') {
+        let chunk: Vec<HistoryEntry> = postcard::from_bytes(row).ok()?;
+        return chunk.last().map(|e| Position::new(e.partition, e.offset));
+    }
+    waymark_runtime::plugin::tracked_position(key, row)
 }
 
 struct Count;
@@ -231,7 +240,7 @@ pub async fn read_page(
     person: &str,
     from: u64,
     limit: u64,
-) -> Result<Option<(Vec<HistoryEntry>, u64)>, crate::store::StoreError> {
+) -> Result<Option<(Vec<HistoryEntry>, u64)>, StoreError> {
     let Some(bytes) = store.get(table, person).await? else {
         return Ok(None);
     };

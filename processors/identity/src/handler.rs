@@ -1,6 +1,7 @@
-//! The identity processor's handler: validates raw input, resolves each
-//! event's person and forwards it to the resolved-events topic keyed by
-//! person, keeping the identity links in two tables.
+//! The identity processor as a plugin ([`IdentityProcessor`]) and its
+//! batch handler: validates raw input, resolves each event's person with
+//! [`crate::resolve`] and forwards it to the events topic keyed by person,
+//! keeping the identity links in two tables.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,30 +9,69 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 use waymark_core::{Event, Identity, Rejection};
-use waymark_identity::{IdentityRow, MemoryView};
+use waymark_runtime::handler::{decode_row, encode_row, BatchOutput, HandleError, Handler};
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+use waymark_runtime::{OutRecord, ProjectionStore, Record, RowWrite};
 use waymark_schemas::Validator;
+use waymark_topology::TopicRole;
 
-use crate::handler::{decode_row, encode_row, BatchOutput, HandleError, Handler};
-use crate::log::{OutRecord, Record};
-use crate::store::{ProjectionStore, RowWrite};
+use crate::{IdentityRow, MemoryView};
+
+/// The processor's name.
+pub const NAME: &str = "identity";
+
+/// Suffix of the links table: identity key (`platform:platform_id`) →
+/// [`IdentityRow`].
+pub const LINKS: &str = "links";
+
+/// Suffix of the persons table: person id → [`PersonLinks`](crate::PersonLinks).
+pub const PERSONS: &str = "persons";
+
+/// The identity processor: reads the inputs topic, writes the events topic
+/// and dead letters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdentityProcessor;
+
+impl ProcessorFactory for IdentityProcessor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn input(&self) -> TopicRole {
+        TopicRole::Inputs
+    }
+
+    fn outputs(&self) -> &'static [TopicRole] {
+        &[TopicRole::Events, TopicRole::Dlq]
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[
+            TableSpec::unpositioned(LINKS, "identity key `platform:platform_id`"),
+            TableSpec::unpositioned(PERSONS, "person id"),
+        ];
+        TABLES
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
+        Ok(Arc::new(IdentityHandler::new(
+            ctx.validator().clone(),
+            IdentityTables {
+                links: ctx.table(LINKS),
+                persons: ctx.table(PERSONS),
+            },
+            ctx.output(TopicRole::Events)?,
+        )))
+    }
+}
 
 /// Table names of the identity processor for one projection version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityTables {
     /// identity key (`platform:platform_id`) → [`IdentityRow`].
     pub links: String,
-    /// person id → [`PersonLinks`](waymark_identity::PersonLinks).
+    /// person id → [`PersonLinks`](crate::PersonLinks).
     pub persons: String,
-}
-
-impl IdentityTables {
-    /// The tables of projection `version`.
-    pub fn for_version(version: u32) -> Self {
-        Self {
-            links: format!("identity_v{version}_links"),
-            persons: format!("identity_v{version}_persons"),
-        }
-    }
 }
 
 /// Resolves `waymark.inputs` into `waymark.events`.
@@ -64,7 +104,7 @@ impl IdentityHandler {
 #[async_trait]
 impl Handler for IdentityHandler {
     fn processor(&self) -> &str {
-        "identity"
+        NAME
     }
 
     fn tables(&self) -> Vec<String> {
@@ -87,12 +127,12 @@ impl Handler for IdentityHandler {
         }
 
         // Preload every row the batch can touch (closed over the batch, see
-        // `waymark_identity::needed_persons`): the identities it names, then
+        // `crate::needed_persons`): the identities it names, then
         // their stored persons, their default persons and the given persons.
         let mut view = MemoryView::new();
         let identities: BTreeSet<Identity> = events
             .iter()
-            .flat_map(|(_, e)| waymark_identity::needed_identities(e))
+            .flat_map(|(_, e)| crate::needed_identities(e))
             .collect();
         let identities: Vec<Identity> = identities.into_iter().collect();
         let keys: Vec<String> = identities.iter().map(Identity::key).collect();
@@ -107,7 +147,7 @@ impl Handler for IdentityHandler {
         }
         let persons: BTreeSet<Uuid> = events
             .iter()
-            .flat_map(|(_, e)| waymark_identity::needed_persons(e, |id| stored.get(id).copied()))
+            .flat_map(|(_, e)| crate::needed_persons(e, |id| stored.get(id).copied()))
             .collect();
         let persons: Vec<Uuid> = persons.into_iter().collect();
         let keys: Vec<String> = persons.iter().map(Uuid::to_string).collect();
@@ -119,7 +159,7 @@ impl Handler for IdentityHandler {
         }
 
         for (i, mut event) in events {
-            let person = match waymark_identity::resolve(&mut view, &mut event) {
+            let person = match crate::resolve(&mut view, &mut event) {
                 Ok(person) => person,
                 Err(rejection) => {
                     out.rejected.push((i, rejection));

@@ -1,0 +1,274 @@
+//! The [`Controller`] that runs the projection versions the catalog asks
+//! for, and the tracker that points queries at the active versions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use chrono::Utc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use waymark_runtime::catalog::{self, consumer_id, CatalogEntry, VersionGate, VersionState};
+use waymark_runtime::plugin::Registry;
+use waymark_runtime::{Log, ProjectionStore, RunError, Runner, RunnerConfig, StoreError};
+use waymark_schemas::Validator;
+use waymark_server::{ActiveVersions, Projections};
+use waymark_topology::Topology;
+
+/// How often controllers and trackers re-read the catalog.
+pub const CATALOG_POLL: Duration = Duration::from_secs(1);
+
+/// The version `topology.yaml` configures for `name` (the version a fresh
+/// catalog starts with).
+pub(crate) fn configured_version(topology: &Topology, name: &str) -> u32 {
+    topology.processor(name).map_or(1, |p| p.projection_version)
+}
+
+/// The versions `topology` configures, as queries read them before the
+/// catalog was read.
+pub fn configured_versions(registry: &Registry, topology: &Topology) -> ActiveVersions {
+    ActiveVersions::new(
+        registry
+            .configured(topology)
+            .into_iter()
+            .map(|n| (n.to_owned(), configured_version(topology, n)))
+            .collect(),
+    )
+}
+
+/// Reads (creating when missing) the catalog of every configured processor.
+async fn catalog_of(
+    store: &dyn ProjectionStore,
+    registry: &Registry,
+    topology: &Topology,
+) -> Result<BTreeMap<String, CatalogEntry>, StoreError> {
+    let mut out = BTreeMap::new();
+    for name in registry.configured(topology) {
+        let entry = catalog::load_or_init(store, name, configured_version(topology, name)).await?;
+        out.insert(name.to_owned(), entry);
+    }
+    Ok(out)
+}
+
+/// Points `projections` at the active versions now.
+pub async fn refresh(
+    projections: &Projections,
+    registry: &Registry,
+    topology: &Topology,
+) -> Result<(), StoreError> {
+    let catalog = catalog_of(projections.store().as_ref(), registry, topology).await?;
+    projections.set_active(ActiveVersions::new(
+        catalog.into_iter().map(|(n, e)| (n, e.active)).collect(),
+    ));
+    Ok(())
+}
+
+/// Keeps `projections` pointed at the active versions until `shutdown`.
+pub async fn track_active(
+    projections: Projections,
+    registry: Registry,
+    topology: Topology,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Err(e) = refresh(&projections, &registry, &topology).await {
+            warn!(error = %e, "reading the projection catalog failed; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CATALOG_POLL) => {}
+        }
+    }
+}
+
+type RunnerTask = (CancellationToken, JoinHandle<Result<(), RunError>>);
+
+/// Runs, for each of its processors, every version the catalog wants
+/// running: the active one, building ones, and the previous one until it
+/// has handed off. Performs the automatic switches of versions built with
+/// `switch_when_caught_up`.
+pub struct Controller {
+    registry: Registry,
+    log: Arc<dyn Log>,
+    store: Arc<dyn ProjectionStore>,
+    topology: Topology,
+    validator: Arc<Validator>,
+    names: Vec<String>,
+    group_prefix: String,
+    runners: HashMap<(String, u32), RunnerTask>,
+    requests: mpsc::Receiver<oneshot::Sender<()>>,
+}
+
+/// Asks a running [`Controller`] to act on the catalog now.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    requests: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+impl ControllerHandle {
+    /// Returns once the controller has re-read the catalog and started and
+    /// stopped runners accordingly (stopped runners have finished).
+    pub async fn sync(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.requests.send(reply).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Controller {
+    /// A controller of processors `names` of `registry`.
+    pub fn new(
+        registry: Registry,
+        log: Arc<dyn Log>,
+        store: Arc<dyn ProjectionStore>,
+        topology: Topology,
+        validator: Arc<Validator>,
+        names: Vec<String>,
+        group_prefix: impl Into<String>,
+    ) -> (Self, ControllerHandle) {
+        let (tx, rx) = mpsc::channel(16);
+        (
+            Self {
+                registry,
+                log,
+                store,
+                topology,
+                validator,
+                names,
+                group_prefix: group_prefix.into(),
+                runners: HashMap::new(),
+                requests: rx,
+            },
+            ControllerHandle { requests: tx },
+        )
+    }
+
+    /// Runs until `shutdown`, then stops every runner (each finishes its
+    /// batch in hand). A runner that fails for good fails the controller.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let result = self.control(&shutdown).await;
+        for (_, (token, _)) in self.runners.iter() {
+            token.cancel();
+        }
+        for ((name, version), (_, task)) in self.runners.drain() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%name, version, error = %e, "processor ended with an error"),
+                Err(e) => warn!(%name, version, error = %e, "processor task failed"),
+            }
+        }
+        result
+    }
+
+    /// Acts on the catalog of every processor once; the first error stops.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        for name in self.names.clone() {
+            self.reconcile(&name).await?;
+        }
+        Ok(())
+    }
+
+    async fn control(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let reply = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(CATALOG_POLL) => None,
+                request = self.requests.recv() => request,
+            };
+            for name in self.names.clone() {
+                if let Err(e) = self.reconcile(&name).await {
+                    warn!(processor = %name, error = %e, "acting on the projection catalog failed; retrying");
+                }
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(());
+            }
+            let finished: Vec<(String, u32)> = self
+                .runners
+                .iter()
+                .filter(|(_, (_, task))| task.is_finished())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in finished {
+                if let Some((_, task)) = self.runners.remove(&key) {
+                    match task.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(anyhow!("processor {} v{}: {e}", key.0, key.1)),
+                        Err(e) => {
+                            return Err(anyhow!("processor {} v{} panicked: {e}", key.0, key.1))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts and stops the runners of `name` as its catalog entry says.
+    pub async fn reconcile(&mut self, name: &str) -> anyhow::Result<()> {
+        let store = self.store.as_ref();
+        let topic = self.registry.input_topic(name, &self.topology)?;
+        let mut entry =
+            catalog::load_or_init(store, name, configured_version(&self.topology, name)).await?;
+        let building: Vec<u32> = entry
+            .versions
+            .iter()
+            .filter(|(_, i)| i.state == VersionState::Building && i.switch_when_caught_up)
+            .map(|(v, _)| *v)
+            .collect();
+        for version in building {
+            let candidate =
+                catalog::progress(store, self.log.as_ref(), &topic, name, version).await?;
+            let active =
+                catalog::progress(store, self.log.as_ref(), &topic, name, entry.active).await?;
+            if candidate.reached(&active) {
+                let from = entry.active;
+                entry.switch(version, Utc::now())?;
+                catalog::save(store, &entry).await?;
+                info!(processor = %name, from, to = version, "switched projection version (caught up)");
+            }
+        }
+        let handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
+        let wanted: BTreeSet<u32> = entry.running(handed_off).into_iter().collect();
+        let stale: Vec<(String, u32)> = self
+            .runners
+            .keys()
+            .filter(|(n, v)| n == name && !wanted.contains(v))
+            .cloned()
+            .collect();
+        for key in stale {
+            if let Some((token, task)) = self.runners.remove(&key) {
+                token.cancel();
+                let _ = task.await;
+                info!(processor = %name, version = key.1, "projection version stopped");
+            }
+        }
+        for version in wanted {
+            let key = (name.to_owned(), version);
+            if self.runners.contains_key(&key) {
+                continue;
+            }
+            let handler = self
+                .registry
+                .handler(name, version, &self.topology, &self.validator)?;
+            store.ensure_tables(&handler.tables()).await?;
+            let config = RunnerConfig::new(
+                consumer_id(name, version),
+                topic.clone(),
+                self.topology.topics.dlq.name.clone(),
+            )
+            .with_version(version)
+            .with_group_prefix(&self.group_prefix);
+            let runner = Runner::new(self.log.clone(), self.store.clone(), handler, config)
+                .with_gate(Arc::new(VersionGate::new(name, version, topic.clone())));
+            let token = CancellationToken::new();
+            let task = tokio::spawn(runner.run(token.clone()));
+            info!(processor = %name, version, "projection version running");
+            self.runners.insert(key, (token, task));
+        }
+        Ok(())
+    }
+}

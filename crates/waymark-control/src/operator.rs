@@ -1,0 +1,380 @@
+//! The [`PlatformOperator`] behind the `Admin` projection rpcs: list,
+//! rebuild, switch, drop and verify the versions of every processor.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use waymark_proto::v1 as pb;
+use waymark_runtime::catalog::{
+    self, ack_id, consumer_id, marker_id, CatalogEntry, CatalogError, ProgressError,
+    VersionProgress, VersionState,
+};
+use waymark_runtime::plugin::Registry;
+use waymark_runtime::{Log, ProjectionStore, StoreError};
+use waymark_schemas::Validator;
+use waymark_server::{ApiError, Operator, Projections};
+use waymark_topology::Topology;
+
+use crate::controller::{configured_version, refresh, ControllerHandle, CATALOG_POLL};
+use crate::verify;
+
+fn catalog_error(e: CatalogError) -> ApiError {
+    match e {
+        CatalogError::UnknownVersion { .. } => ApiError::NotFound(e.to_string()),
+        other => ApiError::FailedPrecondition(other.to_string()),
+    }
+}
+
+fn progress_error(e: ProgressError) -> ApiError {
+    match e {
+        ProgressError::Store(e) => ApiError::Store(e),
+        ProgressError::Log(e) => ApiError::Log(e),
+        other => ApiError::Store(StoreError::Unavailable(other.to_string())),
+    }
+}
+
+fn timestamp(t: &chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// Records applied over time, by sample time.
+type Samples = VecDeque<(Instant, u64)>;
+
+/// The `Admin` projection rpcs over a log and a store.
+pub struct PlatformOperator {
+    registry: Registry,
+    log: Arc<dyn Log>,
+    store: Arc<dyn ProjectionStore>,
+    topology: Topology,
+    validator: Arc<Validator>,
+    projections: Projections,
+    controller: Option<ControllerHandle>,
+    samples: Mutex<HashMap<(String, u32), Samples>>,
+}
+
+impl PlatformOperator {
+    /// The registry operated.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The log read.
+    pub(crate) fn log(&self) -> &Arc<dyn Log> {
+        &self.log
+    }
+
+    /// The store operated.
+    pub(crate) fn store(&self) -> &Arc<dyn ProjectionStore> {
+        &self.store
+    }
+
+    /// The topology operated.
+    pub(crate) fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The validator handlers are built with.
+    pub(crate) fn validator(&self) -> &Arc<Validator> {
+        &self.validator
+    }
+
+    /// Operates the versions of `topology`'s processors; `controller` is
+    /// the local controller when this process runs the processors.
+    pub fn new(
+        registry: Registry,
+        log: Arc<dyn Log>,
+        store: Arc<dyn ProjectionStore>,
+        topology: Topology,
+        validator: Arc<Validator>,
+        projections: Projections,
+        controller: Option<ControllerHandle>,
+    ) -> Self {
+        Self {
+            registry,
+            log,
+            store,
+            topology,
+            validator,
+            projections,
+            controller,
+            samples: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Samples progress every few seconds so rates and ETAs are known.
+    pub async fn sample_until(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            for name in self.registry.configured(&self.topology) {
+                let _ = self.describe(name, false).await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    pub(crate) fn known(&self, processor: &str) -> Result<String, ApiError> {
+        if !self.registry.contains(processor) || self.topology.processor(processor).is_none() {
+            return Err(ApiError::InvalidArgument(format!(
+                "unknown processor {processor:?}; known processors: {}",
+                self.registry.names().join(", ")
+            )));
+        }
+        self.registry
+            .input_topic(processor, &self.topology)
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))
+    }
+
+    pub(crate) async fn entry(&self, processor: &str) -> Result<CatalogEntry, ApiError> {
+        Ok(catalog::load_or_init(
+            self.store.as_ref(),
+            processor,
+            configured_version(&self.topology, processor),
+        )
+        .await?)
+    }
+
+    async fn handed_off(&self, topic: &str, entry: &CatalogEntry) -> Result<bool, ApiError> {
+        catalog::handed_off(self.store.as_ref(), self.log.as_ref(), topic, entry)
+            .await
+            .map_err(progress_error)
+    }
+
+    async fn progress(
+        &self,
+        topic: &str,
+        processor: &str,
+        v: u32,
+    ) -> Result<VersionProgress, ApiError> {
+        catalog::progress(self.store.as_ref(), self.log.as_ref(), topic, processor, v)
+            .await
+            .map_err(progress_error)
+    }
+
+    /// Records a sample and returns the rate over the last 30 s.
+    fn rate(&self, processor: &str, version: u32, applied: u64) -> f64 {
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = samples.entry((processor.to_owned(), version)).or_default();
+        let now = Instant::now();
+        series.push_back((now, applied));
+        while series
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(30))
+        {
+            series.pop_front();
+        }
+        match series.front() {
+            Some((t, first)) if now.duration_since(*t) >= Duration::from_millis(900) => {
+                applied.saturating_sub(*first) as f64 / now.duration_since(*t).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    async fn describe(&self, processor: &str, sizes: bool) -> Result<pb::Projection, ApiError> {
+        let topic = self.known(processor)?;
+        let entry = self.entry(processor).await?;
+        let active = self.progress(&topic, processor, entry.active).await?;
+        let handed_off = self.handed_off(&topic, &entry).await?;
+        let running: BTreeSet<u32> = entry.running(handed_off).into_iter().collect();
+        let mut versions = Vec::new();
+        for (v, info) in &entry.versions {
+            let progress = if *v == entry.active {
+                active.clone()
+            } else {
+                self.progress(&topic, processor, *v).await?
+            };
+            let lag = progress.lag();
+            let rate = self.rate(processor, *v, progress.applied());
+            let tables = self.registry.tables(processor, *v);
+            let mut stored_bytes = None;
+            for t in tables.iter().filter(|_| sizes) {
+                if let Some(bytes) = self.store.stored_bytes(t).await? {
+                    *stored_bytes.get_or_insert(0) += bytes;
+                }
+            }
+            versions.push(pb::ProjectionVersion {
+                version: *v,
+                state: match info.state {
+                    VersionState::Building => pb::VersionState::Building,
+                    VersionState::Live => pb::VersionState::Live,
+                    VersionState::Retired => pb::VersionState::Retired,
+                } as i32,
+                partitions: progress
+                    .partitions
+                    .iter()
+                    .map(|(p, (pos, high))| pb::PartitionProgress {
+                        partition: i32::try_from(*p).unwrap_or(i32::MAX),
+                        position: i64::try_from(*pos).unwrap_or(i64::MAX),
+                        high_watermark: i64::try_from(*high).unwrap_or(i64::MAX),
+                        lag: i64::try_from(high.saturating_sub(*pos)).unwrap_or(i64::MAX),
+                    })
+                    .collect(),
+                lag,
+                rate,
+                eta_seconds: (lag > 0 && rate > 0.0).then(|| lag as f64 / rate),
+                caught_up: *v == entry.active || progress.reached(&active),
+                switch_when_caught_up: info.switch_when_caught_up,
+                running: running.contains(v),
+                tables,
+                stored_bytes,
+                created_at: Some(timestamp(&info.created_at)),
+                switched_at: info.switched_at.as_ref().map(timestamp),
+            });
+        }
+        Ok(pb::Projection {
+            processor: processor.to_owned(),
+            active_version: entry.active,
+            input_topic: topic,
+            versions,
+        })
+    }
+
+    async fn sync(&self) {
+        if let Some(controller) = &self.controller {
+            controller.sync().await;
+        }
+        if let Err(e) = refresh(&self.projections, &self.registry, &self.topology).await {
+            warn!(error = %e, "reading the projection catalog failed");
+        }
+    }
+
+    /// The input must still start at offset 0 for a rebuild to see all of it.
+    pub(crate) async fn check_from_start(
+        &self,
+        topic: &str,
+        processor: &str,
+    ) -> Result<(), ApiError> {
+        for p in 0..self.log.partitions(topic).await? {
+            let (low, _) = self.log.watermarks(topic, p).await?;
+            if low > 0 {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{processor} is built from {topic}, whose retention already removed \
+                     offsets below {low} on partition {p}; a rebuild would miss them (keep \
+                     {topic} forever to rebuild {processor})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+#[tonic::async_trait]
+impl Operator for PlatformOperator {
+    async fn list(&self) -> Result<Vec<pb::Projection>, ApiError> {
+        // What this process's queries read follows what is listed as live.
+        refresh(&self.projections, &self.registry, &self.topology).await?;
+        let mut out = Vec::new();
+        for name in self.registry.configured(&self.topology) {
+            out.push(self.describe(name, true).await?);
+        }
+        Ok(out)
+    }
+
+    async fn start_rebuild(
+        &self,
+        processor: &str,
+        to: Option<u32>,
+        switch_when_caught_up: bool,
+    ) -> Result<pb::Projection, ApiError> {
+        let topic = self.known(processor)?;
+        self.check_from_start(&topic, processor).await?;
+        let mut entry = self.entry(processor).await?;
+        let version = entry
+            .start_rebuild(to, switch_when_caught_up, Utc::now())
+            .map_err(catalog_error)?;
+        catalog::save(self.store.as_ref(), &entry).await?;
+        self.store
+            .ensure_tables(&self.registry.tables(processor, version))
+            .await?;
+        info!(%processor, version, switch_when_caught_up, "projection rebuild started");
+        self.sync().await;
+        self.describe(processor, true).await
+    }
+
+    async fn switch(&self, processor: &str, version: u32) -> Result<pb::Projection, ApiError> {
+        let topic = self.known(processor)?;
+        let mut entry = self.entry(processor).await?;
+        if version != entry.active {
+            entry.state(version).map_err(catalog_error)?;
+            let candidate = self.progress(&topic, processor, version).await?;
+            let active = self.progress(&topic, processor, entry.active).await?;
+            if !candidate.reached(&active) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{processor} version {version} has not caught up with version {} yet \
+                     ({} records behind the log); wait, or rebuild with --switch to switch \
+                     as soon as it has",
+                    entry.active,
+                    candidate.lag()
+                )));
+            }
+            let from = entry.active;
+            entry.switch(version, Utc::now()).map_err(catalog_error)?;
+            catalog::save(self.store.as_ref(), &entry).await?;
+            info!(%processor, from, to = version, "switched projection version");
+        }
+        self.sync().await;
+        self.describe(processor, true).await
+    }
+
+    async fn drop_version(
+        &self,
+        processor: &str,
+        version: u32,
+    ) -> Result<pb::Projection, ApiError> {
+        let topic = self.known(processor)?;
+        let mut entry = self.entry(processor).await?;
+        let handed_off = self.handed_off(&topic, &entry).await?;
+        entry
+            .drop_version(version, handed_off)
+            .map_err(catalog_error)?;
+        catalog::save(self.store.as_ref(), &entry).await?;
+        // Its runners stop on their next look at the catalog: here at once,
+        // in other processes within a few polls.
+        match &self.controller {
+            Some(controller) => controller.sync().await,
+            None => tokio::time::sleep(CATALOG_POLL * 3).await,
+        }
+        self.store
+            .drop_tables(&self.registry.tables(processor, version))
+            .await?;
+        self.store
+            .delete_positions(&consumer_id(processor, version), &topic)
+            .await?;
+        self.store
+            .delete_positions(&marker_id(processor, version), &topic)
+            .await?;
+        self.store
+            .delete_positions(&ack_id(processor, version), &topic)
+            .await?;
+        info!(%processor, version, "projection version dropped");
+        self.describe(processor, true).await
+    }
+
+    async fn verify(&self, processor: Option<&str>) -> Result<Vec<pb::VerifyReport>, ApiError> {
+        let names: Vec<String> = match processor {
+            Some(p) => {
+                self.known(p)?;
+                vec![p.to_owned()]
+            }
+            None => self
+                .registry
+                .configured(&self.topology)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        };
+        let mut reports = Vec::new();
+        for name in names {
+            reports.push(verify::verify_one(self, &name).await?);
+        }
+        Ok(reports)
+    }
+}
