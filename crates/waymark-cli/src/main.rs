@@ -73,7 +73,7 @@ enum Command {
     /// default). Start as many as you like: each processor is a Kafka
     /// consumer group, and its members split the partitions.
     Run {
-        /// Processors to run: identity, person, interactions, journey, learning.
+        /// Processors to run (names in topology.yaml); all when none is given.
         processors: Vec<String>,
         #[command(flatten)]
         engines: EngineArgs,
@@ -122,7 +122,7 @@ enum Command {
     /// Rebuild a processor's projections from offset 0 as a new version,
     /// while the live version keeps serving.
     Replay {
-        /// Processor: identity, person, interactions, journey or learning.
+        /// Processor (a name in topology.yaml).
         processor: String,
         /// Version to build (default: the highest version so far + 1).
         #[arg(long)]

@@ -179,6 +179,17 @@ impl ProjectionStore for FlakyStore {
         }
         self.inner.write(batch).await
     }
+    async fn compare_and_set(
+        &self,
+        table: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .compare_and_set(table, key, expected, value)
+            .await
+    }
     async fn positions(
         &self,
         consumer: &str,

@@ -225,10 +225,21 @@ impl Controller {
             let active =
                 catalog::progress(store, self.log.as_ref(), &topic, name, entry.active).await?;
             if candidate.reached(&active) {
+                // Only over the row the progress was measured against.
                 let from = entry.active;
-                entry.switch(version, Utc::now())?;
-                catalog::save(store, &entry).await?;
-                info!(processor = %name, from, to = version, "switched projection version (caught up)");
+                let (updated, switched) =
+                    catalog::update(store, name, configured_version(&self.topology, name), |e| {
+                        if e.active != from || e.state(version)? != VersionState::Building {
+                            return Ok(false);
+                        }
+                        e.switch(version, Utc::now())?;
+                        Ok(true)
+                    })
+                    .await?;
+                entry = updated;
+                if switched {
+                    info!(processor = %name, from, to = version, "switched projection version (caught up)");
+                }
             }
         }
         let handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
@@ -254,7 +265,9 @@ impl Controller {
             let handler = self
                 .registry
                 .handler(name, version, &self.topology, &self.validator)?;
-            store.ensure_tables(&handler.tables()).await?;
+            store
+                .ensure_tables(&self.registry.tables(name, version))
+                .await?;
             let config = RunnerConfig::new(
                 consumer_id(name, version),
                 topic.clone(),

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use waymark_proto::v1 as pb;
 use waymark_runtime::catalog::{
-    self, ack_id, consumer_id, marker_id, CatalogEntry, CatalogError, ProgressError,
+    self, ack_id, consumer_id, marker_id, CatalogEntry, CatalogError, ProgressError, UpdateError,
     VersionProgress, VersionState,
 };
 use waymark_runtime::plugin::Registry;
@@ -140,6 +140,27 @@ impl PlatformOperator {
             configured_version(&self.topology, processor),
         )
         .await?)
+    }
+
+    /// Changes the catalog row of `processor` with a compare-and-set (see
+    /// [`catalog::update`]).
+    async fn update<T>(
+        &self,
+        processor: &str,
+        change: impl FnMut(&mut CatalogEntry) -> Result<T, CatalogError>,
+    ) -> Result<(CatalogEntry, T), ApiError> {
+        catalog::update(
+            self.store.as_ref(),
+            processor,
+            configured_version(&self.topology, processor),
+            change,
+        )
+        .await
+        .map_err(|e| match e {
+            UpdateError::Catalog(e) => catalog_error(e),
+            UpdateError::Store(e) => ApiError::Store(e),
+            other => ApiError::Store(StoreError::Unavailable(other.to_string())),
+        })
     }
 
     async fn handed_off(&self, topic: &str, entry: &CatalogEntry) -> Result<bool, ApiError> {
@@ -286,11 +307,12 @@ impl Operator for PlatformOperator {
     ) -> Result<pb::Projection, ApiError> {
         let topic = self.known(processor)?;
         self.check_from_start(&topic, processor).await?;
-        let mut entry = self.entry(processor).await?;
-        let version = entry
-            .start_rebuild(to, switch_when_caught_up, Utc::now())
-            .map_err(catalog_error)?;
-        catalog::save(self.store.as_ref(), &entry).await?;
+        let now = Utc::now();
+        let (_, version) = self
+            .update(processor, |e| {
+                e.start_rebuild(to, switch_when_caught_up, now)
+            })
+            .await?;
         self.store
             .ensure_tables(&self.registry.tables(processor, version))
             .await?;
@@ -301,7 +323,7 @@ impl Operator for PlatformOperator {
 
     async fn switch(&self, processor: &str, version: u32) -> Result<pb::Projection, ApiError> {
         let topic = self.known(processor)?;
-        let mut entry = self.entry(processor).await?;
+        let entry = self.entry(processor).await?;
         if version != entry.active {
             entry.state(version).map_err(catalog_error)?;
             let candidate = self.progress(&topic, processor, version).await?;
@@ -316,8 +338,17 @@ impl Operator for PlatformOperator {
                 )));
             }
             let from = entry.active;
-            entry.switch(version, Utc::now()).map_err(catalog_error)?;
-            catalog::save(self.store.as_ref(), &entry).await?;
+            let now = Utc::now();
+            self.update(processor, |e| {
+                if e.active != from {
+                    return Err(CatalogError::NotAllowed(format!(
+                        "{processor}'s live version changed to {} meanwhile; try again",
+                        e.active
+                    )));
+                }
+                e.switch(version, now)
+            })
+            .await?;
             info!(%processor, from, to = version, "switched projection version");
         }
         self.sync().await;
@@ -330,12 +361,15 @@ impl Operator for PlatformOperator {
         version: u32,
     ) -> Result<pb::Projection, ApiError> {
         let topic = self.known(processor)?;
-        let mut entry = self.entry(processor).await?;
+        let entry = self.entry(processor).await?;
         let handed_off = self.handed_off(&topic, &entry).await?;
-        entry
-            .drop_version(version, handed_off)
-            .map_err(catalog_error)?;
-        catalog::save(self.store.as_ref(), &entry).await?;
+        let previous = entry.previous;
+        self.update(processor, |e| {
+            // Handed off was measured for this predecessor only.
+            let handed_off = handed_off && e.previous == previous;
+            e.drop_version(version, handed_off)
+        })
+        .await?;
         // Its runners stop on their next look at the catalog: here at once,
         // in other processes within a few polls.
         match &self.controller {

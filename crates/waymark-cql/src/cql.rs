@@ -268,11 +268,22 @@ pub(crate) struct TableCql {
     pub(crate) upsert: String,
     /// `(timestamp, key)`.
     pub(crate) delete: String,
+    /// `(key, value)`, a lightweight transaction: writes only when absent.
+    pub(crate) insert_if_absent: String,
+    /// `(value, key, expected)`, a lightweight transaction: writes only
+    /// over `expected`.
+    pub(crate) update_if: String,
 }
 
 impl TableCql {
     pub(crate) fn new(keyspace: &Ident, table: &Ident) -> Self {
         Self {
+            insert_if_absent: format!(
+                "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) IF NOT EXISTS"
+            ),
+            update_if: format!(
+                "UPDATE {keyspace}.{table} SET value = ? WHERE key = ? IF value = ?"
+            ),
             select: format!("SELECT value FROM {keyspace}.{table} WHERE key = ?"),
             upsert: format!(
                 "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) USING TIMESTAMP ?"

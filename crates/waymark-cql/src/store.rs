@@ -363,6 +363,50 @@ impl ProjectionStore for CqlStore {
         Ok(())
     }
 
+    async fn compare_and_set(
+        &self,
+        table: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
+        let text = TableCql::new(&self.inner.keyspace, &ident);
+        let session = &self.inner.session;
+        // Rare (catalog changes), so not prepared. A lightweight
+        // transaction answers `[applied]` first, then the current row.
+        let result = match expected {
+            None => {
+                session
+                    .query_unpaged(Statement::new(text.insert_if_absent), (key, value))
+                    .await
+            }
+            Some(expected) => {
+                session
+                    .query_unpaged(Statement::new(text.update_if), (value, key, expected))
+                    .await
+            }
+        }
+        .map_err(|e| execution_to_store(table, &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let row = rows
+            .maybe_first_row::<scylla::value::Row>()
+            .map_err(|e| corrupt(e.to_string()))?;
+        match row.and_then(|r| r.columns.into_iter().next().flatten()) {
+            Some(scylla::value::CqlValue::Boolean(applied)) => Ok(applied),
+            other => Err(corrupt(format!(
+                "a lightweight transaction answered {other:?} for [applied]"
+            ))),
+        }
+    }
+
     async fn get_many(
         &self,
         table: &str,

@@ -101,6 +101,9 @@ pub struct EmbeddedStore {
     open: Arc<RwLock<Option<Open>>>,
     /// When the last durable commit was made.
     last_durable: Arc<Mutex<Instant>>,
+    /// Serializes [`ProjectionStore::compare_and_set`] (one process owns
+    /// the directory, so a lock is enough).
+    cas: Arc<Mutex<()>>,
 }
 
 impl EmbeddedStore {
@@ -123,6 +126,7 @@ impl EmbeddedStore {
                 tables: Mutex::new(HashMap::new()),
             }))),
             last_durable: Arc::new(Mutex::new(Instant::now())),
+            cas: Arc::new(Mutex::new(())),
         })
     }
 
@@ -299,6 +303,32 @@ impl ProjectionStore for EmbeddedStore {
 
     async fn write_replayable(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.commit(batch, false).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        table: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (table, key) = (table.to_owned(), key.to_owned());
+        let expected = expected.map(<[u8]>::to_vec);
+        let value = value.to_vec();
+        let cas = self.cas.clone();
+        self.blocking(move |open| {
+            let _serialized = cas.lock().unwrap_or_else(PoisonError::into_inner);
+            let ks = open.table(&table, true)?;
+            let current = ks.get(key.as_str()).map_err(unavailable)?;
+            if current.as_deref() != expected.as_deref() {
+                return Ok(false);
+            }
+            let mut batch = open.db.batch().durability(Some(PersistMode::SyncAll));
+            batch.insert(&ks, key.as_str(), value.as_slice());
+            batch.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn positions(

@@ -249,6 +249,25 @@ impl ProjectionStore for RowCache {
         self.write_through(batch, true).await
     }
 
+    async fn compare_and_set(
+        &self,
+        table: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        // Never a cached table (the runner writes those only by batch);
+        // forget the row anyway should it be one.
+        if self.tables.contains(table) {
+            let mut s = self.state();
+            s.tables.clear();
+            s.bytes = 0;
+        }
+        self.inner
+            .compare_and_set(table, key, expected, value)
+            .await
+    }
+
     async fn positions(
         &self,
         consumer: &str,

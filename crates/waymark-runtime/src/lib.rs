@@ -14,6 +14,8 @@
 //!   one queries read, and the exactly-once hand-off of side effects between
 //!   versions ([`catalog::VersionGate`]).
 //! - [`cache`]: a runner's row cache in front of a remote store.
+//! - [`memory`]: an in-memory [`ProjectionStore`], the deterministic double
+//!   of the runtime's own tests.
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
 //! - [`metrics`]: metric names.
 //!
@@ -61,6 +63,7 @@ pub mod catalog;
 pub mod dead_letter;
 pub mod handler;
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod runner;

@@ -111,6 +111,19 @@ pub trait ProjectionStore: Send + Sync + 'static {
         self.write(batch).await
     }
 
+    /// Writes `value` under `key` of `table`, durably, if the stored value
+    /// is `expected` (`None`: no row); returns whether it wrote. Atomic
+    /// against every other `compare_and_set` of the key, from any process
+    /// (a lightweight transaction on CQL). A key written this way is
+    /// written only this way (the projection catalog).
+    async fn compare_and_set(
+        &self,
+        table: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError>;
+
     /// The stored next-offsets of `consumer` on `topic`, by partition.
     async fn positions(
         &self,
