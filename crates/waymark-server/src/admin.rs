@@ -11,7 +11,7 @@ use waymark_proto::v1::admin_server::Admin;
 use waymark_runtime::dead_letter::DeadLetter;
 use waymark_runtime::{Log, Record};
 
-use crate::error::{page_size, ApiError};
+use crate::error::{fit_page, page_size, ApiError};
 
 /// The state of the Kafka-protocol endpoint of `waymark dev`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -225,7 +225,9 @@ impl Admin for AdminService {
         }
         candidates.sort_by_key(|r| (r.timestamp_ms, r.partition, r.offset));
         candidates.truncate(limit);
-        for r in &candidates {
+        let mut dead_letters: Vec<pb::DeadLetter> = candidates.iter().map(dead_letter).collect();
+        dead_letters.truncate(fit_page(&dead_letters));
+        for r in &candidates[..dead_letters.len()] {
             next.insert(r.partition, r.offset + 1);
         }
         let mut more = false;
@@ -239,26 +241,6 @@ impl Admin for AdminService {
                 more = true;
             }
         }
-        let dead_letters = candidates
-            .iter()
-            .map(|record| {
-                let d = DeadLetter::from_record(record);
-                pb::DeadLetter {
-                    topic: d.topic,
-                    partition: d.partition,
-                    offset: d.offset,
-                    key: d.key,
-                    value: d.value,
-                    error: d.error,
-                    message: d.message,
-                    processor: d.processor,
-                    time: Some(prost_types::Timestamp {
-                        seconds: d.timestamp_ms.div_euclid(1000),
-                        nanos: (d.timestamp_ms.rem_euclid(1000) * 1_000_000) as i32,
-                    }),
-                }
-            })
-            .collect();
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters,
             next_page_token: if more {
@@ -267,6 +249,24 @@ impl Admin for AdminService {
                 String::new()
             },
         }))
+    }
+}
+
+fn dead_letter(record: &Record) -> pb::DeadLetter {
+    let d = DeadLetter::from_record(record);
+    pb::DeadLetter {
+        topic: d.topic,
+        partition: d.partition,
+        offset: d.offset,
+        key: d.key,
+        value: d.value,
+        error: d.error,
+        message: d.message,
+        processor: d.processor,
+        time: Some(prost_types::Timestamp {
+            seconds: d.timestamp_ms.div_euclid(1000),
+            nanos: (d.timestamp_ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
     }
 }
 

@@ -83,6 +83,25 @@ pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest page size a client may ask for.
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 
+/// Most bytes of items one page of a list rpc carries: a page holds
+/// `page_size` items or as many as fit in this, whichever is fewer (always
+/// at least one), and says where to go on. Half of the 4 MiB most gRPC
+/// clients accept by default, so a page of large items never fails them.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// How many of `items` (in page order) make a page within
+/// [`MAX_PAGE_BYTES`]: at least one.
+pub(crate) fn fit_page<T: prost::Message>(items: &[T]) -> usize {
+    let mut bytes = 0usize;
+    for (i, item) in items.iter().enumerate() {
+        bytes = bytes.saturating_add(prost::Message::encoded_len(item) + 8);
+        if bytes > MAX_PAGE_BYTES && i > 0 {
+            return i;
+        }
+    }
+    items.len()
+}
+
 /// Validates a page size: 0 means the default.
 pub(crate) fn page_size(requested: i32) -> Result<usize, ApiError> {
     match requested {
@@ -94,5 +113,27 @@ pub(crate) fn page_size(requested: i32) -> Result<usize, ApiError> {
             "page_size {n} is over the maximum of {MAX_PAGE_SIZE}"
         ))),
         n => Ok(n as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(bytes: usize) -> prost_types::Any {
+        prost_types::Any {
+            type_url: String::new(),
+            value: vec![0; bytes],
+        }
+    }
+
+    #[test]
+    fn a_page_holds_what_fits_in_the_byte_budget_and_never_nothing() {
+        let mib = 1024 * 1024;
+        assert_eq!(fit_page::<prost_types::Any>(&[]), 0);
+        assert_eq!(fit_page(&[item(10 * mib)]), 1, "one item always");
+        assert_eq!(fit_page(&[item(mib - 100), item(mib - 100), item(10)]), 3);
+        assert_eq!(fit_page(&[item(mib), item(mib), item(10)]), 1);
+        assert_eq!(fit_page(&vec![item(100); 1000]), 1000);
     }
 }

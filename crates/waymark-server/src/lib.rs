@@ -13,6 +13,9 @@
 //!   size and concurrency limits.
 //!
 //! # Guarantees
+//! - A page of a list rpc holds at most `page_size` items and at most
+//!   [`MAX_PAGE_BYTES`] of them (never fewer than one), with a token to
+//!   the rest.
 //! - Malformed requests get `INVALID_ARGUMENT`, unknown persons, identities,
 //!   journeys and courses `NOT_FOUND`, an unreachable store or log
 //!   `UNAVAILABLE`; never `INTERNAL` for a client's mistake.
@@ -36,7 +39,7 @@ use waymark_proto::v1::ingest_server::IngestServer;
 use waymark_proto::v1::query_server::QueryServer;
 
 pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus, Operator};
-pub use error::{parse_person_id, ApiError};
+pub use error::{parse_person_id, ApiError, MAX_PAGE_BYTES};
 pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
 pub use projections::{ActiveVersions, Projections};
 pub use query::QueryService;

@@ -9,7 +9,7 @@ use waymark_proto::v1 as pb;
 use waymark_proto::v1::query_server::Query;
 
 use crate::convert;
-use crate::error::{page_size, parse_person_id, require_id, ApiError};
+use crate::error::{fit_page, page_size, parse_person_id, require_id, ApiError};
 use crate::projections::Projections;
 
 /// `waymark.v1.Query`.
@@ -123,9 +123,17 @@ impl Query for QueryService {
             return Ok(Response::new(pb::ListInteractionsResponse::default()));
         };
         let after = cursor.as_ref().map(|(t, i)| (*t, i.as_str()));
-        let (items, next) = state.page(since, until, after, limit);
+        let (items, mut next) = state.page(since, until, after, limit);
+        let mut interactions: Vec<pb::Interaction> =
+            items.iter().copied().map(convert::interaction).collect();
+        let fit = fit_page(&interactions);
+        if fit < interactions.len() {
+            // The rest of the page is the start of the next one.
+            interactions.truncate(fit);
+            next = items.get(fit - 1).map(|last| (last.time, last.id.clone()));
+        }
         Ok(Response::new(pb::ListInteractionsResponse {
-            interactions: items.into_iter().map(convert::interaction).collect(),
+            interactions,
             next_page_token: next.map(|(t, i)| format_cursor(&t, &i)).unwrap_or_default(),
         }))
     }
@@ -252,18 +260,20 @@ impl Query for QueryService {
             self.ensure_known(id).await?;
             return Ok(Response::new(pb::ListEventsResponse::default()));
         };
-        let next = from + entries.len() as u64;
-        let events = entries
+        let mut events = entries
             .iter()
             .map(convert::person_event)
             .collect::<Result<Vec<_>, ApiError>>()?;
+        events.truncate(fit_page(&events));
+        let next = from + events.len() as u64;
+        let next_page_token = if next < count && !events.is_empty() {
+            next.to_string()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListEventsResponse {
             events,
-            next_page_token: if next < count && !entries.is_empty() {
-                next.to_string()
-            } else {
-                String::new()
-            },
+            next_page_token,
         }))
     }
 }
