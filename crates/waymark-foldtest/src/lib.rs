@@ -91,6 +91,55 @@ pub fn run_fixture<F: Fold>(fold: &F, case: &Path) -> (Value, Value) {
     (actual, expected)
 }
 
+/// The rows a fixture case leaves in the store, as the runtime encodes
+/// them (postcard of [`Tracked`]), by person.
+pub fn stored_rows<F: Fold>(fold: &F, case: &Path) -> BTreeMap<Uuid, Vec<u8>> {
+    let mut persons: BTreeMap<Uuid, Tracked<F::State>> = BTreeMap::new();
+    for (offset, event) in read_events(case).iter().enumerate() {
+        let person = event.person_id.expect("fixture events carry a person_id");
+        persons.entry(person).or_default().apply(
+            fold,
+            event,
+            Position::new(0, offset as u64),
+            WINDOW,
+        );
+    }
+    persons
+        .into_iter()
+        .map(|(p, t)| (p, postcard::to_stdvec(&t).expect("rows encode")))
+        .collect()
+}
+
+/// Checks the stored bytes of a fixture case against its golden
+/// `stored.hex` (`<person> <hex>` per line): the encoding of stored state
+/// must not change under a projection version, or rows already stored can
+/// no longer be read. With `WAYMARK_BLESS=1` the file is (re)written.
+pub fn assert_stored_encoding<F: Fold>(fold: &F, case: &Path) {
+    let rows = stored_rows(fold, case);
+    let text: String = rows
+        .iter()
+        .map(|(p, bytes)| {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{p} {hex}\n")
+        })
+        .collect();
+    let path = case.join("stored.hex");
+    if std::env::var("WAYMARK_BLESS").as_deref() == Ok("1") {
+        std::fs::write(&path, &text).expect("write stored.hex");
+        return;
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        golden == text,
+        "{}: the stored encoding of this processor's state changed (or stored.hex is \
+         missing). Rows stored by the current projection version could no longer be read: \
+         bump the processor's projection_version in topology.yaml so its projections are \
+         rebuilt from the log, then regenerate the golden files with WAYMARK_BLESS=1 \
+         cargo test.\n--- golden\n{golden}--- now\n{text}",
+        path.display()
+    );
+}
+
 /// Events of [`PERSON`] with data from `data`, ids from `ids` and event
 /// times within `span_millis` of [`time_at`]`(0)`, in arbitrary order.
 pub fn arb_events(

@@ -14,3 +14,12 @@ fn every_fixture_case_matches_its_expected_state() {
         assert_eq!(actual, expected, "fixture {}", case.display());
     }
 }
+
+/// The stored bytes of every fixture case are the golden ones: a change to
+/// the state's encoding needs a `projection_version` bump.
+#[test]
+fn stored_encoding_is_unchanged() {
+    for case in common::fixture_cases(env!("CARGO_MANIFEST_DIR")) {
+        common::assert_stored_encoding(&LearningFold, &case);
+    }
+}
