@@ -224,6 +224,7 @@ impl Target {
                     &self.topology,
                     &validator,
                     Some(controller),
+                    &group_prefix,
                     &token,
                 )
                 .await?;

@@ -83,6 +83,7 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<Scenar
         &topology,
         &validator,
         None,
+        "waymark",
         &token,
     )
     .await?;

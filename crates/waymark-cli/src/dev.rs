@@ -184,6 +184,7 @@ impl Dev {
             topology,
             &validator,
             Some(controller),
+            "waymark",
             &shutdown,
         )
         .await?;

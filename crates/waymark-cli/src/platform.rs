@@ -92,7 +92,8 @@ pub async fn spawn_processors(
 /// The gRPC services over `log` and `store`. Queries read the active
 /// projection versions (tracked from the catalog by a task added to
 /// `tasks`); `controller` is this process's controller, if it runs
-/// processors.
+/// processors; `group_prefix` is the prefix of the runners' consumer
+/// groups (what `Admin.DropVersion` waits to empty).
 #[allow(clippy::too_many_arguments)]
 pub async fn services(
     tasks: &mut Tasks,
@@ -101,6 +102,7 @@ pub async fn services(
     topology: &Topology,
     validator: &Arc<Validator>,
     controller: Option<ControllerHandle>,
+    group_prefix: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Services> {
     let registry = registry();
@@ -138,15 +140,18 @@ pub async fn services(
         waymark_control::track_active(p, r, topo, token).await;
         ("projection tracker".to_owned(), Ok(()))
     });
-    let operator = Arc::new(PlatformOperator::new(
-        registry.clone(),
-        log.clone(),
-        store.clone(),
-        topology.clone(),
-        validator.clone(),
-        projections.clone(),
-        controller,
-    ));
+    let operator = Arc::new(
+        PlatformOperator::new(
+            registry.clone(),
+            log.clone(),
+            store.clone(),
+            topology.clone(),
+            validator.clone(),
+            projections.clone(),
+            controller,
+        )
+        .with_group_prefix(group_prefix),
+    );
     let (sampler, token) = (operator.clone(), shutdown.clone());
     tasks.spawn(async move {
         sampler.sample_until(token).await;

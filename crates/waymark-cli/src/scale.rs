@@ -205,6 +205,7 @@ pub async fn serve(
         &options.topology,
         &engines.validator,
         None,
+        &options.group_prefix,
         &shutdown,
     )
     .await?;

@@ -14,13 +14,18 @@ use waymark_runtime::catalog::{
     VersionProgress, VersionState,
 };
 use waymark_runtime::plugin::Registry;
-use waymark_runtime::{Log, ProjectionStore, StoreError};
+use waymark_runtime::{Log, ProjectionStore, RunnerConfig, StoreError};
 use waymark_schemas::Validator;
 use waymark_server::{ApiError, Operator, Projections};
 use waymark_topology::Topology;
 
 use crate::controller::{configured_version, refresh, ControllerHandle, CATALOG_POLL};
 use crate::verify;
+
+/// Longest a drop waits for the runners of the version to leave its
+/// consumer group (a crashed one leaves at its session timeout, 45 s by
+/// default on Kafka).
+pub const DROP_WAIT: Duration = Duration::from_secs(60);
 
 fn catalog_error(e: CatalogError) -> ApiError {
     match e {
@@ -50,6 +55,7 @@ type Samples = VecDeque<(Instant, u64)>;
 /// The `Admin` projection rpcs over a log and a store.
 pub struct PlatformOperator {
     registry: Registry,
+    group_prefix: String,
     log: Arc<dyn Log>,
     store: Arc<dyn ProjectionStore>,
     topology: Topology,
@@ -60,6 +66,13 @@ pub struct PlatformOperator {
 }
 
 impl PlatformOperator {
+    /// The prefix of the runners' consumer groups (`waymark` by default), as
+    /// the controllers were given it.
+    pub fn with_group_prefix(mut self, prefix: &str) -> Self {
+        self.group_prefix = prefix.to_owned();
+        self
+    }
+
     /// The registry operated.
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
@@ -98,6 +111,7 @@ impl PlatformOperator {
     ) -> Self {
         Self {
             registry,
+            group_prefix: "waymark".to_owned(),
             log,
             store,
             topology,
@@ -140,6 +154,32 @@ impl PlatformOperator {
             configured_version(&self.topology, processor),
         )
         .await?)
+    }
+
+    /// Waits until no runner of `version` of `processor` is left in its
+    /// consumer group, for at most [`DROP_WAIT`] (a crashed member leaves
+    /// when its session times out); after that the drop goes on, with a
+    /// warning.
+    async fn wait_for_runners_to_stop(
+        &self,
+        processor: &str,
+        version: u32,
+    ) -> Result<(), ApiError> {
+        let group = RunnerConfig::new(consumer_id(processor, version), "", "")
+            .with_group_prefix(&self.group_prefix)
+            .group;
+        let deadline = Instant::now() + DROP_WAIT;
+        loop {
+            let members = self.log.group_members(&group).await?;
+            if members == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                warn!(%processor, version, members, %group, "runners of a dropped version are still in its group; dropping its data anyway");
+                return Ok(());
+            }
+            tokio::time::sleep(CATALOG_POLL / 5).await;
+        }
     }
 
     /// Changes the catalog row of `processor` with a compare-and-set (see
@@ -371,11 +411,12 @@ impl Operator for PlatformOperator {
         })
         .await?;
         // Its runners stop on their next look at the catalog: here at once,
-        // in other processes within a few polls.
-        match &self.controller {
-            Some(controller) => controller.sync().await,
-            None => tokio::time::sleep(CATALOG_POLL * 3).await,
+        // in other processes within a poll. Their consumer group empties as
+        // they do: that is their acknowledgement.
+        if let Some(controller) = &self.controller {
+            controller.sync().await;
         }
+        self.wait_for_runners_to_stop(processor, version).await?;
         self.store
             .drop_tables(&self.registry.tables(processor, version))
             .await?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -90,6 +90,8 @@ struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Woken after every commit that appended anything (fetch long polls).
     any_appended: Notify,
+    /// Live consumers by group ([`Log::group_members`]).
+    members: Mutex<HashMap<String, usize>>,
 }
 
 impl Inner {
@@ -240,6 +242,7 @@ impl EmbeddedLog {
             db: RwLock::new(Some(db)),
             topics: RwLock::new(topics),
             any_appended: Notify::new(),
+            members: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(1024);
         let writer_inner = inner.clone();
@@ -1130,6 +1133,13 @@ impl Log for EmbeddedLog {
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn LogConsumer>, LogError> {
         let topic = self.inner.topic(topic)?;
+        *self
+            .inner
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(group.to_owned())
+            .or_default() += 1;
         Ok(Box::new(EmbeddedConsumer {
             log: self.clone(),
             group: group.to_owned(),
@@ -1166,6 +1176,38 @@ impl Log for EmbeddedLog {
         tokio::task::spawn_blocking(move || read_range(&inner, &topic, partition, from, max))
             .await
             .map_err(unavailable)?
+    }
+
+    async fn group_members(&self, group: &str) -> Result<usize, LogError> {
+        Ok(group_members_of(self, group))
+    }
+}
+
+fn group_members_of(log: &EmbeddedLog, group: &str) -> usize {
+    log.inner
+        .members
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(group)
+        .copied()
+        .unwrap_or(0)
+}
+
+impl Drop for EmbeddedConsumer {
+    /// Leaves the group.
+    fn drop(&mut self) {
+        let mut members = self
+            .log
+            .inner
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = members.get_mut(&self.group) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                members.remove(&self.group);
+            }
+        }
     }
 }
 

@@ -615,6 +615,24 @@ impl Log for KafkaLog {
         Ok((low.max(0) as u64, high.max(0) as u64))
     }
 
+    async fn group_members(&self, group: &str) -> Result<usize, LogError> {
+        let producer = self.inner.producer.clone();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let list = producer
+                .client()
+                .fetch_group_list(Some(&group), METADATA_TIMEOUT)
+                .map_err(unavailable)?;
+            Ok(list
+                .groups()
+                .iter()
+                .find(|g| g.name() == group)
+                .map_or(0, |g| g.members().len()))
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
     async fn read(
         &self,
         topic: &str,

@@ -169,8 +169,18 @@ async fn produce_consume_read_and_watermarks() {
         ledger.applied_count() == 60
     })
     .await;
+    // The member is in its group while it runs, and leaves when dropped.
+    assert_eq!(log.group_members(&group).await.expect("members"), 1);
     member.abort();
     let _ = member.await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while log.group_members(&group).await.expect("members") > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped member never left {group}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     ledger.assert_exactly(&positions(&appended));
     delete_topics(&bootstrap, &[&name]).await;
 }

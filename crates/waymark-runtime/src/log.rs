@@ -151,6 +151,12 @@ pub trait Log: Send + Sync + 'static {
         from: u64,
         max: usize,
     ) -> Result<Vec<Record>, LogError>;
+
+    /// How many consumers are members of consumer group `group` now (0 for
+    /// an unknown group). A runner is a member from `subscribe` until its
+    /// consumer is dropped, so 0 acknowledges that every runner of a
+    /// projection version has stopped.
+    async fn group_members(&self, group: &str) -> Result<usize, LogError>;
 }
 
 /// One member of a consumer group.
