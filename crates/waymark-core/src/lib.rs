@@ -1,5 +1,9 @@
 //! Waymark's domain model, shared by every other crate.
 //!
+//! "Contract §N", here and in every crate, doc and `.proto` of the
+//! repository, is section N of the project's statement of its external
+//! contract, `docs/contract.md`.
+//!
 //! # Layout
 //! - [`event`]: the validated, upcast event ([`Event`], [`EventData`]) that
 //!   processors fold, and its canonical JSON form on `waymark.events`.

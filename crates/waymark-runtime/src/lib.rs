@@ -14,8 +14,9 @@
 //!   one queries read, and the exactly-once hand-off of side effects between
 //!   versions ([`catalog::VersionGate`]).
 //! - [`cache`]: a runner's row cache in front of a remote store.
-//! - [`memory`]: an in-memory [`ProjectionStore`], the deterministic double
-//!   of the runtime's own tests.
+//! - [`memory`], [`memory_log`]: an in-memory [`ProjectionStore`] and
+//!   [`Log`], the deterministic doubles of the runtime's own tests (runner,
+//!   catalog, version hand-off).
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
 //! - [`metrics`]: metric names.
 //!
@@ -64,6 +65,7 @@ pub mod dead_letter;
 pub mod handler;
 pub mod log;
 pub mod memory;
+pub mod memory_log;
 pub mod metrics;
 pub mod plugin;
 pub mod runner;

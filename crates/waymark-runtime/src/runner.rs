@@ -669,3 +669,171 @@ impl Backoff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use uuid::Uuid;
+    use waymark_core::{Event, EventData, Fold, Tracked};
+
+    use super::*;
+    use crate::handler::{decode_row, ProjectionHandler};
+    use crate::log::{OutRecord, TopicConfig};
+    use crate::memory::MemoryStore;
+    use crate::memory_log::MemoryLog;
+
+    const INPUT: &str = "events";
+    const DLQ: &str = "dlq";
+    const TABLE: &str = "count_v1";
+
+    struct Count;
+
+    impl Fold for Count {
+        type State = u64;
+        fn apply(&self, state: &mut u64, _: &Event) {
+            *state += 1;
+        }
+    }
+
+    fn person(i: u128) -> Uuid {
+        Uuid::from_u128(i + 1)
+    }
+
+    fn record(id: &str, who: u128) -> OutRecord {
+        let event = Event {
+            id: id.into(),
+            time: "2026-01-01T00:00:00Z".parse().unwrap(),
+            source: None,
+            person_id: Some(person(who)),
+            data: EventData::JourneyCompleted {
+                journey_id: "j".into(),
+            },
+        };
+        OutRecord::keyed(INPUT, person(who).to_string(), event.to_json())
+    }
+
+    async fn setup() -> (MemoryLog, MemoryStore) {
+        let log = MemoryLog::new();
+        let topics = [(INPUT, 3), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+            name: name.into(),
+            partitions,
+            retention: None,
+            compaction: false,
+        });
+        log.ensure_topics(&topics).await.unwrap();
+        let store = MemoryStore::new();
+        store.ensure_tables(&[TABLE.to_owned()]).await.unwrap();
+        (log, store)
+    }
+
+    fn runner(log: &MemoryLog, store: &MemoryStore) -> Runner {
+        let handler = Arc::new(ProjectionHandler::new(
+            "count",
+            TABLE,
+            Count,
+            chrono::Duration::days(7),
+        ));
+        let mut config = RunnerConfig::new("count.v1", INPUT, DLQ);
+        config.backoff_min = Duration::from_millis(1);
+        config.backoff_max = Duration::from_millis(5);
+        Runner::new(
+            Arc::new(log.clone()),
+            Arc::new(store.clone()),
+            handler,
+            config,
+        )
+    }
+
+    async fn caught_up(log: &MemoryLog, store: &MemoryStore) {
+        for _ in 0..2_000 {
+            let stored = store.positions("count.v1", INPUT).await.unwrap();
+            let mut done = true;
+            for p in 0..3 {
+                let (_, high) = log.watermarks(INPUT, p).await.unwrap();
+                done &= stored.get(&p).copied().unwrap_or(0) >= high;
+            }
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the runner never caught up");
+    }
+
+    async fn counts(store: &MemoryStore) -> BTreeMap<String, u64> {
+        store
+            .rows(TABLE)
+            .into_iter()
+            .map(|(k, v)| {
+                let row: Tracked<u64> = decode_row(TABLE, &k, &v).unwrap();
+                (k, row.state)
+            })
+            .collect()
+    }
+
+    /// Store and log outages, a duplicate id and bad records: every good
+    /// record is applied exactly once, every bad one dead-lettered once,
+    /// and a restarted runner changes nothing.
+    #[tokio::test]
+    async fn effects_are_exactly_once_through_outages_and_restarts() {
+        let (log, store) = setup().await;
+        let mut records: Vec<OutRecord> = (0..60)
+            .map(|i| record(&format!("e{i}"), (i % 4) as u128))
+            .collect();
+        records.push(record("e0", 0)); // a duplicate id: ignored
+        records.push(OutRecord::keyed(
+            INPUT,
+            person(1).to_string(),
+            b"{not json".to_vec(),
+        ));
+        log.produce(records).await.unwrap();
+        store.fail_next_writes(3);
+        log.fail_next_produces(2);
+
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner(&log, &store).run(token.clone()));
+        caught_up(&log, &store).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+
+        let expected: BTreeMap<String, u64> = (0..4).map(|i| (person(i).to_string(), 15)).collect();
+        assert_eq!(counts(&store).await, expected);
+        let dead = log.records(DLQ);
+        assert_eq!(dead.len(), 1, "one dead letter, written once");
+        assert_eq!(
+            dead[0].header(crate::dead_letter::HEADER_PROCESSOR),
+            Some(&b"count"[..])
+        );
+
+        // A restart resumes from the stored positions: nothing changes.
+        let writes = store.writes();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner(&log, &store).run(token.clone()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(store.writes(), writes);
+        assert_eq!(counts(&store).await, expected);
+        assert_eq!(log.records(DLQ).len(), 1);
+    }
+
+    /// A runner is a member of its group while it runs (what a drop waits
+    /// for), and not after.
+    #[tokio::test]
+    async fn a_runner_leaves_its_group_when_it_stops() {
+        let (log, store) = setup().await;
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner(&log, &store).run(token.clone()));
+        for _ in 0..1_000 {
+            if log.group_members("waymark.count.v1").await.unwrap() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(log.group_members("waymark.count.v1").await.unwrap(), 1);
+        token.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(log.group_members("waymark.count.v1").await.unwrap(), 0);
+    }
+}
