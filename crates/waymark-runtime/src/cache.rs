@@ -312,3 +312,90 @@ impl ProjectionStore for RowCache {
         0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+    use crate::store::RowWrite;
+
+    fn put(table: &str, key: &str, value: &[u8]) -> WriteBatch {
+        WriteBatch {
+            rows: vec![RowWrite {
+                table: table.into(),
+                key: key.into(),
+                value: Some(value.to_vec()),
+                order: None,
+            }],
+            positions: Vec::new(),
+        }
+    }
+
+    async fn setup(budget: usize) -> (MemoryStore, RowCache) {
+        let store = MemoryStore::new();
+        store
+            .ensure_tables(&["mine".to_owned(), "other".to_owned()])
+            .await
+            .unwrap();
+        let cache = RowCache::new(Arc::new(store.clone()), vec!["mine".to_owned()], budget);
+        (store, cache)
+    }
+
+    #[tokio::test]
+    async fn reads_each_row_once_and_writes_through() {
+        let (store, cache) = setup(1 << 20).await;
+        store.write(put("mine", "a", b"1")).await.unwrap();
+        let keys = ["a".to_owned(), "b".to_owned()];
+        assert_eq!(
+            cache.get_many("mine", &keys).await.unwrap(),
+            [Some(b"1".to_vec()), None]
+        );
+        assert_eq!(cache.hits_misses(), (0, 2));
+        // Absent rows are cached too; written rows are what the store holds.
+        cache.write(put("mine", "b", b"2")).await.unwrap();
+        assert_eq!(
+            cache.get_many("mine", &keys).await.unwrap(),
+            [Some(b"1".to_vec()), Some(b"2".to_vec())]
+        );
+        assert_eq!(cache.hits_misses(), (2, 2));
+        assert_eq!(store.get("mine", "b").await.unwrap(), Some(b"2".to_vec()));
+        // Tables it does not own are always read from the store.
+        store.write(put("other", "x", b"9")).await.unwrap();
+        cache.get("other", "x").await.unwrap();
+        store.write(put("other", "x", b"10")).await.unwrap();
+        assert_eq!(cache.get("other", "x").await.unwrap(), Some(b"10".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_or_a_clear_forgets_everything() {
+        let (store, cache) = setup(1 << 20).await;
+        cache.get("mine", "a").await.unwrap();
+        store.fail_next_writes(1);
+        assert!(cache.write(put("mine", "a", b"1")).await.is_err());
+        assert_eq!(cache.bytes(), 0);
+        // Another member wrote the row meanwhile: after a clear it is read.
+        cache.get("mine", "a").await.unwrap();
+        store.write(put("mine", "a", b"theirs")).await.unwrap();
+        cache.clear();
+        assert_eq!(
+            cache.get("mine", "a").await.unwrap(),
+            Some(b"theirs".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn stays_within_its_byte_budget() {
+        let budget = 64 * 1024;
+        let (_store, cache) = setup(budget).await;
+        for i in 0..1_000 {
+            cache
+                .write(put("mine", &format!("k{i}"), &[0u8; 512]))
+                .await
+                .unwrap();
+            assert!(cache.bytes() <= budget, "{} bytes", cache.bytes());
+        }
+        assert!(cache.bytes() > budget / 2);
+        // Evicted rows are read again from the store, unchanged.
+        assert_eq!(cache.get("mine", "k0").await.unwrap(), Some(vec![0u8; 512]));
+    }
+}
