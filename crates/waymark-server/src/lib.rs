@@ -2,13 +2,16 @@
 //! `waymark serve`.
 //!
 //! # Layout
-//! - [`QueryService`] (`query.rs`) reads projections through
-//!   [`Projections`] (`projections.rs`).
+//! - [`QueryService`] (`query/`) reads projections through
+//!   [`Projections`] (`projections.rs`, by processor name and the active
+//!   version); each processor's rpcs and conversions are one module of
+//!   `query/` (`person.rs` with the identity links, `interactions.rs`,
+//!   `journey.rs`, `learning.rs`).
 //! - [`IngestService`] (`ingest.rs`) validates and appends events.
 //! - [`AdminService`] (`admin.rs`) lists dead letters and operates
 //!   projection versions through an [`Operator`].
 //! - `error.rs` maps every error to a status code, in one place;
-//!   `convert.rs` maps domain types to protobuf.
+//!   `convert.rs` has the conversions the query modules share.
 //! - [`serve`] wires them with reflection (v1 and v1alpha), health, request
 //!   size and concurrency limits.
 //!

@@ -1,16 +1,12 @@
-//! The read side: typed access to the projection tables.
+//! The read side: the projection tables of the versions queries read, by
+//! processor name. Nothing here names a processor; each processor's reads
+//! are in its query module.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use uuid::Uuid;
-use waymark_core::{Identity, Tracked};
-use waymark_identity::{IdentityRow, PersonLinks};
-use waymark_interactions::InteractionsState;
-use waymark_journey::JourneysState;
-use waymark_learning::LearningState;
-use waymark_person::history::{self, HistoryEntry};
-use waymark_person::PersonState;
+use waymark_core::Tracked;
 use waymark_runtime::handler::decode_row;
 use waymark_runtime::plugin::table_name;
 use waymark_runtime::{ProjectionStore, StoreError};
@@ -84,25 +80,6 @@ impl Projections {
         &self.store
     }
 
-    /// One page of a person's event history: entries `from ..` (at most
-    /// `limit`) and the total count.
-    pub async fn history(
-        &self,
-        person: Uuid,
-        from: u64,
-        limit: u64,
-    ) -> Result<Option<(Vec<HistoryEntry>, u64)>, StoreError> {
-        let table = self.table(waymark_person::NAME, history::HISTORY);
-        history::read_page(
-            self.store.as_ref(),
-            &table,
-            &person.to_string(),
-            from,
-            limit,
-        )
-        .await
-    }
-
     /// One person's state in the main table of fold processor `processor`
     /// (the version read now): the `state` of its
     /// [`Tracked`](waymark_core::Tracked) row, `None` when it has none.
@@ -117,55 +94,5 @@ impl Projections {
             Some(bytes) => Ok(Some(decode_row::<Tracked<S>>(&table, &key, &bytes)?.state)),
             None => Ok(None),
         }
-    }
-
-    /// The person an identity resolves to.
-    pub async fn resolve(&self, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
-        let key = identity.key();
-        let table = &self.table(waymark_identity::NAME, waymark_identity::LINKS);
-        match self.store.get(table, &key).await? {
-            Some(bytes) => Ok(Some(
-                decode_row::<IdentityRow>(table, &key, &bytes)?.person_id,
-            )),
-            None => Ok(None),
-        }
-    }
-
-    /// The identities of a person and whom it was merged into.
-    pub async fn links(&self, person: Uuid) -> Result<Option<PersonLinks>, StoreError> {
-        let key = person.to_string();
-        let table = &self.table(waymark_identity::NAME, waymark_identity::PERSONS);
-        match self.store.get(table, &key).await? {
-            Some(bytes) => Ok(Some(decode_row(table, &key, &bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// The `person` projection of a person.
-    pub async fn person(&self, person: Uuid) -> Result<Option<PersonState>, StoreError> {
-        self.state(waymark_person::NAME, person).await
-    }
-
-    /// The `interactions` projection of a person.
-    pub async fn interactions(
-        &self,
-        person: Uuid,
-    ) -> Result<Option<InteractionsState>, StoreError> {
-        self.state(waymark_interactions::NAME, person).await
-    }
-
-    /// The `journey` projection of a person.
-    pub async fn journeys(&self, person: Uuid) -> Result<Option<JourneysState>, StoreError> {
-        self.state(waymark_journey::NAME, person).await
-    }
-
-    /// The `learning` projection of a person.
-    pub async fn learning(&self, person: Uuid) -> Result<Option<LearningState>, StoreError> {
-        self.state(waymark_learning::NAME, person).await
-    }
-
-    /// Whether anything is known about a person.
-    pub async fn person_known(&self, person: Uuid) -> Result<bool, StoreError> {
-        Ok(self.person(person).await?.is_some() || self.links(person).await?.is_some())
     }
 }
