@@ -20,7 +20,7 @@ use waymark_interactions::InteractionsFold;
 use waymark_journey::JourneyFold;
 use waymark_learning::LearningFold;
 use waymark_person::PersonFold;
-use waymark_runtime::handler::encode_row;
+use waymark_runtime::row::encode_row;
 use waymark_runtime::{PositionWrite, ProjectionStore, RowWrite, WriteBatch};
 use waymark_schemas::Validator;
 
@@ -124,7 +124,7 @@ fn store_write(c: &mut Criterion) {
     for (i, e) in events.iter().enumerate() {
         row.apply(&PersonFold, e, Position::new(0, i as u64), WINDOW);
     }
-    let value = encode_row(&row);
+    let value = encode_row(waymark_person::STATE_ENCODING, &row);
     let batch = WriteBatch {
         rows: (0..2000u64)
             .map(|p| RowWrite {

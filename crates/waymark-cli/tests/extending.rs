@@ -81,6 +81,10 @@ mod sessions {
             TABLES
         }
 
+        fn state_encoding(&self) -> u32 {
+            1
+        }
+
         fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
             let gap = ctx
                 .spec()

@@ -22,7 +22,7 @@ use waymark_core::{default_person_id, Tracked};
 use waymark_embedded::{EmbeddedLog, EmbeddedStore};
 use waymark_journey::JourneysState;
 use waymark_person::PersonState;
-use waymark_runtime::handler::decode_row;
+use waymark_runtime::row::decode_row;
 use waymark_runtime::{
     Handler, Log, OutRecord, ProjectionStore, Runner, RunnerConfig, StoreError, TopicConfig,
     WriteBatch,
@@ -128,7 +128,11 @@ impl Platform {
     ) -> Option<S> {
         let key = person.to_string();
         let bytes = self.store.get(table, &key).await.unwrap()?;
-        Some(decode_row::<Tracked<S>>(table, &key, &bytes).unwrap().state)
+        Some(
+            decode_row::<Tracked<S>>(1, table, &key, &bytes)
+                .unwrap()
+                .state,
+        )
     }
 }
 

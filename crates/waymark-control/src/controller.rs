@@ -1,7 +1,7 @@
 //! The [`Controller`] that runs the projection versions the catalog asks
 //! for, and the tracker that points queries at the active versions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +11,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use waymark_runtime::catalog::{self, consumer_id, CatalogEntry, VersionGate, VersionState};
+use waymark_runtime::catalog::{
+    self, consumer_id, CatalogEntry, Configured, VersionGate, VersionState,
+};
 use waymark_runtime::plugin::Registry;
 use waymark_runtime::{Log, ProjectionStore, RunError, Runner, RunnerConfig, StoreError};
 use waymark_schemas::Validator;
-use waymark_server::{ActiveVersions, Projections};
+use waymark_server::{ActiveVersion, ActiveVersions, Projections};
 use waymark_topology::Topology;
 
 /// How often controllers and trackers re-read the catalog.
@@ -27,6 +29,35 @@ pub(crate) fn configured_version(topology: &Topology, name: &str) -> u32 {
     topology.processor(name).map_or(1, |p| p.projection_version)
 }
 
+/// The version `topology.yaml` configures for `name` and the state
+/// encoding of this build's `name`.
+pub(crate) fn configured(registry: &Registry, topology: &Topology, name: &str) -> Configured {
+    Configured::new(
+        configured_version(topology, name),
+        registry.encoding(name).unwrap_or_default(),
+    )
+}
+
+/// What an operator is told about version `version` of `entry`'s
+/// processor when this build (of state encoding `encoding`) cannot read
+/// it: what it is stored in, and which `projection_version` to configure.
+pub fn unreadable_message(entry: &CatalogEntry, version: u32, encoding: u32) -> String {
+    let name = &entry.processor;
+    let stored = entry.encoding(version).map_or_else(
+        || "no recorded state encoding (it was stored by an older Waymark)".to_owned(),
+        |e| format!("state encoding {e}"),
+    );
+    format!(
+        "{name} projection version {version} is stored in {stored}, and this build of \
+         waymark reads and writes state encoding {encoding} for {name}, so it can neither run \
+         nor read that version. Raise processors.{name}.projection_version in topology.yaml \
+         to {next}: that version is rebuilt from the log in the new encoding (queries of \
+         {name} answer UNAVAILABLE until it has caught up), and version {version} can be \
+         dropped afterwards",
+        next = entry.highest + 1
+    )
+}
+
 /// The versions `topology` configures, as queries read them before the
 /// catalog was read.
 pub fn configured_versions(registry: &Registry, topology: &Topology) -> ActiveVersions {
@@ -34,7 +65,15 @@ pub fn configured_versions(registry: &Registry, topology: &Topology) -> ActiveVe
         registry
             .configured(topology)
             .into_iter()
-            .map(|n| (n.to_owned(), configured_version(topology, n)))
+            .map(|n| {
+                let c = configured(registry, topology, n);
+                let active = ActiveVersion {
+                    version: c.version,
+                    encoding: c.encoding,
+                    catching_up: false,
+                };
+                (n.to_owned(), active)
+            })
             .collect(),
     )
 }
@@ -47,7 +86,8 @@ async fn catalog_of(
 ) -> Result<BTreeMap<String, CatalogEntry>, StoreError> {
     let mut out = BTreeMap::new();
     for name in registry.configured(topology) {
-        let entry = catalog::load_or_init(store, name, configured_version(topology, name)).await?;
+        let entry =
+            catalog::load_or_init(store, name, configured(registry, topology, name)).await?;
         out.insert(name.to_owned(), entry);
     }
     Ok(out)
@@ -61,7 +101,17 @@ pub async fn refresh(
 ) -> Result<(), StoreError> {
     let catalog = catalog_of(projections.store().as_ref(), registry, topology).await?;
     projections.set_active(ActiveVersions::new(
-        catalog.into_iter().map(|(n, e)| (n, e.active)).collect(),
+        catalog
+            .into_iter()
+            .map(|(n, e)| {
+                let active = ActiveVersion {
+                    version: e.active,
+                    encoding: registry.encoding(&n).unwrap_or_default(),
+                    catching_up: e.active_catching_up(),
+                };
+                (n, active)
+            })
+            .collect(),
     ));
     Ok(())
 }
@@ -99,6 +149,8 @@ pub struct Controller {
     names: Vec<String>,
     group_prefix: String,
     runners: HashMap<(String, u32), RunnerTask>,
+    /// Versions not run because this build cannot read them (warned once).
+    skipped: HashSet<(String, u32)>,
     requests: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
@@ -141,6 +193,7 @@ impl Controller {
                 names,
                 group_prefix: group_prefix.into(),
                 runners: HashMap::new(),
+                skipped: HashSet::new(),
                 requests: rx,
             },
             ControllerHandle { requests: tx },
@@ -208,15 +261,39 @@ impl Controller {
     }
 
     /// Starts and stops the runners of `name` as its catalog entry says.
+    ///
+    /// Versions stored in another state encoding than this build's
+    /// ([`waymark_runtime::row`]) never run here. When the live one is such
+    /// a version, the configured version replaces it at once if it is a
+    /// building version of this build's encoding
+    /// ([`CatalogEntry::replace_unreadable`]; queries answer `UNAVAILABLE`
+    /// until it has caught up); otherwise this fails with
+    /// [`unreadable_message`], which says which `projection_version` to
+    /// configure.
     pub async fn reconcile(&mut self, name: &str) -> anyhow::Result<()> {
         let store = self.store.as_ref();
         let topic = self.registry.input_topic(name, &self.topology)?;
-        let mut entry =
-            catalog::load_or_init(store, name, configured_version(&self.topology, name)).await?;
+        let configured = configured(&self.registry, &self.topology, name);
+        let encoding = configured.encoding;
+        let mut entry = catalog::load_or_init(store, name, configured).await?;
+        if !entry.readable(entry.active, encoding) {
+            entry = self
+                .replace_unreadable(name, &topic, entry, configured)
+                .await?;
+        }
+        if entry.active_catching_up() {
+            entry = self
+                .finish_catching_up(name, &topic, entry, configured)
+                .await?;
+        }
         let building: Vec<u32> = entry
             .versions
             .iter()
-            .filter(|(_, i)| i.state == VersionState::Building && i.switch_when_caught_up)
+            .filter(|(v, i)| {
+                i.state == VersionState::Building
+                    && i.switch_when_caught_up
+                    && entry.readable(**v, encoding)
+            })
             .map(|(v, _)| *v)
             .collect();
         for version in building {
@@ -227,23 +304,39 @@ impl Controller {
             if candidate.reached(&active) {
                 // Only over the row the progress was measured against.
                 let from = entry.active;
-                let (updated, switched) =
-                    catalog::update(store, name, configured_version(&self.topology, name), |e| {
-                        if e.active != from || e.state(version)? != VersionState::Building {
-                            return Ok(false);
-                        }
-                        e.switch(version, Utc::now())?;
-                        Ok(true)
-                    })
-                    .await?;
+                let (updated, switched) = catalog::update(store, name, configured, |e| {
+                    if e.active != from || e.state(version)? != VersionState::Building {
+                        return Ok(false);
+                    }
+                    e.switch(version, Utc::now())?;
+                    Ok(true)
+                })
+                .await?;
                 entry = updated;
                 if switched {
                     info!(processor = %name, from, to = version, "switched projection version (caught up)");
                 }
             }
         }
-        let handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
-        let wanted: BTreeSet<u32> = entry.running(handed_off).into_iter().collect();
+        let mut handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
+        if let Some(previous) = entry.previous.filter(|p| !entry.readable(*p, encoding)) {
+            // It cannot run here: it stands where it stopped, and has
+            // acknowledged that (see `replace_unreadable`).
+            let partitions = self.log.partitions(&topic).await?;
+            catalog::acknowledge_stopped(store, name, previous, &topic, partitions).await?;
+            handed_off = true;
+        }
+        let wanted: BTreeSet<u32> = entry
+            .running(handed_off)
+            .into_iter()
+            .filter(|v| {
+                let readable = entry.readable(*v, encoding);
+                if !readable && self.skipped.insert((name.to_owned(), *v)) {
+                    warn!(processor = %name, version = *v, "{}", unreadable_message(&entry, *v, encoding));
+                }
+                readable
+            })
+            .collect();
         let stale: Vec<(String, u32)> = self
             .runners
             .keys()
@@ -283,5 +376,83 @@ impl Controller {
             self.runners.insert(key, (token, task));
         }
         Ok(())
+    }
+
+    /// Replaces the live version of `name`, which this build cannot read,
+    /// by the configured version (see [`Controller::reconcile`]).
+    async fn replace_unreadable(
+        &self,
+        name: &str,
+        topic: &str,
+        entry: CatalogEntry,
+        configured: Configured,
+    ) -> anyhow::Result<CatalogEntry> {
+        let store = self.store.as_ref();
+        let (from, to, encoding) = (entry.active, configured.version, configured.encoding);
+        let heir =
+            entry.state(to).ok() == Some(VersionState::Building) && entry.readable(to, encoding);
+        if !heir {
+            return Err(anyhow!(unreadable_message(&entry, from, encoding)));
+        }
+        // It does not run anywhere (every process runs this build): it
+        // acknowledges its retirement where it stands, so the new version
+        // writes the side effects of everything after that.
+        let partitions = self.log.partitions(topic).await?;
+        catalog::acknowledge_stopped(store, name, from, topic, partitions).await?;
+        let (entry, replaced) = catalog::update(store, name, configured, |e| {
+            if e.active != from || e.readable(from, encoding) {
+                return Ok(false);
+            }
+            e.replace_unreadable(to, encoding, Utc::now())?;
+            Ok(true)
+        })
+        .await?;
+        if replaced {
+            warn!(
+                processor = %name, from, to,
+                "projection version {from} is stored in a state encoding this build cannot read; \
+                 version {to} replaces it and is rebuilt from the log (queries answer UNAVAILABLE \
+                 until it has caught up)"
+            );
+        }
+        Ok(entry)
+    }
+
+    /// Clears [`waymark_runtime::catalog::VersionInfo::catching_up`] of the
+    /// active version of `name` once it has reached where the version it
+    /// replaced stopped.
+    async fn finish_catching_up(
+        &self,
+        name: &str,
+        topic: &str,
+        entry: CatalogEntry,
+        configured: Configured,
+    ) -> anyhow::Result<CatalogEntry> {
+        let store = self.store.as_ref();
+        let log = self.log.as_ref();
+        let active = entry.active;
+        let caught_up = match entry.previous {
+            Some(previous) => {
+                let ours = catalog::progress(store, log, topic, name, active).await?;
+                let theirs = catalog::progress(store, log, topic, name, previous).await?;
+                ours.reached(&theirs)
+            }
+            None => true,
+        };
+        if !caught_up {
+            return Ok(entry);
+        }
+        let (entry, cleared) = catalog::update(store, name, configured, |e| {
+            let Some(info) = e.versions.get_mut(&active) else {
+                return Ok(false);
+            };
+            let was = std::mem::take(&mut info.catching_up);
+            Ok(was)
+        })
+        .await?;
+        if cleared {
+            info!(processor = %name, version = active, "projection version caught up; queries read it");
+        }
+        Ok(entry)
     }
 }

@@ -19,7 +19,7 @@ use waymark_schemas::Validator;
 use waymark_server::{ApiError, Operator, Projections};
 use waymark_topology::Topology;
 
-use crate::controller::{configured_version, refresh, ControllerHandle, CATALOG_POLL};
+use crate::controller::{configured, refresh, unreadable_message, ControllerHandle, CATALOG_POLL};
 use crate::verify;
 
 /// Longest a drop waits for the runners of the version to leave its
@@ -151,7 +151,7 @@ impl PlatformOperator {
         Ok(catalog::load_or_init(
             self.store.as_ref(),
             processor,
-            configured_version(&self.topology, processor),
+            configured(&self.registry, &self.topology, processor),
         )
         .await?)
     }
@@ -192,7 +192,7 @@ impl PlatformOperator {
         catalog::update(
             self.store.as_ref(),
             processor,
-            configured_version(&self.topology, processor),
+            configured(&self.registry, &self.topology, processor),
             change,
         )
         .await
@@ -348,9 +348,10 @@ impl Operator for PlatformOperator {
         let topic = self.known(processor)?;
         self.check_from_start(&topic, processor).await?;
         let now = Utc::now();
+        let encoding = configured(&self.registry, &self.topology, processor).encoding;
         let (_, version) = self
             .update(processor, |e| {
-                e.start_rebuild(to, switch_when_caught_up, now)
+                e.start_rebuild(to, switch_when_caught_up, encoding, now)
             })
             .await?;
         self.store
@@ -366,6 +367,12 @@ impl Operator for PlatformOperator {
         let entry = self.entry(processor).await?;
         if version != entry.active {
             entry.state(version).map_err(catalog_error)?;
+            let encoding = configured(&self.registry, &self.topology, processor).encoding;
+            if !entry.readable(version, encoding) {
+                return Err(ApiError::FailedPrecondition(unreadable_message(
+                    &entry, version, encoding,
+                )));
+            }
             let candidate = self.progress(&topic, processor, version).await?;
             let active = self.progress(&topic, processor, entry.active).await?;
             if !candidate.reached(&active) {

@@ -13,6 +13,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 use waymark_core::{ApplyOutcome, Event, EventData, Fold, Identity, Position, Tracked};
+use waymark_runtime::row::{decode_row, encode_row};
 
 /// The dedupe window of the fixtures and laws (the contract default).
 pub const WINDOW: Duration = Duration::days(7);
@@ -63,10 +64,9 @@ pub fn read_events(case: &Path) -> Vec<Event> {
         .collect()
 }
 
-/// Runs a fixture case through [`Tracked::apply`] (partition 0, offset =
-/// line index, 7-day window), one record per person, and returns the actual
-/// and the expected state per person as JSON.
-pub fn run_fixture<F: Fold>(fold: &F, case: &Path) -> (Value, Value) {
+/// Folds a fixture case through [`Tracked::apply`] (partition 0, offset =
+/// line index, 7-day window), one record per person.
+fn fold_case<F: Fold>(fold: &F, case: &Path) -> BTreeMap<Uuid, Tracked<F::State>> {
     let mut persons: BTreeMap<Uuid, Tracked<F::State>> = BTreeMap::new();
     for (offset, event) in read_events(case).iter().enumerate() {
         let person = event.person_id.expect("fixture events carry a person_id");
@@ -77,8 +77,14 @@ pub fn run_fixture<F: Fold>(fold: &F, case: &Path) -> (Value, Value) {
             WINDOW,
         );
     }
+    persons
+}
+
+/// Runs a fixture case (see `fold_case`) and returns the actual and the
+/// expected state per person as JSON.
+pub fn run_fixture<F: Fold>(fold: &F, case: &Path) -> (Value, Value) {
     let actual = Value::Object(
-        persons
+        fold_case(fold, case)
             .into_iter()
             .map(|(p, t)| {
                 let state = serde_json::to_value(&t.state).expect("state serializes");
@@ -92,50 +98,126 @@ pub fn run_fixture<F: Fold>(fold: &F, case: &Path) -> (Value, Value) {
 }
 
 /// The rows a fixture case leaves in the store, as the runtime encodes
-/// them (postcard of [`Tracked`]), by person.
-pub fn stored_rows<F: Fold>(fold: &F, case: &Path) -> BTreeMap<Uuid, Vec<u8>> {
-    let mut persons: BTreeMap<Uuid, Tracked<F::State>> = BTreeMap::new();
-    for (offset, event) in read_events(case).iter().enumerate() {
-        let person = event.person_id.expect("fixture events carry a person_id");
-        persons.entry(person).or_default().apply(
-            fold,
-            event,
-            Position::new(0, offset as u64),
-            WINDOW,
-        );
-    }
-    persons
+/// them ([`waymark_runtime::row::encode_row`] of [`Tracked`], state
+/// encoding `encoding`), by person.
+pub fn stored_rows<F: Fold>(fold: &F, encoding: u32, case: &Path) -> BTreeMap<Uuid, Vec<u8>> {
+    fold_case(fold, case)
         .into_iter()
-        .map(|(p, t)| (p, postcard::to_stdvec(&t).expect("rows encode")))
+        .map(|(p, t)| (p, encode_row(encoding, &t)))
         .collect()
 }
 
+/// FNV-1a, 64 bits: a stable fingerprint of a fixture's events.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A golden `stored.hex`: the state encoding and the fingerprint of the
+/// events it was made with, then `<person> <hex>` per line.
+#[derive(Debug, PartialEq, Eq)]
+struct Golden {
+    encoding: Option<u32>,
+    events: Option<u64>,
+    rows: String,
+}
+
+impl Golden {
+    fn parse(text: &str) -> Self {
+        let mut golden = Golden {
+            encoding: None,
+            events: None,
+            rows: String::new(),
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("state_encoding ") {
+                golden.encoding = v.trim().parse().ok();
+            } else if let Some(v) = line.strip_prefix("events ") {
+                golden.events = u64::from_str_radix(v.trim(), 16).ok();
+            } else {
+                golden.rows.push_str(line);
+                golden.rows.push('\n');
+            }
+        }
+        golden
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "state_encoding {}\nevents {:016x}\n{}",
+            self.encoding.unwrap_or_default(),
+            self.events.unwrap_or_default(),
+            self.rows
+        )
+    }
+}
+
 /// Checks the stored bytes of a fixture case against its golden
-/// `stored.hex` (`<person> <hex>` per line): the encoding of stored state
-/// must not change under a projection version, or rows already stored can
-/// no longer be read. With `WAYMARK_BLESS=1` the file is (re)written.
-pub fn assert_stored_encoding<F: Fold>(fold: &F, case: &Path) {
-    let rows = stored_rows(fold, case);
-    let text: String = rows
+/// `stored.hex`: rows already stored must stay readable, so the stored
+/// shape of a processor's state may change only together with its state
+/// encoding ([`waymark_runtime::row`]), and then it needs a new
+/// `projection_version` too.
+///
+/// With `WAYMARK_BLESS=1` the file is (re)written, except when the bytes
+/// changed while both the fixture's events and `encoding` stayed the same:
+/// that is a changed state type whose encoding was not raised, and
+/// blessing it would hide exactly what this test exists to catch.
+pub fn assert_stored_encoding<F: Fold>(fold: &F, encoding: u32, case: &Path) {
+    let rows: BTreeMap<String, Vec<u8>> = stored_rows(fold, encoding, case)
+        .into_iter()
+        .map(|(p, bytes)| (p.to_string(), bytes))
+        .collect();
+    assert_golden_rows(encoding, case, &rows);
+}
+
+/// [`assert_stored_encoding`] for the rows a processor with its own
+/// handler (sub-keyed state) stores for a case: `rows` by key, written with
+/// state encoding `encoding`.
+pub fn assert_golden_rows(encoding: u32, case: &Path, rows: &BTreeMap<String, Vec<u8>>) {
+    let rows: String = rows
         .iter()
-        .map(|(p, bytes)| {
+        .map(|(key, bytes)| {
             let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{p} {hex}\n")
+            format!("{key} {hex}\n")
         })
         .collect();
+    let events = std::fs::read(case.join("events.jsonl")).expect("events.jsonl");
+    let now = Golden {
+        encoding: Some(encoding),
+        events: Some(fingerprint(&events)),
+        rows,
+    };
     let path = case.join("stored.hex");
-    if std::env::var("WAYMARK_BLESS").as_deref() == Ok("1") {
-        std::fs::write(&path, &text).expect("write stored.hex");
+    let golden = std::fs::read_to_string(&path)
+        .ok()
+        .map(|t| Golden::parse(&t));
+    if golden.as_ref() == Some(&now) {
         return;
     }
-    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    let unraised = golden
+        .as_ref()
+        .is_some_and(|g| g.encoding == now.encoding && g.events == now.events);
+    let bless = std::env::var("WAYMARK_BLESS").as_deref() == Ok("1");
     assert!(
-        golden == text,
-        "{}: the stored encoding of this processor's state changed (or stored.hex is \
-         missing). Rows stored by the current projection version could no longer be read: \
-         bump the processor's projection_version in topology.yaml so its projections are \
-         rebuilt from the log, then regenerate the golden files with WAYMARK_BLESS=1 \
-         cargo test.\n--- golden\n{golden}--- now\n{text}",
+        !unraised,
+        "{}: the stored shape of this processor's state changed, but its state encoding is \
+         still {encoding}. Rows stored by the current projection version could no longer be \
+         read: raise STATE_ENCODING in the processor's crate, raise its projection_version in \
+         topology.yaml (the new version is rebuilt from the log), then regenerate the golden \
+         files with WAYMARK_BLESS=1 cargo test.\n--- golden\n{}--- now\n{}",
+        path.display(),
+        golden.map(|g| g.rows).unwrap_or_default(),
+        now.rows
+    );
+    if bless {
+        std::fs::write(&path, now.render()).expect("write stored.hex");
+        return;
+    }
+    panic!(
+        "{}: stored.hex is missing or was made from other events or another state encoding; \
+         regenerate it with WAYMARK_BLESS=1 cargo test (a new state encoding also needs a new \
+         projection_version in topology.yaml)",
         path.display()
     );
 }
@@ -232,8 +314,8 @@ pub fn check_duplicates<F: Fold>(fold: &F, events: &[Event], copies: &[(usize, u
     assert_eq!(tracked.seen, once.seen);
 }
 
-/// Law: replaying the log in chunks, with the record stored (postcard) and
-/// loaded between chunks as the runtime does, equals one live pass. `cuts`
+/// Law: replaying the log in chunks, with the record stored and loaded
+/// between chunks as the runtime does ([`waymark_runtime::row`]), equals one live pass. `cuts`
 /// are chunk boundaries (taken modulo the log length).
 pub fn check_chunked_replay<F: Fold>(fold: &F, events: &[Event], cuts: &[usize]) {
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (events.len() + 1)).collect();
@@ -243,14 +325,95 @@ pub fn check_chunked_replay<F: Fold>(fold: &F, events: &[Event], cuts: &[usize])
     bounds.dedup();
     let mut tracked: Tracked<F::State> = Tracked::default();
     for w in bounds.windows(2) {
-        let bytes = postcard::to_allocvec(&tracked).expect("record serializes");
-        tracked = postcard::from_bytes(&bytes).expect("record deserializes");
+        let bytes = encode_row(1, &tracked);
+        tracked = decode_row(1, "t", "k", &bytes).expect("record deserializes");
         for (offset, event) in events.iter().enumerate().take(w[1]).skip(w[0]) {
             tracked.apply(fold, event, Position::new(0, offset as u64), WINDOW);
         }
     }
-    let bytes = postcard::to_allocvec(&tracked).expect("record serializes");
-    let stored: Tracked<F::State> = postcard::from_bytes(&bytes).expect("record deserializes");
-    assert_eq!(stored, tracked, "postcard round trip is lossless");
+    let bytes = encode_row(1, &tracked);
+    let stored: Tracked<F::State> = decode_row(1, "t", "k", &bytes).expect("record deserializes");
+    assert_eq!(stored, tracked, "the stored round trip is lossless");
     assert_eq!(tracked, live(fold, events));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts events.
+    struct Count;
+    impl Fold for Count {
+        type State = u64;
+        fn apply(&self, state: &mut u64, _: &Event) {
+            *state += 1;
+        }
+    }
+
+    /// Counts events into another shape of state: what a changed type is.
+    struct Wider;
+    impl Fold for Wider {
+        type State = (u64, bool);
+        fn apply(&self, state: &mut (u64, bool), _: &Event) {
+            state.0 += 1;
+        }
+    }
+
+    fn case() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "waymark-foldtest-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let event = Event {
+            id: "e1".into(),
+            time: time_at(0),
+            source: Some(Identity::new("web", "1")),
+            person_id: Some(PERSON),
+            data: EventData::JourneyStarted {
+                journey_id: "j".into(),
+                stage: None,
+            },
+        };
+        let mut line = event.to_json();
+        line.push(b'\n');
+        std::fs::write(dir.join("events.jsonl"), line).unwrap();
+        let _ = std::fs::remove_file(dir.join("stored.hex"));
+        dir
+    }
+
+    fn bless(f: impl FnOnce()) {
+        // Tests of this module run one at a time under this lock.
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("WAYMARK_BLESS", "1");
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        std::env::remove_var("WAYMARK_BLESS");
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[test]
+    fn a_changed_state_type_is_refused_until_its_encoding_is_raised() {
+        let case = case();
+        bless(|| assert_stored_encoding(&Count, 1, &case));
+        assert_stored_encoding(&Count, 1, &case);
+        // The type changed, the encoding did not: even blessing refuses.
+        let refused = std::panic::catch_unwind(|| {
+            bless(|| assert_stored_encoding(&Wider, 1, &case));
+        });
+        let message = refused
+            .err()
+            .and_then(|p| p.downcast_ref::<String>().cloned())
+            .expect("refused with a message");
+        assert!(message.contains("still 1"), "{message}");
+        assert!(message.contains("projection_version"), "{message}");
+        // Raised: a stale golden fails, blessing accepts it.
+        assert!(std::panic::catch_unwind(|| assert_stored_encoding(&Wider, 2, &case)).is_err());
+        bless(|| assert_stored_encoding(&Wider, 2, &case));
+        assert_stored_encoding(&Wider, 2, &case);
+        std::fs::remove_dir_all(&case).unwrap();
+    }
 }

@@ -107,6 +107,35 @@ pub struct VersionInfo {
     /// Switch to it automatically once it has caught up.
     #[serde(default)]
     pub switch_when_caught_up: bool,
+    /// The state encoding its rows are written with ([`crate::row`]);
+    /// `None` for a version registered before the catalog recorded it
+    /// (whose rows carry no encoding either). Only a build of this encoding
+    /// can run or read the version.
+    #[serde(default)]
+    pub encoding: Option<u32>,
+    /// It went live before it had caught up, because the version it
+    /// replaced was stored in an encoding the running build cannot read
+    /// ([`CatalogEntry::replace_unreadable`]); queries answer `UNAVAILABLE`
+    /// until the controller clears this once it has caught up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catching_up: bool,
+}
+
+/// What the topology and the build say about a processor: the projection
+/// version to run and the state encoding of its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Configured {
+    /// `projection_version` in `topology.yaml`.
+    pub version: u32,
+    /// The build's [`crate::plugin::ProcessorFactory::state_encoding`].
+    pub encoding: u32,
+}
+
+impl Configured {
+    /// Version `version`, rows of state encoding `encoding`.
+    pub fn new(version: u32, encoding: u32) -> Self {
+        Self { version, encoding }
+    }
 }
 
 /// The catalog row of one processor.
@@ -145,8 +174,9 @@ pub enum CatalogError {
 }
 
 impl CatalogEntry {
-    /// A catalog whose only version, `version`, is live.
-    pub fn initial(processor: &str, version: u32, now: DateTime<Utc>) -> Self {
+    /// A catalog whose only version, the configured one, is live.
+    pub fn initial(processor: &str, configured: Configured, now: DateTime<Utc>) -> Self {
+        let version = configured.version;
         let mut versions = BTreeMap::new();
         versions.insert(
             version,
@@ -156,6 +186,8 @@ impl CatalogEntry {
                 switched_at: Some(now),
                 retired_at: None,
                 switch_when_caught_up: false,
+                encoding: Some(configured.encoding),
+                catching_up: false,
             },
         );
         Self {
@@ -165,6 +197,25 @@ impl CatalogEntry {
             highest: version,
             versions,
         }
+    }
+
+    /// The state encoding `version`'s rows are written with, if recorded.
+    pub fn encoding(&self, version: u32) -> Option<u32> {
+        self.versions.get(&version).and_then(|i| i.encoding)
+    }
+
+    /// Whether a build writing state encoding `encoding` can run and read
+    /// `version`.
+    pub fn readable(&self, version: u32, encoding: u32) -> bool {
+        self.encoding(version) == Some(encoding)
+    }
+
+    /// Whether the active version is live before having caught up (see
+    /// [`VersionInfo::catching_up`]).
+    pub fn active_catching_up(&self) -> bool {
+        self.versions
+            .get(&self.active)
+            .is_some_and(|i| i.catching_up)
     }
 
     /// The versions that must run: the active one, every building one, and
@@ -187,6 +238,7 @@ impl CatalogEntry {
         &mut self,
         to: Option<u32>,
         switch_when_caught_up: bool,
+        encoding: u32,
         now: DateTime<Utc>,
     ) -> Result<u32, CatalogError> {
         let to = to.unwrap_or(self.highest.max(self.active) + 1);
@@ -220,6 +272,8 @@ impl CatalogEntry {
                 switched_at: None,
                 retired_at: None,
                 switch_when_caught_up,
+                encoding: Some(encoding),
+                catching_up: false,
             },
         );
         self.highest = to;
@@ -252,6 +306,38 @@ impl CatalogEntry {
         }
         self.previous = Some(self.active);
         self.active = to;
+        Ok(())
+    }
+
+    /// Makes building version `to` live at once, before it has caught up,
+    /// because the active version is stored in an encoding this build
+    /// (`encoding`) cannot read, so it can neither run nor answer queries.
+    /// `to` must be of `encoding`. The replaced version becomes the
+    /// previous one as in [`CatalogEntry::switch`]; the controller
+    /// acknowledges its retirement where it stands, since it cannot run.
+    /// Queries answer `UNAVAILABLE` until `to` has caught up.
+    pub fn replace_unreadable(
+        &mut self,
+        to: u32,
+        encoding: u32,
+        now: DateTime<Utc>,
+    ) -> Result<(), CatalogError> {
+        if self.readable(self.active, encoding) {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {} is readable; switch when {to} has caught up",
+                self.processor, self.active
+            )));
+        }
+        if !self.readable(to, encoding) {
+            return Err(CatalogError::NotAllowed(format!(
+                "{} version {to} is not of state encoding {encoding}",
+                self.processor
+            )));
+        }
+        self.switch(to, now)?;
+        if let Some(new) = self.versions.get_mut(&to) {
+            new.catching_up = true;
+        }
         Ok(())
     }
 
@@ -344,10 +430,12 @@ const UPDATE_ATTEMPTS: usize = 16;
 /// it did not see. A missing row is first created with version
 /// `configured` live. Nothing is written when `change` leaves the row as it
 /// was. Returns the row as stored and what `change` returned.
+///
+/// (`configured.version` is the version a missing row starts with.)
 pub async fn update<T>(
     store: &dyn ProjectionStore,
     processor: &str,
-    configured: u32,
+    configured: Configured,
     mut change: impl FnMut(&mut CatalogEntry) -> Result<T, CatalogError>,
 ) -> Result<(CatalogEntry, T), UpdateError> {
     store.ensure_tables(&[CATALOG_TABLE.to_owned()]).await?;
@@ -391,13 +479,13 @@ pub async fn update<T>(
 pub async fn load_or_init(
     store: &dyn ProjectionStore,
     processor: &str,
-    configured: u32,
+    configured: Configured,
 ) -> Result<CatalogEntry, StoreError> {
     let now = Utc::now();
     let registered = update(store, processor, configured, |entry| {
-        if configured > entry.highest {
+        if configured.version > entry.highest {
             // A version above every known one can always be registered.
-            let _ = entry.start_rebuild(Some(configured), true, now);
+            let _ = entry.start_rebuild(Some(configured.version), true, configured.encoding, now);
         }
         Ok(())
     })
@@ -499,6 +587,47 @@ pub async fn handed_off(
         }
     }
     Ok(true)
+}
+
+/// Records the retirement acknowledgement of version `version` of
+/// `processor`, which does not run (it is stored in a state encoding this
+/// build cannot read), on each of `partitions` partitions of `topic` that
+/// has none: the position it stands at, since a version that does not run
+/// writes nothing. Its successor's hand-off markers then start there.
+///
+/// Only correct while no process runs that version, which holds when every
+/// process runs the same build (see `docs/operations/replay.md`, "Changing
+/// a state encoding").
+pub async fn acknowledge_stopped(
+    store: &dyn ProjectionStore,
+    processor: &str,
+    version: u32,
+    topic: &str,
+    partitions: u32,
+) -> Result<(), StoreError> {
+    let consumer = ack_id(processor, version);
+    let acked = store.positions(&consumer, topic).await?;
+    let stands = store
+        .positions(&consumer_id(processor, version), topic)
+        .await?;
+    let positions: Vec<PositionWrite> = (0..partitions)
+        .filter(|p| !acked.contains_key(p))
+        .map(|p| PositionWrite {
+            consumer: consumer.clone(),
+            topic: topic.to_owned(),
+            partition: p,
+            next_offset: stands.get(&p).copied().unwrap_or(0),
+        })
+        .collect();
+    if positions.is_empty() {
+        return Ok(());
+    }
+    store
+        .write(WriteBatch {
+            rows: vec![],
+            positions,
+        })
+        .await
 }
 
 /// Why a [`VersionGate`] cannot say yet which side effects are its
@@ -776,6 +905,12 @@ mod tests {
     use super::*;
     use crate::memory::MemoryStore;
 
+    /// Version 1, encoding 1.
+    const C1: Configured = Configured {
+        version: 1,
+        encoding: 1,
+    };
+
     fn now() -> DateTime<Utc> {
         Utc::now()
     }
@@ -813,9 +948,11 @@ mod tests {
                 .interfered
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                update(&self.inner, key, 1, |e| e.start_rebuild(None, false, now()))
-                    .await
-                    .unwrap();
+                update(&self.inner, key, C1, |e| {
+                    e.start_rebuild(None, false, 1, now())
+                })
+                .await
+                .unwrap();
             }
             self.inner
                 .compare_and_set(table, key, expected, value)
@@ -847,15 +984,15 @@ mod tests {
     #[tokio::test]
     async fn a_concurrent_catalog_change_is_never_lost() {
         let inner = MemoryStore::new();
-        load_or_init(&inner, "journey", 1).await.unwrap();
+        load_or_init(&inner, "journey", C1).await.unwrap();
         let store = Interfering {
             inner: inner.clone(),
             interfered: Default::default(),
         };
         // Our rebuild loses the race to another process's rebuild (v2),
         // is applied again over it and becomes v3; neither is lost.
-        let (entry, ours) = update(&store, "journey", 1, |e| {
-            e.start_rebuild(None, false, now())
+        let (entry, ours) = update(&store, "journey", C1, |e| {
+            e.start_rebuild(None, false, 1, now())
         })
         .await
         .unwrap();
@@ -870,13 +1007,13 @@ mod tests {
     #[tokio::test]
     async fn an_update_that_changes_nothing_writes_nothing() {
         let store = MemoryStore::new();
-        load_or_init(&store, "journey", 1).await.unwrap();
+        load_or_init(&store, "journey", C1).await.unwrap();
         let writes = store.writes();
-        load_or_init(&store, "journey", 1).await.unwrap();
-        update(&store, "journey", 1, |_| Ok(())).await.unwrap();
+        load_or_init(&store, "journey", C1).await.unwrap();
+        update(&store, "journey", C1, |_| Ok(())).await.unwrap();
         assert_eq!(store.writes(), writes);
         // A refused change writes nothing either.
-        let refused = update(&store, "journey", 1, |e| e.drop_version(1, true)).await;
+        let refused = update(&store, "journey", C1, |e| e.drop_version(1, true)).await;
         assert!(matches!(refused, Err(UpdateError::Catalog(_))));
         assert_eq!(store.writes(), writes);
     }
@@ -997,9 +1134,9 @@ mod tests {
         for seed in 0..300 {
             let mut rng = Lcg(seed);
             let store = MemoryStore::new();
-            load_or_init(&store, "journey", 1).await.unwrap();
-            update(&store, "journey", 1, |e| {
-                e.start_rebuild(Some(2), false, now())
+            load_or_init(&store, "journey", C1).await.unwrap();
+            update(&store, "journey", C1, |e| {
+                e.start_rebuild(Some(2), false, 1, now())
             })
             .await
             .unwrap();
@@ -1019,7 +1156,7 @@ mod tests {
                     4 => v1.idle(&store).await,
                     5 => v2.idle(&store).await,
                     _ if !switched && v2.position(&store).await >= v1.position(&store).await => {
-                        update(&store, "journey", 1, |e| e.switch(2, now()))
+                        update(&store, "journey", C1, |e| e.switch(2, now()))
                             .await
                             .unwrap();
                         switched = true;
@@ -1041,11 +1178,11 @@ mod tests {
 
     #[test]
     fn rebuild_switch_and_drop() {
-        let mut c = CatalogEntry::initial("journey", 1, now());
+        let mut c = CatalogEntry::initial("journey", C1, now());
         assert_eq!(c.running(false), vec![1]);
-        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 2);
+        assert_eq!(c.start_rebuild(None, false, 1, now()).unwrap(), 2);
         // asking again is idempotent and can add the switch
-        assert_eq!(c.start_rebuild(Some(2), true, now()).unwrap(), 2);
+        assert_eq!(c.start_rebuild(Some(2), true, 1, now()).unwrap(), 2);
         assert!(c.versions[&2].switch_when_caught_up);
         assert_eq!(c.running(false), vec![1, 2]);
         assert!(c.drop_version(1, true).is_err(), "live cannot be dropped");
@@ -1058,14 +1195,97 @@ mod tests {
         c.drop_version(1, true).unwrap();
         assert_eq!(c.previous, None);
         assert!(
-            c.start_rebuild(Some(1), false, now()).is_err(),
+            c.start_rebuild(Some(1), false, 1, now()).is_err(),
             "never reused"
         );
-        assert!(c.start_rebuild(Some(2), false, now()).is_err(), "2 is live");
-        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 3);
+        assert!(
+            c.start_rebuild(Some(2), false, 1, now()).is_err(),
+            "2 is live"
+        );
+        assert_eq!(c.start_rebuild(None, false, 1, now()).unwrap(), 3);
         assert!(c.switch(1, now()).is_err());
         c.drop_version(3, true).unwrap();
-        assert_eq!(c.start_rebuild(None, false, now()).unwrap(), 4);
+        assert_eq!(c.start_rebuild(None, false, 1, now()).unwrap(), 4);
+    }
+
+    #[test]
+    fn versions_record_their_state_encoding() {
+        let mut c = CatalogEntry::initial("journey", C1, now());
+        assert_eq!(c.encoding(1), Some(1));
+        assert!(c.readable(1, 1) && !c.readable(1, 2));
+        c.start_rebuild(None, true, 2, now()).unwrap();
+        assert_eq!(c.encoding(2), Some(2));
+        // A catalog row written before encodings were recorded.
+        let mut old: serde_json::Value = serde_json::to_value(&c).unwrap();
+        old["versions"]["1"]
+            .as_object_mut()
+            .unwrap()
+            .remove("encoding");
+        let old: CatalogEntry = serde_json::from_value(old).unwrap();
+        assert_eq!(old.encoding(1), None);
+        assert!(!old.readable(1, 1));
+    }
+
+    #[test]
+    fn an_unreadable_active_version_is_replaced_at_once_and_catches_up() {
+        let mut c = CatalogEntry::initial("journey", C1, now());
+        c.start_rebuild(Some(2), true, 2, now()).unwrap();
+        assert!(
+            c.replace_unreadable(2, 1, now()).is_err(),
+            "version 1 is readable by a build of encoding 1"
+        );
+        c.start_rebuild(Some(3), true, 1, now()).unwrap();
+        assert!(
+            c.replace_unreadable(3, 2, now()).is_err(),
+            "version 3 is not of encoding 2"
+        );
+        c.replace_unreadable(2, 2, now()).unwrap();
+        assert_eq!((c.active, c.previous), (2, Some(1)));
+        assert!(c.active_catching_up());
+        assert_eq!(c.state(1).unwrap(), VersionState::Retired);
+        let json = serde_json::to_string(&c).unwrap();
+        let back: CatalogEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_version_acknowledges_where_it_stands() {
+        let store = MemoryStore::new();
+        store
+            .write(WriteBatch {
+                rows: vec![],
+                positions: vec![PositionWrite {
+                    consumer: consumer_id("journey", 1),
+                    topic: "t".into(),
+                    partition: 0,
+                    next_offset: 7,
+                }],
+            })
+            .await
+            .unwrap();
+        acknowledge_stopped(&store, "journey", 1, "t", 2)
+            .await
+            .unwrap();
+        let acks = store.positions(&ack_id("journey", 1), "t").await.unwrap();
+        assert_eq!(acks, [(0, 7), (1, 0)].into());
+        // An acknowledgement, once recorded, never moves.
+        store
+            .write(WriteBatch {
+                rows: vec![],
+                positions: vec![PositionWrite {
+                    consumer: consumer_id("journey", 1),
+                    topic: "t".into(),
+                    partition: 0,
+                    next_offset: 9,
+                }],
+            })
+            .await
+            .unwrap();
+        acknowledge_stopped(&store, "journey", 1, "t", 2)
+            .await
+            .unwrap();
+        let acks = store.positions(&ack_id("journey", 1), "t").await.unwrap();
+        assert_eq!(acks, [(0, 7), (1, 0)].into());
     }
 
     #[test]

@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use waymark_core::{ApplyOutcome, Event, Fold, Position, RejectKind, Rejection, Tracked};
 
 use crate::log::{OutRecord, Record};
+use crate::row::{decode_row, encode_row};
 use crate::store::{ProjectionStore, RowWrite, StoreError};
 
 /// Counts of what a batch did, for metrics and tests.
@@ -52,7 +51,10 @@ pub enum HandleError {
 impl HandleError {
     /// Whether retrying can help.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, HandleError::Store(StoreError::Corrupt { .. }))
+        !matches!(
+            self,
+            HandleError::Store(StoreError::Corrupt { .. } | StoreError::Encoding { .. })
+        )
     }
 }
 
@@ -83,45 +85,30 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<BatchOutput, HandleError>;
 }
 
-/// Encodes a stored row.
-pub fn encode_row<T: Serialize>(value: &T) -> Vec<u8> {
-    // postcard cannot fail on the plain data types used for rows.
-    postcard::to_stdvec(value).unwrap_or_default()
-}
-
-/// Decodes a stored row.
-pub fn decode_row<T: DeserializeOwned>(
-    table: &str,
-    key: &str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
-        table: table.to_owned(),
-        key: key.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
 /// Runs a [`Fold`] over `waymark.events`: one [`Tracked`] row per person in
 /// `table`, applied exactly once per log position and event id.
 pub struct ProjectionHandler<F: Fold> {
     processor: String,
     table: String,
+    encoding: u32,
     fold: F,
     window: chrono::Duration,
 }
 
 impl<F: Fold> ProjectionHandler<F> {
-    /// A handler for `fold`, storing into `table`, deduplicating within `window`.
+    /// A handler for `fold`, storing into `table` rows of state encoding
+    /// `encoding` ([`crate::row`]), deduplicating within `window`.
     pub fn new(
         processor: impl Into<String>,
         table: impl Into<String>,
+        encoding: u32,
         fold: F,
         window: chrono::Duration,
     ) -> Self {
         Self {
             processor: processor.into(),
             table: table.into(),
+            encoding,
             fold,
             window,
         }
@@ -188,7 +175,10 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
         let mut rows = HashMap::with_capacity(keys.len());
         for (key, value) in keys.iter().zip(loaded) {
             if let Some(bytes) = value {
-                rows.insert(key.clone(), decode_row(&self.table, key, &bytes)?);
+                rows.insert(
+                    key.clone(),
+                    decode_row(self.encoding, &self.table, key, &bytes)?,
+                );
             }
         }
         self.apply_all(&mut rows, &events, &mut out.stats);
@@ -197,7 +187,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
             .map(|(key, row)| RowWrite {
                 table: self.table.clone(),
                 order: row.position.map(|p| p.offset + 1),
-                value: Some(encode_row(&row)),
+                value: Some(encode_row(self.encoding, &row)),
                 key,
             })
             .collect();

@@ -8,6 +8,7 @@
 //!   the runtime itself names no processor.
 //! - [`handler`]: what a processor does with a batch ([`Handler`]);
 //!   [`ProjectionHandler`] runs any [`waymark_core::Fold`].
+//! - [`row`]: how rows are stored; every row carries its state encoding.
 //! - [`runner`]: the loop that owns polling, retries, store writes,
 //!   positions, commits and dead letters ([`Runner`]).
 //! - [`catalog`]: projection versions (building / live / retired), which
@@ -77,6 +78,7 @@ pub mod memory;
 pub mod memory_log;
 pub mod metrics;
 pub mod plugin;
+pub mod row;
 pub mod runner;
 pub mod store;
 

@@ -15,6 +15,14 @@
 //! [`table_name`]`(p, N, suffix)`: `p_vN` for the empty suffix (the main
 //! table of a fold), `p_vN_suffix` otherwise (e.g. `identity_v1_links`).
 //! Nothing else builds table names.
+//!
+//! # Sub-keyed tables
+//! A processor may store several rows per key of its input (a person's
+//! history chunks, a person's interactions in chunks): their keys are
+//! `<head key>/<sub key>`, next to the head row `<head key>`, whose
+//! position moves with every change of its sub rows. `verify` relies on
+//! it: a sub row that live processing deleted after verify's snapshot is
+//! recognized by its head having moved on.
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,8 +33,9 @@ use waymark_topology::{ParamSpec, ProcessorDecl, ProcessorSpec, TopicRole, Topol
 
 use crate::handler::{Handler, ProjectionHandler};
 
-/// The log position a stored row reflects, read from its key and bytes
-/// (`None` when the row records none, e.g. identity links).
+/// The log position a stored row reflects, read from its key and value
+/// bytes (after the row header of [`crate::row`]; `None` when the row
+/// records none, e.g. identity links).
 pub type RowPosition = fn(key: &str, row: &[u8]) -> Option<Position>;
 
 /// One table a processor declares.
@@ -87,7 +96,7 @@ pub fn table_name(processor: &str, version: u32, suffix: &str) -> String {
     }
 }
 
-/// The position at the start of a postcard-encoded
+/// The position at the start of the value of a
 /// [`waymark_core::Tracked`] row.
 pub fn tracked_position(_key: &str, row: &[u8]) -> Option<Position> {
     let (position, _): (Option<Position>, _) = postcard::take_from_bytes(row).ok()?;
@@ -128,6 +137,7 @@ pub enum BuildError {
 pub struct BuildContext<'a> {
     name: &'static str,
     version: u32,
+    encoding: u32,
     spec: &'a ProcessorSpec,
     topology: &'a Topology,
     validator: &'a Arc<Validator>,
@@ -137,6 +147,12 @@ impl<'a> BuildContext<'a> {
     /// The processor's name.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The state encoding its rows are written with
+    /// ([`ProcessorFactory::state_encoding`]).
+    pub fn encoding(&self) -> u32 {
+        self.encoding
     }
 
     /// The projection version being built.
@@ -185,6 +201,7 @@ impl<'a> BuildContext<'a> {
         Arc::new(ProjectionHandler::new(
             self.name,
             self.table(""),
+            self.encoding,
             fold,
             self.dedupe_window(),
         ))
@@ -216,6 +233,13 @@ pub trait ProcessorFactory: Send + Sync + 'static {
 
     /// The tables every version of it writes.
     fn tables(&self) -> &'static [TableSpec];
+
+    /// The encoding of its stored rows (see [`crate::row`]): a number its
+    /// crate raises whenever the stored shape of any of its rows changes
+    /// (a field added, removed, reordered or retyped), so that versions
+    /// stored in the old shape are detected instead of misread. Its golden
+    /// stored-bytes test fails until it is raised.
+    fn state_encoding(&self) -> u32;
 
     /// Builds the handler of one projection version.
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError>;
@@ -311,6 +335,11 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// The state encoding of `name`'s rows (none for an unknown name).
+    pub fn encoding(&self, name: &str) -> Option<u32> {
+        self.get(name).map(|f| f.state_encoding())
+    }
+
     /// The spec of `table` of version `version` of `name`.
     pub fn table_spec(&self, name: &str, version: u32, table: &str) -> Option<TableSpec> {
         self.get(name)?
@@ -336,6 +365,7 @@ impl Registry {
         factory.build(&BuildContext {
             name: factory.name(),
             version,
+            encoding: factory.state_encoding(),
             spec,
             topology,
             validator,
@@ -381,8 +411,9 @@ mod tests {
             state: 5u32,
             ..Default::default()
         };
-        let bytes = postcard::to_stdvec(&row).unwrap();
-        assert_eq!(tracked_position("k", &bytes), Some(Position::new(2, 9)));
+        let bytes = crate::row::encode_row(1, &row);
+        let (_, value) = crate::row::row_payload(&bytes).unwrap();
+        assert_eq!(tracked_position("k", value), Some(Position::new(2, 9)));
         assert_eq!(tracked_position("k", &[]), None);
     }
 }

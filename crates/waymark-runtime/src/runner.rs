@@ -678,10 +678,11 @@ mod tests {
     use waymark_core::{Event, EventData, Fold, Tracked};
 
     use super::*;
-    use crate::handler::{decode_row, ProjectionHandler};
+    use crate::handler::ProjectionHandler;
     use crate::log::{OutRecord, TopicConfig};
     use crate::memory::MemoryStore;
     use crate::memory_log::MemoryLog;
+    use crate::row::decode_row;
 
     const INPUT: &str = "events";
     const DLQ: &str = "dlq";
@@ -731,6 +732,7 @@ mod tests {
         let handler = Arc::new(ProjectionHandler::new(
             "count",
             TABLE,
+            1,
             Count,
             chrono::Duration::days(7),
         ));
@@ -766,7 +768,7 @@ mod tests {
             .rows(TABLE)
             .into_iter()
             .map(|(k, v)| {
-                let row: Tracked<u64> = decode_row(TABLE, &k, &v).unwrap();
+                let row: Tracked<u64> = decode_row(1, TABLE, &k, &v).unwrap();
                 (k, row.state)
             })
             .collect()

@@ -75,6 +75,24 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A stored row was written with another state encoding than the one
+    /// this build reads (see [`crate::row`]); not retryable: the projection
+    /// version has to be rebuilt.
+    #[error(
+        "row {key} in {table} was stored with {}, this build reads state encoding {expected}: \
+         raise the processor's projection_version in topology.yaml to rebuild it from the log",
+        found.map_or_else(|| "no state encoding (an older Waymark)".to_owned(), |f| format!("state encoding {f}"))
+    )]
+    Encoding {
+        /// Table.
+        table: String,
+        /// Row key.
+        key: String,
+        /// The encoding the row carries; `None` without a row header.
+        found: Option<u32>,
+        /// The encoding this build reads.
+        expected: u32,
+    },
 }
 
 /// A projection store.

@@ -44,7 +44,7 @@ use waymark_proto::v1::query_server::QueryServer;
 pub use admin::{AdminService, KafkaEndpointProbe, KafkaEndpointStatus, Operator};
 pub use error::{parse_person_id, ApiError, MAX_PAGE_BYTES};
 pub use ingest::{record_key, IngestService, MAX_EVENTS_PER_PUBLISH};
-pub use projections::{ActiveVersions, Projections};
+pub use projections::{ActiveVersion, ActiveVersions, Projections, Table};
 pub use query::QueryService;
 
 /// Largest request the Ingest service decodes (1000 events of typical size;

@@ -7,29 +7,101 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use uuid::Uuid;
 use waymark_core::Tracked;
-use waymark_runtime::handler::decode_row;
 use waymark_runtime::plugin::table_name;
+use waymark_runtime::row::decode_row;
 use waymark_runtime::{ProjectionStore, StoreError};
 
-/// The version of each processor's projections that queries read; a
-/// processor not listed reads version 1.
+/// What queries read of one processor: its active version, the state
+/// encoding of its rows, and whether it went live before catching up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveVersion {
+    /// The projection version read.
+    pub version: u32,
+    /// The state encoding of its rows ([`waymark_runtime::row`]).
+    pub encoding: u32,
+    /// It replaced a version this build cannot read and has not caught up
+    /// yet ([`waymark_runtime::catalog::VersionInfo::catching_up`]): reads
+    /// answer `UNAVAILABLE` rather than partial state.
+    pub catching_up: bool,
+}
+
+impl Default for ActiveVersion {
+    /// Version 1, encoding 1, caught up.
+    fn default() -> Self {
+        Self {
+            version: 1,
+            encoding: 1,
+            catching_up: false,
+        }
+    }
+}
+
+/// The [`ActiveVersion`] of each processor's projections; a processor not
+/// listed reads [`ActiveVersion::default`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ActiveVersions(BTreeMap<String, u32>);
+pub struct ActiveVersions(BTreeMap<String, ActiveVersion>);
 
 impl ActiveVersions {
     /// The versions `versions`, by processor.
-    pub fn new(versions: BTreeMap<String, u32>) -> Self {
+    pub fn new(versions: BTreeMap<String, ActiveVersion>) -> Self {
         Self(versions)
+    }
+
+    /// What `processor` reads.
+    pub fn of(&self, processor: &str) -> ActiveVersion {
+        self.0.get(processor).copied().unwrap_or_default()
     }
 
     /// The version of `processor` read.
     pub fn get(&self, processor: &str) -> u32 {
-        self.0.get(processor).copied().unwrap_or(1)
+        self.of(processor).version
     }
 
     /// The table `suffix` of `processor` in the version read.
-    pub fn table(&self, processor: &str, suffix: &str) -> String {
-        table_name(processor, self.get(processor), suffix)
+    pub fn table(&self, processor: &str, suffix: &str) -> Table {
+        let active = self.of(processor);
+        Table {
+            name: table_name(processor, active.version, suffix),
+            encoding: active.encoding,
+            catching_up: active.catching_up,
+        }
+    }
+}
+
+/// One table of an active version, as queries read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// Its name.
+    pub name: String,
+    /// The state encoding of its rows.
+    pub encoding: u32,
+    catching_up: bool,
+}
+
+impl Table {
+    /// The table, or `UNAVAILABLE` while its version is catching up after
+    /// replacing one this build cannot read.
+    pub fn readable(self) -> Result<Self, StoreError> {
+        if self.catching_up {
+            return Err(StoreError::Unavailable(format!(
+                "{} is being rebuilt from the log after a change of its state encoding; \
+                 it answers once it has caught up",
+                self.name
+            )));
+        }
+        Ok(self)
+    }
+
+    /// Reads and decodes the row `key`.
+    pub async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        store: &dyn ProjectionStore,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match store.get(&self.name, key).await? {
+            Some(bytes) => Ok(Some(decode_row(self.encoding, &self.name, key, &bytes)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -65,14 +137,21 @@ impl Projections {
     pub fn set_active(&self, active: ActiveVersions) {
         let mut current = self.active.write().unwrap_or_else(PoisonError::into_inner);
         if **current != active {
-            tracing::info!(versions = ?active.0, "queries now read new projection versions");
+            let versions: BTreeMap<&str, u32> = active
+                .0
+                .iter()
+                .map(|(n, a)| (n.as_str(), a.version))
+                .collect();
+            tracing::info!(?versions, "queries now read new projection versions");
             *current = Arc::new(active);
         }
     }
 
-    /// The table `suffix` of `processor` in the version read now.
-    pub fn table(&self, processor: &str, suffix: &str) -> String {
-        self.active().table(processor, suffix)
+    /// The table `suffix` of `processor` in the version read now, or
+    /// `UNAVAILABLE` while that version is catching up
+    /// ([`ActiveVersion::catching_up`]).
+    pub fn table(&self, processor: &str, suffix: &str) -> Result<Table, StoreError> {
+        self.active().table(processor, suffix).readable()
     }
 
     /// The store read.
@@ -88,11 +167,8 @@ impl Projections {
         processor: &str,
         person: Uuid,
     ) -> Result<Option<S>, StoreError> {
-        let table = self.table(processor, "");
-        let key = person.to_string();
-        match self.store.get(&table, &key).await? {
-            Some(bytes) => Ok(Some(decode_row::<Tracked<S>>(&table, &key, &bytes)?.state)),
-            None => Ok(None),
-        }
+        let table = self.table(processor, "")?;
+        let row: Option<Tracked<S>> = table.get(self.store.as_ref(), &person.to_string()).await?;
+        Ok(row.map(|r| r.state))
     }
 }

@@ -166,6 +166,16 @@ pub enum TopologyErrorKind {
         /// Why it is invalid.
         reason: DurationError,
     },
+    /// A string that is not a valid byte size.
+    #[error("invalid size `{value}` for `{field}`: {reason}")]
+    InvalidSize {
+        /// The field's path.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// Why it is invalid.
+        reason: crate::SizeError,
+    },
     /// A topic name Kafka would not accept.
     #[error("invalid topic name `{name}` for `{field}`: {reason}")]
     InvalidTopicName {

@@ -4,10 +4,14 @@
 //! ```
 //! use waymark_topology::{ParamKind, ParamSpec, ProcessorDecl};
 //! // What the binary's processor registry declares (simplified): the
-//! // names, and `interactions`' own parameter `retention`.
+//! // names, and `interactions`' own parameters.
 //! let mut known = ["identity", "person", "interactions", "journey", "learning"]
 //!     .map(ProcessorDecl::named);
-//! known[2].params = &[ParamSpec { name: "retention", kind: ParamKind::Duration }];
+//! known[2].params = &[
+//!     ParamSpec { name: "retention", kind: ParamKind::Duration },
+//!     ParamSpec { name: "max_bytes", kind: ParamKind::Bytes },
+//!     ParamSpec { name: "chunk_bytes", kind: ParamKind::Bytes },
+//! ];
 //! let topology = waymark_topology::Topology::default_for(&known)?;
 //! assert_eq!(topology.topics.events.name, "waymark.events");
 //! assert_eq!(topology.processor("identity").unwrap().inputs, ["waymark.inputs"]);
@@ -24,7 +28,8 @@
 //! - `parse.rs`: the parser. It walks a `marked-yaml` node tree, which keeps
 //!   the line and column of every node, instead of deserializing with serde,
 //!   so that it can report every mistake at once rather than the first.
-//! - `duration.rs`: the duration syntax (`<n>ms|s|m|h|d|w`, `forever`).
+//! - `duration.rs`: the duration syntax (`<n>ms|s|m|h|d|w`, `forever`);
+//!   `size.rs`: the byte-size syntax (`<n>[B|KiB|MiB|GiB]`).
 //! - `error.rs`: [`TopologyErrors`] (a parse) and [`LoadError`] (a load).
 //!
 //! # Guarantees
@@ -51,6 +56,7 @@ mod duration;
 mod error;
 mod model;
 mod parse;
+mod size;
 
 use std::path::Path;
 
@@ -60,6 +66,7 @@ pub use model::{
     ParamKind, ParamSpec, ParamValue, ProcessorDecl, ProcessorSpec, TopicRole, TopicSpec, Topics,
     Topology, COMMON_PROCESSOR_FIELDS, DEFAULT_DEDUPE_WINDOW,
 };
+pub use size::{format_size, parse_size, SizeError};
 
 /// The name used in error locations for text given to [`parse`].
 pub const DEFAULT_ORIGIN: &str = "topology.yaml";

@@ -61,6 +61,8 @@ pub struct ParamSpec {
 pub enum ParamKind {
     /// A duration such as `365d` (see [`crate::parse_duration`]).
     Duration,
+    /// A byte size such as `256KiB` (see [`crate::parse_size`]).
+    Bytes,
 }
 
 /// A processor parameter's value as read from the file.
@@ -70,6 +72,8 @@ pub enum ParamKind {
 pub enum ParamValue {
     /// A [`ParamKind::Duration`].
     Duration(#[serde(serialize_with = "serialize_duration")] Duration),
+    /// A [`ParamKind::Bytes`].
+    Bytes(#[serde(serialize_with = "crate::size::serialize_size")] u64),
 }
 
 /// The whole of `topology.yaml`: the topics and the processors wired to them.
@@ -202,6 +206,17 @@ pub struct ProcessorSpec {
 impl ProcessorSpec {
     /// The duration parameter `name`, when the file sets it.
     pub fn duration_param(&self, name: &str) -> Option<Duration> {
-        self.params.get(name).map(|ParamValue::Duration(d)| *d)
+        match self.params.get(name)? {
+            ParamValue::Duration(d) => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// The byte-size parameter `name`, when the file sets it.
+    pub fn bytes_param(&self, name: &str) -> Option<u64> {
+        match self.params.get(name)? {
+            ParamValue::Bytes(b) => Some(*b),
+            _ => None,
+        }
     }
 }

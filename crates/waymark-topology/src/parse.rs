@@ -482,6 +482,7 @@ fn read_processor(
                 ParamKind::Duration => {
                     expect_duration(ctx, node, &field, key_at).map(ParamValue::Duration)
                 }
+                ParamKind::Bytes => expect_size(ctx, node, &field, key_at).map(ParamValue::Bytes),
             },
             // An unknown processor's parameters are not checked further.
             None if read.decl.is_none() => None,
@@ -740,6 +741,31 @@ fn expect_positive_u32(ctx: &mut Ctx<'_>, node: &Node, field: &str, at: Loc) -> 
 
 fn expect_duration(ctx: &mut Ctx<'_>, node: &Node, field: &str, at: Loc) -> Option<Duration> {
     expect_duration_text(ctx, node, field, at, parse_duration)
+}
+
+fn expect_size(ctx: &mut Ctx<'_>, node: &Node, field: &str, at: Loc) -> Option<u64> {
+    let text = node
+        .as_scalar()
+        .filter(|s| !is_null(s))
+        .map(|s| s.as_str().to_owned());
+    let Some(text) = text else {
+        type_error(ctx, node, field, at, "a size such as `256KiB`");
+        return None;
+    };
+    match crate::parse_size(&text) {
+        Ok(value) => Some(value),
+        Err(reason) => {
+            ctx.error(
+                Loc::of_value(node, at),
+                Kind::InvalidSize {
+                    field: field.to_owned(),
+                    value: text,
+                    reason,
+                },
+            );
+            None
+        }
+    }
 }
 
 fn expect_retention(ctx: &mut Ctx<'_>, node: &Node, field: &str, at: Loc) -> Option<Retention> {

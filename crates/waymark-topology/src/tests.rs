@@ -465,3 +465,51 @@ processors:
         ]
     );
 }
+
+#[test]
+fn size_params_are_typed() {
+    const SIZES: &[ParamSpec] = &[ParamSpec {
+        name: "chunk_bytes",
+        kind: ParamKind::Bytes,
+    }];
+    let decls = [
+        ProcessorDecl::named("identity"),
+        ProcessorDecl {
+            params: SIZES,
+            ..ProcessorDecl::named("interactions")
+        },
+    ];
+    let text = |value: &str| {
+        format!(
+            "\
+topics:
+  inputs: {{ name: in, partitions: 1, retention: 1d }}
+  events: {{ name: ev, partitions: 1, retention: forever }}
+  dlq:    {{ name: dead, partitions: 1, retention: 2w }}
+processors:
+  identity:     {{ inputs: [in], outputs: [ev, dead], projection_version: 1 }}
+  interactions: {{ inputs: [ev], outputs: [dead], projection_version: 1, chunk_bytes: {value} }}
+"
+        )
+    };
+    let t = parse(&text("256KiB"), &decls).unwrap_or_else(|e| panic!("{e}"));
+    let interactions = t.processor("interactions").unwrap();
+    assert_eq!(interactions.bytes_param("chunk_bytes"), Some(256 * 1024));
+    assert_eq!(interactions.duration_param("chunk_bytes"), None);
+    let t = parse(&text("4096"), &decls).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        t.processor("interactions")
+            .unwrap()
+            .bytes_param("chunk_bytes"),
+        Some(4096)
+    );
+    let errors = parse(&text("1MB"), &decls).unwrap_err().to_string();
+    assert!(
+        errors.contains(
+            "invalid size `1MB` for `processors.interactions.chunk_bytes`: unknown unit `MB`"
+        ),
+        "{errors}"
+    );
+    let errors = parse(&text("0KiB"), &decls).unwrap_err().to_string();
+    assert!(errors.contains("must be greater than zero"), "{errors}");
+}

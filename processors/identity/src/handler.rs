@@ -9,8 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 use waymark_core::{Event, Identity, Rejection};
-use waymark_runtime::handler::{decode_row, encode_row, BatchOutput, HandleError, Handler};
+use waymark_runtime::handler::{BatchOutput, HandleError, Handler};
 use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
+use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{OutRecord, ProjectionStore, Record, RowWrite};
 use waymark_schemas::Validator;
 use waymark_topology::TopicRole;
@@ -26,6 +27,11 @@ pub const LINKS: &str = "links";
 
 /// Suffix of the persons table: person id → [`PersonLinks`](crate::PersonLinks).
 pub const PERSONS: &str = "persons";
+
+/// The state encoding of the identity rows ([`waymark_runtime::row`]):
+/// raise it whenever [`IdentityRow`] or [`PersonLinks`](crate::PersonLinks)
+/// change shape.
+pub const STATE_ENCODING: u32 = 1;
 
 /// The identity processor: reads the inputs topic, writes the events topic
 /// and dead letters.
@@ -53,12 +59,17 @@ impl ProcessorFactory for IdentityProcessor {
         TABLES
     }
 
+    fn state_encoding(&self) -> u32 {
+        STATE_ENCODING
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
         Ok(Arc::new(IdentityHandler::new(
             ctx.validator().clone(),
             IdentityTables {
                 links: ctx.table(LINKS),
                 persons: ctx.table(PERSONS),
+                encoding: ctx.encoding(),
             },
             ctx.output(TopicRole::Events)?,
         )))
@@ -72,6 +83,8 @@ pub struct IdentityTables {
     pub links: String,
     /// person id → [`PersonLinks`](crate::PersonLinks).
     pub persons: String,
+    /// The state encoding of their rows.
+    pub encoding: u32,
 }
 
 /// Resolves `waymark.inputs` into `waymark.events`.
@@ -140,7 +153,8 @@ impl Handler for IdentityHandler {
         let mut stored: HashMap<Identity, Uuid> = HashMap::new();
         for ((identity, key), row) in identities.iter().zip(&keys).zip(rows) {
             if let Some(bytes) = row {
-                let row: IdentityRow = decode_row(&self.tables.links, key, &bytes)?;
+                let row: IdentityRow =
+                    decode_row(self.tables.encoding, &self.tables.links, key, &bytes)?;
                 stored.insert(identity.clone(), row.person_id);
                 view.load_identity(identity.clone(), row);
             }
@@ -154,7 +168,10 @@ impl Handler for IdentityHandler {
         let rows = store.get_many(&self.tables.persons, &keys).await?;
         for ((person, key), row) in persons.iter().zip(&keys).zip(rows) {
             if let Some(bytes) = row {
-                view.load_person(*person, decode_row(&self.tables.persons, key, &bytes)?);
+                view.load_person(
+                    *person,
+                    decode_row(self.tables.encoding, &self.tables.persons, key, &bytes)?,
+                );
             }
         }
 
@@ -182,7 +199,7 @@ impl Handler for IdentityHandler {
             out.rows.push(RowWrite {
                 table: self.tables.links.clone(),
                 key: identity.key(),
-                value: Some(encode_row(&row)),
+                value: Some(encode_row(self.tables.encoding, &row)),
                 order: None,
             });
         }
@@ -190,7 +207,7 @@ impl Handler for IdentityHandler {
             out.rows.push(RowWrite {
                 table: self.tables.persons.clone(),
                 key: person.to_string(),
-                value: Some(encode_row(&links)),
+                value: Some(encode_row(self.tables.encoding, &links)),
                 order: None,
             });
         }

@@ -68,7 +68,9 @@ mod handler;
 
 use std::collections::{BTreeSet, HashMap};
 
-pub use handler::{IdentityHandler, IdentityProcessor, IdentityTables, LINKS, NAME, PERSONS};
+pub use handler::{
+    IdentityHandler, IdentityProcessor, IdentityTables, LINKS, NAME, PERSONS, STATE_ENCODING,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use waymark_core::{Event, EventData, Identity, RejectKind, Rejection};

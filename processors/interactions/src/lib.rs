@@ -3,10 +3,15 @@
 //! "Interactions").
 //!
 //! # Layout
-//! - [`InteractionsFold`]: the [`Fold`] the runtime registers as
-//!   `interactions`, configured with the retention from `topology.yaml`.
-//! - [`InteractionsState`]: one person's stored list, plus
-//!   [`InteractionsState::page`] for cursor paging (`ListInteractions`).
+//! - [`InteractionsFold`]: the [`Fold`] that specifies the processor: what
+//!   a person's list holds after any events, configured with the retention
+//!   and byte budget from `topology.yaml`.
+//! - [`InteractionsState`]: that list, plus [`InteractionsState::page`] for
+//!   cursor paging.
+//! - [`timeline`]: how the list is stored, sub-keyed in bounded chunks
+//!   (head, chunk and id rows), the handler the runtime runs, and
+//!   [`timeline::read_page`] (`ListInteractions`). Proven equal to the fold
+//!   by `tests/timeline.rs`.
 //! - [`InteractionItem`]: one stored interaction, with the contract's
 //!   defaults applied (channel = source platform, direction = inbound).
 //!
@@ -28,6 +33,9 @@
 //!   horizon is not stored and leaves the list as it is.
 //! - Duplicates within the dedupe window and redelivered records never reach
 //!   the fold (the runtime's `Tracked` filters them).
+//! - A person's items count at most `max_bytes`
+//!   ([`InteractionItem::stored_bytes`]); beyond it the oldest are dropped,
+//!   exactly as if they had left the retention.
 
 use std::cmp::Ordering;
 
@@ -37,12 +45,22 @@ use waymark_core::{ContentType, Direction, Event, EventData, Fold, Identity, Int
 use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
 use waymark_topology::{ParamKind, ParamSpec};
 
+pub mod timeline;
+
 /// The processor's name.
 pub const NAME: &str = "interactions";
 
-/// The interactions processor as a plugin: [`InteractionsFold`] over the
-/// events, one row per person. Its parameter `retention` (a duration,
-/// default [`DEFAULT_RETENTION`]) is the fold's retention.
+/// The state encoding of its rows ([`waymark_runtime::row`]): raise it
+/// whenever a row type of [`timeline`] (or a type in it, such as
+/// [`InteractionItem`]) changes shape.
+pub const STATE_ENCODING: u32 = 1;
+
+/// The interactions processor as a plugin: [`InteractionsFold`]'s items
+/// over the events, stored sub-keyed ([`timeline`]). Its parameters:
+/// `retention` (a duration, default [`DEFAULT_RETENTION`]), `max_bytes`
+/// (a person's byte budget, default [`DEFAULT_MAX_BYTES`]) and
+/// `chunk_bytes` (the budget of one stored chunk, default
+/// [`timeline::DEFAULT_CHUNK_BYTES`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InteractionsProcessor;
 
@@ -52,37 +70,76 @@ impl ProcessorFactory for InteractionsProcessor {
     }
 
     fn params(&self) -> &'static [ParamSpec] {
-        const PARAMS: &[ParamSpec] = &[ParamSpec {
-            name: "retention",
-            kind: ParamKind::Duration,
-        }];
+        const PARAMS: &[ParamSpec] = &[
+            ParamSpec {
+                name: "retention",
+                kind: ParamKind::Duration,
+            },
+            ParamSpec {
+                name: "chunk_bytes",
+                kind: ParamKind::Bytes,
+            },
+            ParamSpec {
+                name: "max_bytes",
+                kind: ParamKind::Bytes,
+            },
+        ];
         PARAMS
     }
 
     fn tables(&self) -> &'static [TableSpec] {
-        const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
+        // Head, chunk and id rows all start with the position they reflect.
+        const TABLES: &[TableSpec] = &[TableSpec::tracked(
+            "",
+            "person id (head), `<person id>/c/<chunk>` or `<person id>/i/<event id>`",
+        )];
         TABLES
+    }
+
+    fn state_encoding(&self) -> u32 {
+        STATE_ENCODING
     }
 
     fn build(
         &self,
         ctx: &BuildContext<'_>,
     ) -> Result<std::sync::Arc<dyn waymark_runtime::Handler>, BuildError> {
-        let retention = match ctx.spec().duration_param("retention") {
+        let spec = ctx.spec();
+        let retention = match spec.duration_param("retention") {
             Some(d) => Duration::from_std(d).unwrap_or(Duration::MAX),
             None => DEFAULT_RETENTION,
         };
-        Ok(ctx.fold(InteractionsFold::new(retention)))
+        let fold = InteractionsFold::new(retention)
+            .with_max_bytes(spec.bytes_param("max_bytes").unwrap_or(DEFAULT_MAX_BYTES));
+        let chunk_bytes = spec
+            .bytes_param("chunk_bytes")
+            .unwrap_or(timeline::DEFAULT_CHUNK_BYTES);
+        Ok(std::sync::Arc::new(timeline::TimelineHandler::new(
+            NAME,
+            ctx.table(""),
+            ctx.encoding(),
+            ctx.dedupe_window(),
+            timeline::Limits::of(&fold, chunk_bytes),
+        )))
     }
 }
 
 /// The contract's default retention: 365 days of event time.
 pub const DEFAULT_RETENTION: Duration = Duration::days(365);
 
+/// The retention horizon: interactions older than this are not stored.
+pub(crate) fn horizon(latest: Option<DateTime<Utc>>, retention: Duration) -> Option<DateTime<Utc>> {
+    latest.and_then(|t| t.checked_sub_signed(retention))
+}
+
+/// The default byte budget of one person's stored interactions: 64 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
 /// Folds `interaction.recorded` events into an [`InteractionsState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InteractionsFold {
     retention: Duration,
+    max_bytes: u64,
 }
 
 impl InteractionsFold {
@@ -91,12 +148,27 @@ impl InteractionsFold {
     pub fn new(retention: Duration) -> Self {
         Self {
             retention: retention.max(Duration::zero()),
+            max_bytes: DEFAULT_MAX_BYTES,
         }
+    }
+
+    /// The same fold with a byte budget of `max_bytes` per person: when
+    /// the stored interactions of a person count more
+    /// ([`InteractionItem::stored_bytes`]), the oldest are dropped, as if
+    /// they had left the retention.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// The retention this fold applies.
     pub fn retention(&self) -> Duration {
         self.retention
+    }
+
+    /// The byte budget per person this fold applies.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 }
 
@@ -130,9 +202,53 @@ pub struct InteractionItem {
 }
 
 impl InteractionItem {
-    /// The list order: newest time first, then id ascending.
-    fn order(&self, time: DateTime<Utc>, id: &str) -> Ordering {
+    /// The item an `interaction.recorded` event stores, with the contract's
+    /// defaults applied; `None` for other events.
+    pub fn from_event(event: &Event) -> Option<Self> {
+        let EventData::InteractionRecorded {
+            kind,
+            content_type,
+            content,
+            channel,
+            direction,
+        } = &event.data
+        else {
+            return None;
+        };
+        Some(InteractionItem {
+            id: event.id.clone(),
+            time: event.time,
+            channel: channel.clone().unwrap_or_else(|| {
+                event
+                    .source
+                    .as_ref()
+                    .map(|s| s.platform.clone())
+                    .unwrap_or_default()
+            }),
+            kind: *kind,
+            content_type: *content_type,
+            content: content.clone(),
+            direction: direction.unwrap_or_default(),
+            source: event.source.clone(),
+        })
+    }
+
+    /// Where `(time, id)` stands relative to this item in list order
+    /// (newest time first, then id ascending): `Less` when it comes after.
+    pub(crate) fn order(&self, time: DateTime<Utc>, id: &str) -> Ordering {
         time.cmp(&self.time).then_with(|| self.id.as_str().cmp(id))
+    }
+
+    /// What the item counts against a person's byte budget
+    /// ([`InteractionsFold::max_bytes`]): its strings plus a fixed 48 bytes
+    /// for the rest; close to, and never far below, its stored size.
+    pub fn stored_bytes(&self) -> u64 {
+        let source = self
+            .source
+            .as_ref()
+            .map_or(0, |s| s.platform.len() + s.platform_id.len());
+        let content = self.content.as_ref().map_or(0, String::len);
+        (48 + self.id.len() + self.channel.len() + content + source) as u64
     }
 }
 
@@ -188,9 +304,8 @@ impl InteractionsState {
         (page, next)
     }
 
-    fn horizon(&self, retention: Duration) -> Option<DateTime<Utc>> {
-        self.latest_time
-            .and_then(|t| t.checked_sub_signed(retention))
+    pub(crate) fn horizon(&self, retention: Duration) -> Option<DateTime<Utc>> {
+        horizon(self.latest_time, retention)
     }
 }
 
@@ -205,32 +320,9 @@ impl Fold for InteractionsFold {
         state.latest_time = Some(latest);
         let horizon = state.horizon(self.retention);
 
-        if let EventData::InteractionRecorded {
-            kind,
-            content_type,
-            content,
-            channel,
-            direction,
-        } = &event.data
-        {
-            let in_retention = horizon.is_none_or(|h| event.time >= h);
+        if let Some(item) = InteractionItem::from_event(event) {
+            let in_retention = horizon.is_none_or(|h| item.time >= h);
             if in_retention {
-                let item = InteractionItem {
-                    id: event.id.clone(),
-                    time: event.time,
-                    channel: channel.clone().unwrap_or_else(|| {
-                        event
-                            .source
-                            .as_ref()
-                            .map(|s| s.platform.clone())
-                            .unwrap_or_default()
-                    }),
-                    kind: *kind,
-                    content_type: *content_type,
-                    content: content.clone(),
-                    direction: direction.unwrap_or_default(),
-                    source: event.source.clone(),
-                };
                 state.items.retain(|it| it.id != item.id);
                 let at = state
                     .items
@@ -242,6 +334,13 @@ impl Fold for InteractionsFold {
         if let Some(h) = horizon {
             let keep = state.items.partition_point(|it| it.time >= h);
             state.items.truncate(keep);
+        }
+        let mut bytes: u64 = state.items.iter().map(InteractionItem::stored_bytes).sum();
+        while bytes > self.max_bytes {
+            match state.items.pop() {
+                Some(oldest) => bytes -= oldest.stored_bytes(),
+                None => break,
+            }
         }
     }
 }

@@ -43,6 +43,10 @@ use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableS
 /// The processor's name.
 pub const NAME: &str = "journey";
 
+/// The state encoding of its rows ([`waymark_runtime::row`]): raise it
+/// whenever [`JourneysState`] (or a type in it) changes shape.
+pub const STATE_ENCODING: u32 = 1;
+
 /// The journey processor as a plugin: [`JourneyFold`] over the events, one
 /// row per person.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,6 +60,10 @@ impl ProcessorFactory for JourneyProcessor {
     fn tables(&self) -> &'static [TableSpec] {
         const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
         TABLES
+    }
+
+    fn state_encoding(&self) -> u32 {
+        STATE_ENCODING
     }
 
     fn build(

@@ -35,6 +35,10 @@ use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableS
 /// The processor's name.
 pub const NAME: &str = "learning";
 
+/// The state encoding of its rows ([`waymark_runtime::row`]): raise it
+/// whenever [`LearningState`] (or a type in it) changes shape.
+pub const STATE_ENCODING: u32 = 1;
+
 /// The learning processor as a plugin: [`LearningFold`] over the events,
 /// one row per person.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,6 +52,10 @@ impl ProcessorFactory for LearningProcessor {
     fn tables(&self) -> &'static [TableSpec] {
         const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
         TABLES
+    }
+
+    fn state_encoding(&self) -> u32 {
+        STATE_ENCODING
     }
 
     fn build(

@@ -20,9 +20,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 
-use waymark_runtime::handler::{
-    decode_event, decode_row, encode_row, BatchOutput, HandleError, Handler,
-};
+use waymark_runtime::handler::{decode_event, BatchOutput, HandleError, Handler};
+use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
 /// Suffix of the history table.
@@ -78,19 +77,23 @@ impl Fold for Count {
 pub struct WithHistory {
     inner: Arc<dyn Handler>,
     table: String,
+    encoding: u32,
     window: chrono::Duration,
 }
 
 impl WithHistory {
-    /// Adds history in `table` (dedupe `window`) to `inner`.
+    /// Adds history in `table` (rows of state encoding `encoding`, dedupe
+    /// `window`) to `inner`.
     pub fn new(
         inner: Arc<dyn Handler>,
         table: impl Into<String>,
+        encoding: u32,
         window: chrono::Duration,
     ) -> Self {
         Self {
             inner,
             table: table.into(),
+            encoding,
             window,
         }
     }
@@ -122,7 +125,7 @@ impl WithHistory {
         let mut heads: HashMap<String, Tracked<HistoryHead>> = HashMap::new();
         for (key, value) in keys.iter().zip(loaded) {
             let head = match value {
-                Some(bytes) => decode_row(&self.table, key, &bytes)?,
+                Some(bytes) => decode_row(self.encoding, &self.table, key, &bytes)?,
                 None => Tracked::default(),
             };
             heads.insert(key.clone(), head);
@@ -160,7 +163,7 @@ impl WithHistory {
         let mut chunks: HashMap<String, Vec<HistoryEntry>> = HashMap::new();
         for (key, value) in partial.into_iter().zip(loaded) {
             let chunk = match value {
-                Some(bytes) => decode_row(&self.table, &key, &bytes)?,
+                Some(bytes) => decode_row(self.encoding, &self.table, &key, &bytes)?,
                 None => Vec::new(),
             };
             chunks.insert(key, chunk);
@@ -186,7 +189,7 @@ impl WithHistory {
                 rows.push(RowWrite {
                     table: self.table.clone(),
                     key,
-                    value: Some(encode_row(&chunk)),
+                    value: Some(encode_row(self.encoding, &chunk)),
                     order,
                 });
             }
@@ -195,7 +198,7 @@ impl WithHistory {
             rows.push(RowWrite {
                 table: self.table.clone(),
                 order: head.position.map(|p| p.offset + 1),
-                value: Some(encode_row(&head)),
+                value: Some(encode_row(self.encoding, &head)),
                 key,
             });
         }
@@ -232,11 +235,13 @@ impl Handler for WithHistory {
     }
 }
 
-/// One page of a person's history: events `from ..` (at most `limit`) and
-/// the total count; `None` when the person has no history.
+/// One page of a person's history in `table` (rows of state encoding
+/// `encoding`): events `from ..` (at most `limit`) and the total count;
+/// `None` when the person has no history.
 pub async fn read_page(
     store: &dyn ProjectionStore,
     table: &str,
+    encoding: u32,
     person: &str,
     from: u64,
     limit: u64,
@@ -244,7 +249,7 @@ pub async fn read_page(
     let Some(bytes) = store.get(table, person).await? else {
         return Ok(None);
     };
-    let head: Tracked<HistoryHead> = decode_row(table, person, &bytes)?;
+    let head: Tracked<HistoryHead> = decode_row(encoding, table, person, &bytes)?;
     let count = head.state.count;
     let end = from.saturating_add(limit).min(count);
     if from >= end {
@@ -257,7 +262,7 @@ pub async fn read_page(
     let mut out = Vec::with_capacity((end - from) as usize);
     for ((c, key), row) in (from / CHUNK..).zip(&keys).zip(rows) {
         let chunk: Vec<HistoryEntry> = match row {
-            Some(bytes) => decode_row(table, key, &bytes)?,
+            Some(bytes) => decode_row(encoding, table, key, &bytes)?,
             None => Vec::new(),
         };
         for (i, entry) in chunk.into_iter().enumerate() {

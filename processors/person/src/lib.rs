@@ -34,6 +34,11 @@ use waymark_runtime::Handler;
 /// The processor's name.
 pub const NAME: &str = "person";
 
+/// The state encoding of the person rows and of the history rows
+/// ([`waymark_runtime::row`]): raise it whenever [`PersonState`],
+/// [`history::HistoryHead`] or [`history::HistoryEntry`] change shape.
+pub const STATE_ENCODING: u32 = 1;
+
 /// The person processor: [`PersonFold`] over the events, plus each
 /// person's event history.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,10 +61,15 @@ impl ProcessorFactory for PersonProcessor {
         TABLES
     }
 
+    fn state_encoding(&self) -> u32 {
+        STATE_ENCODING
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
         Ok(Arc::new(history::WithHistory::new(
             ctx.fold(PersonFold),
             ctx.table(history::HISTORY),
+            ctx.encoding(),
             ctx.dedupe_window(),
         )))
     }

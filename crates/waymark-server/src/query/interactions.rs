@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use waymark_core::{ContentType, Direction, InteractionKind};
-use waymark_interactions::{InteractionItem, InteractionsState, NAME};
+use waymark_interactions::{timeline, InteractionItem, NAME};
 use waymark_proto::v1 as pb;
 
 use super::QueryService;
@@ -91,13 +91,26 @@ pub(super) async fn list_interactions(
     let cursor = parse_cursor(&r.page_token)?;
     let since = bound("since", r.since.as_ref())?;
     let until = bound("until", r.until.as_ref())?;
-    let Some(state) = q.projections.state::<InteractionsState>(NAME, id).await? else {
+    let table = q.projections.table(NAME, "")?;
+    let after = cursor.as_ref().map(|(t, i)| (*t, i.as_str()));
+    let page = timeline::read_page(
+        q.projections.store().as_ref(),
+        &table.name,
+        table.encoding,
+        &id.to_string(),
+        timeline::PageRequest {
+            since,
+            until,
+            after,
+            limit,
+        },
+    )
+    .await?;
+    let Some((items, mut next)) = page else {
         q.ensure_known(id).await?;
         return Ok(pb::ListInteractionsResponse::default());
     };
-    let after = cursor.as_ref().map(|(t, i)| (*t, i.as_str()));
-    let (items, mut next) = state.page(since, until, after, limit);
-    let mut interactions: Vec<pb::Interaction> = items.iter().copied().map(interaction).collect();
+    let mut interactions: Vec<pb::Interaction> = items.iter().map(interaction).collect();
     let fit = fit_page(&interactions);
     if fit < interactions.len() {
         // The rest of the page is the start of the next one.

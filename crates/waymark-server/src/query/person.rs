@@ -8,7 +8,6 @@ use waymark_identity::{IdentityRow, PersonLinks, LINKS, PERSONS};
 use waymark_person::history::{self, HistoryEntry, HISTORY};
 use waymark_person::PersonState;
 use waymark_proto::v1 as pb;
-use waymark_runtime::handler::decode_row;
 use waymark_runtime::StoreError;
 
 use super::QueryService;
@@ -54,24 +53,15 @@ fn person_event(entry: &HistoryEntry) -> Result<pb::PersonEvent, ApiError> {
 
 /// The person an identity resolves to.
 async fn resolve(p: &Projections, identity: &Identity) -> Result<Option<Uuid>, StoreError> {
-    let key = identity.key();
-    let table = p.table(waymark_identity::NAME, LINKS);
-    match p.store().get(&table, &key).await? {
-        Some(bytes) => Ok(Some(
-            decode_row::<IdentityRow>(&table, &key, &bytes)?.person_id,
-        )),
-        None => Ok(None),
-    }
+    let table = p.table(waymark_identity::NAME, LINKS)?;
+    let row: Option<IdentityRow> = table.get(p.store().as_ref(), &identity.key()).await?;
+    Ok(row.map(|r| r.person_id))
 }
 
 /// The identities of a person and whom it was merged into.
 async fn links(p: &Projections, person: Uuid) -> Result<Option<PersonLinks>, StoreError> {
-    let key = person.to_string();
-    let table = p.table(waymark_identity::NAME, PERSONS);
-    match p.store().get(&table, &key).await? {
-        Some(bytes) => Ok(Some(decode_row(&table, &key, &bytes)?)),
-        None => Ok(None),
-    }
+    let table = p.table(waymark_identity::NAME, PERSONS)?;
+    table.get(p.store().as_ref(), &person.to_string()).await
 }
 
 /// Whether anything is known about a person (its `person` row or its
@@ -129,10 +119,11 @@ pub(super) async fn list_events(
             ))
         })?
     };
-    let table = q.projections.table(waymark_person::NAME, HISTORY);
+    let table = q.projections.table(waymark_person::NAME, HISTORY)?;
     let page = history::read_page(
         q.projections.store().as_ref(),
-        &table,
+        &table.name,
+        table.encoding,
         &id.to_string(),
         from,
         limit as u64,

@@ -1,0 +1,277 @@
+//! A projection version stored in another state encoding than the running
+//! build's (see `waymark_runtime::row`): detected at start-up with the
+//! instruction to raise `projection_version`, and, once raised, replaced by
+//! the new version at once, rebuilt from the log in the new encoding, with
+//! queries answering UNAVAILABLE until it has caught up and every dead
+//! letter written exactly once across the two builds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use waymark_control::Controller;
+use waymark_core::{Event, EventData, Fold, Tracked};
+use waymark_runtime::catalog;
+use waymark_runtime::memory::MemoryStore;
+use waymark_runtime::memory_log::MemoryLog;
+use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, Registry, TableSpec};
+use waymark_runtime::row::decode_row;
+use waymark_runtime::{Handler, Log, OutRecord, StoreError, TopicConfig};
+use waymark_schemas::Validator;
+use waymark_server::Projections;
+use waymark_topology::{ProcessorDecl, TopicRole, Topology};
+
+const EVENTS: &str = "waymark.events";
+const DLQ: &str = "waymark.dlq";
+
+/// Counts a person's events.
+struct Count;
+
+impl Fold for Count {
+    type State = u64;
+    fn apply(&self, state: &mut u64, _: &Event) {
+        *state += 1;
+    }
+}
+
+/// The `count` processor of one build: `encoding` is its state encoding.
+struct CountProcessor {
+    encoding: u32,
+}
+
+impl ProcessorFactory for CountProcessor {
+    fn name(&self) -> &'static str {
+        "count"
+    }
+
+    fn tables(&self) -> &'static [TableSpec] {
+        const TABLES: &[TableSpec] = &[TableSpec::tracked("", "person id")];
+        TABLES
+    }
+
+    fn state_encoding(&self) -> u32 {
+        self.encoding
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
+        Ok(ctx.fold(Count))
+    }
+}
+
+fn registry(encoding: u32) -> Registry {
+    Registry::new(vec![Arc::new(CountProcessor { encoding })])
+}
+
+fn topology(version: u32) -> Topology {
+    let text = format!(
+        "topics:
+  inputs: {{name: waymark.inputs, partitions: 1, retention: 7d}}
+  events: {{name: {EVENTS}, partitions: 2, retention: forever}}
+  dlq: {{name: {DLQ}, partitions: 1, retention: 30d}}
+processors:
+  count:
+    inputs: [{EVENTS}]
+    outputs: [{DLQ}]
+    projection_version: {version}
+"
+    );
+    let decls = [ProcessorDecl {
+        name: "count",
+        input: Some(TopicRole::Events),
+        outputs: Some(&[TopicRole::Dlq]),
+        params: &[],
+    }];
+    waymark_topology::parse(&text, &decls).unwrap()
+}
+
+fn person(i: u128) -> Uuid {
+    Uuid::from_u128(i + 1)
+}
+
+/// Events `first..first + n` of each of persons 0..3, then one record that
+/// is no event (a dead letter).
+async fn publish(log: &MemoryLog, first: usize, n: usize) {
+    let mut records = Vec::new();
+    for i in first..first + n {
+        for p in 0..3 {
+            let event = Event {
+                id: format!("e{i}-{p}"),
+                time: "2026-01-01T00:00:00Z".parse().unwrap(),
+                source: None,
+                person_id: Some(person(p)),
+                data: EventData::JourneyCompleted {
+                    journey_id: "j".into(),
+                },
+            };
+            records.push(OutRecord::keyed(
+                EVENTS,
+                person(p).to_string(),
+                event.to_json(),
+            ));
+        }
+    }
+    records.push(OutRecord::keyed(EVENTS, "bad", b"not json".to_vec()));
+    log.produce(records).await.unwrap();
+}
+
+fn controller(log: &MemoryLog, store: &MemoryStore, encoding: u32, version: u32) -> Controller {
+    Controller::new(
+        registry(encoding),
+        Arc::new(log.clone()),
+        Arc::new(store.clone()),
+        topology(version),
+        Arc::new(Validator::new().unwrap()),
+        vec!["count".into()],
+        "test",
+    )
+    .0
+}
+
+type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Runs `controller` until `done` holds (at most 30 s), then stops it.
+async fn run_until(controller: Controller, mut done: impl FnMut() -> Check) {
+    let token = CancellationToken::new();
+    let task = tokio::spawn(controller.run(token.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Whether `version` of count has applied everything on the events topic.
+fn caught_up(log: &MemoryLog, store: &MemoryStore, version: u32) -> impl FnMut() -> Check {
+    let (log, store) = (log.clone(), store.clone());
+    move || {
+        let (log, store) = (log.clone(), store.clone());
+        Box::pin(async move {
+            let p = catalog::progress(&store, &log, EVENTS, "count", version)
+                .await
+                .unwrap();
+            p.lag() == 0
+        })
+    }
+}
+
+/// Whether the active version of count is no longer catching up.
+fn not_catching_up(store: &MemoryStore) -> impl FnMut() -> Check {
+    let store = store.clone();
+    move || {
+        let store = store.clone();
+        Box::pin(async move {
+            let entry = catalog::load(&store, "count").await.unwrap().unwrap();
+            !entry.active_catching_up()
+        })
+    }
+}
+
+fn counts(store: &MemoryStore, table: &str, encoding: u32) -> Vec<u64> {
+    let mut rows = store.rows(table);
+    rows.sort();
+    rows.iter()
+        .map(|(k, v)| {
+            decode_row::<Tracked<u64>>(encoding, table, k, v)
+                .unwrap()
+                .state
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_version_of_another_state_encoding_is_detected_and_rebuilt_once_raised() {
+    let log = MemoryLog::new();
+    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+        name: name.into(),
+        partitions,
+        retention: None,
+        compaction: false,
+    });
+    log.ensure_topics(&topics).await.unwrap();
+    let store = MemoryStore::new();
+
+    // Build A (state encoding 1) runs version 1 over the first records.
+    publish(&log, 0, 5).await;
+    let mut a = controller(&log, &store, 1, 1);
+    a.start().await.unwrap();
+    run_until(a, caught_up(&log, &store, 1)).await;
+    assert_eq!(counts(&store, "count_v1", 1), vec![5, 5, 5]);
+    assert_eq!(log.records(DLQ).len(), 1);
+
+    // More records arrive while nothing runs.
+    publish(&log, 5, 2).await;
+
+    // Build B (state encoding 2) with the same topology refuses to start,
+    // saying what to do.
+    let mut b = controller(&log, &store, 2, 1);
+    let refused = b.start().await.unwrap_err().to_string();
+    assert!(refused.contains("state encoding 1"), "{refused}");
+    assert!(refused.contains("state encoding 2"), "{refused}");
+    assert!(
+        refused.contains("processors.count.projection_version") && refused.contains("to 2"),
+        "{refused}"
+    );
+    // A row of version 1 read by build B is an encoding error, not a value.
+    let (key, bytes) = store.rows("count_v1").remove(0);
+    assert!(matches!(
+        decode_row::<Tracked<u64>>(2, "count_v1", &key, &bytes),
+        Err(StoreError::Encoding {
+            found: Some(1),
+            expected: 2,
+            ..
+        })
+    ));
+
+    // Raised to version 2: version 2 replaces version 1 at once, and
+    // queries answer UNAVAILABLE until it has caught up.
+    let mut b = controller(&log, &store, 2, 2);
+    b.start().await.unwrap();
+    let entry = catalog::load(&store, "count").await.unwrap().unwrap();
+    assert_eq!((entry.active, entry.previous), (2, Some(1)));
+    assert!(entry.active_catching_up());
+    assert_eq!(entry.encoding(2), Some(2));
+    let projections = Projections::new(
+        Arc::new(store.clone()),
+        waymark_control::configured_versions(&registry(2), &topology(2)),
+    );
+    waymark_control::refresh(&projections, &registry(2), &topology(2))
+        .await
+        .unwrap();
+    let unavailable = projections
+        .state::<u64>("count", person(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unavailable, StoreError::Unavailable(_)),
+        "{unavailable}"
+    );
+
+    run_until(b, not_catching_up(&store)).await;
+    assert_eq!(counts(&store, "count_v2", 2), vec![7, 7, 7]);
+    waymark_control::refresh(&projections, &registry(2), &topology(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        projections.state::<u64>("count", person(0)).await.unwrap(),
+        Some(7)
+    );
+    // Each of the two bad records has exactly one dead letter: the first
+    // from version 1, the second (which version 1 never read) from
+    // version 2.
+    let dead = log.records(DLQ);
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    // Version 1 has handed off: it can be dropped.
+    let entry = catalog::load(&store, "count").await.unwrap().unwrap();
+    assert!(catalog::handed_off(&store, &log, EVENTS, &entry)
+        .await
+        .unwrap());
+}
