@@ -1251,36 +1251,25 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_version_acknowledges_where_it_stands() {
         let store = MemoryStore::new();
-        store
-            .write(WriteBatch {
+        let stands_at = |next_offset: u64| {
+            store.write(WriteBatch {
                 rows: vec![],
                 positions: vec![PositionWrite {
                     consumer: consumer_id("journey", 1),
                     topic: "t".into(),
                     partition: 0,
-                    next_offset: 7,
+                    next_offset,
                 }],
             })
-            .await
-            .unwrap();
+        };
+        stands_at(7).await.unwrap();
         acknowledge_stopped(&store, "journey", 1, "t", 2)
             .await
             .unwrap();
         let acks = store.positions(&ack_id("journey", 1), "t").await.unwrap();
         assert_eq!(acks, [(0, 7), (1, 0)].into());
         // An acknowledgement, once recorded, never moves.
-        store
-            .write(WriteBatch {
-                rows: vec![],
-                positions: vec![PositionWrite {
-                    consumer: consumer_id("journey", 1),
-                    topic: "t".into(),
-                    partition: 0,
-                    next_offset: 9,
-                }],
-            })
-            .await
-            .unwrap();
+        stands_at(9).await.unwrap();
         acknowledge_stopped(&store, "journey", 1, "t", 2)
             .await
             .unwrap();

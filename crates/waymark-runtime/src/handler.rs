@@ -158,13 +158,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
         records: &[Record],
     ) -> Result<BatchOutput, HandleError> {
         let mut out = BatchOutput::default();
-        let mut events = Vec::with_capacity(records.len());
-        for (i, record) in records.iter().enumerate() {
-            match decode_event(record) {
-                Ok(event) => events.push((Position::new(record.partition, record.offset), event)),
-                Err(rejection) => out.rejected.push((i, rejection)),
-            }
-        }
+        let events = decode_events(records, &mut out.rejected);
         let mut keys: Vec<String> = events
             .iter()
             .filter_map(|(_, e)| e.person_id.map(|p| p.to_string()))
@@ -193,6 +187,23 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
             .collect();
         Ok(out)
     }
+}
+
+/// Decodes the records of a batch of `waymark.events` with
+/// [`decode_event`]: the events with their positions, in order; the
+/// records that are no event go to `rejected` by index in the batch.
+pub fn decode_events(
+    records: &[Record],
+    rejected: &mut Vec<(usize, Rejection)>,
+) -> Vec<(Position, Event)> {
+    let mut events = Vec::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        match decode_event(record) {
+            Ok(event) => events.push((Position::new(record.partition, record.offset), event)),
+            Err(rejection) => rejected.push((i, rejection)),
+        }
+    }
+    events
 }
 
 /// Decodes a record of `waymark.events`: a canonical event with a person id.

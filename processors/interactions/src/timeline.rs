@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
-use waymark_runtime::handler::{decode_event, BatchOutput, HandleError, Handler};
+use waymark_runtime::handler::{decode_events, BatchOutput, HandleError, Handler};
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
@@ -588,18 +588,12 @@ impl Handler for TimelineHandler {
     ) -> Result<BatchOutput, HandleError> {
         let mut out = BatchOutput::default();
         let mut by_person: BTreeMap<String, Vec<(Position, Event)>> = BTreeMap::new();
-        for (i, record) in records.iter().enumerate() {
-            match decode_event(record) {
-                Ok(event) => {
-                    let Some(person) = event.person_id else {
-                        continue;
-                    };
-                    by_person
-                        .entry(person.to_string())
-                        .or_default()
-                        .push((Position::new(record.partition, record.offset), event));
-                }
-                Err(rejection) => out.rejected.push((i, rejection)),
+        for (position, event) in decode_events(records, &mut out.rejected) {
+            if let Some(person) = event.person_id {
+                by_person
+                    .entry(person.to_string())
+                    .or_default()
+                    .push((position, event));
             }
         }
         let keys: Vec<String> = by_person.keys().cloned().collect();
