@@ -38,6 +38,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     // well-known types map to `prost_types`.
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
+        // Decode failures are the client's mistake: INVALID_ARGUMENT.
+        .codec_path("crate::codec::WaymarkCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use waymark_server::KafkaEndpointStatus;
 use waymark_topology::Topology;
 
 use crate::platform;
+use crate::registry::registry;
 
 /// How often the embedded log's retention runs.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
@@ -137,8 +138,9 @@ impl Dev {
         let mut topology = options.topology.clone();
         topology.topics.inputs.partitions = 1;
         let topology = &topology;
-        log.ensure_topics(&platform::topic_configs(topology))
-            .await?;
+        let topics = platform::topic_configs(topology);
+        log.ensure_topics(&topics).await?;
+        waymark_control::partitions::check(&store, &log, &topics).await?;
         // The listeners are bound before anything runs, so a busy port is
         // a clear error and nothing has started.
         let grpc = TcpListener::bind(options.grpc_addr)
@@ -218,12 +220,31 @@ impl Dev {
             .filter_map(|(_, t)| t.retention.as_duration().map(|d| (t.name.clone(), d)))
             .collect();
         let (retention_log, token) = (log.clone(), shutdown.clone());
+        let (retention_store, retention_topology) = (store.clone(), topology.clone());
         tasks.spawn(async move {
             loop {
                 for (topic, age) in &retained {
+                    // Never what a running version has not applied yet.
+                    let floor = match waymark_control::unapplied_floor(
+                        &retention_store,
+                        &retention_log,
+                        registry(),
+                        &retention_topology,
+                        topic,
+                    )
+                    .await
+                    {
+                        Ok(floor) => floor,
+                        Err(e) => {
+                            warn!(error = %e, %topic, "cannot tell what is applied; retention skipped");
+                            continue;
+                        }
+                    };
                     let (log, topic, age) = (retention_log.clone(), topic.clone(), *age);
-                    match tokio::task::spawn_blocking(move || log.apply_retention(&topic, age))
-                        .await
+                    match tokio::task::spawn_blocking(move || {
+                        log.apply_retention(&topic, age, &floor)
+                    })
+                    .await
                     {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => warn!(error = %e, "retention failed; retrying later"),

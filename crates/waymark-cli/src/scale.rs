@@ -108,6 +108,8 @@ async fn connect(
             }
         }
     }
+    waymark_control::partitions::check(&store, &log, &platform::topic_configs(&options.topology))
+        .await?;
     let store: Arc<dyn ProjectionStore> = Arc::new(store);
     Ok(Some(Engines {
         log: Arc::new(log),

@@ -511,10 +511,15 @@ async fn identity_rebuild_is_refused_once_retention_removed_inputs() {
     publish_all(&addr, &mixed_workload("k", 0, 50, 5)).await;
     caught_up(&addr).await;
     let log = dev.log.clone();
-    tokio::task::spawn_blocking(move || log.apply_retention("waymark.inputs", Duration::ZERO))
-        .await
-        .unwrap()
-        .unwrap();
+    // Forced: what the live version applied is deleted anyway (as an
+    // operator's retention on Kafka would).
+    let everything = std::collections::BTreeMap::new();
+    tokio::task::spawn_blocking(move || {
+        log.apply_retention("waymark.inputs", Duration::ZERO, &everything)
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let o = waymark(&["replay", "identity", "--grpc-addr", &addr]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(

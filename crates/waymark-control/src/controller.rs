@@ -456,3 +456,49 @@ impl Controller {
         Ok(entry)
     }
 }
+
+/// Per partition of `topic`, the smallest next offset of every version
+/// that still reads it (the active one, building ones, and the previous one
+/// until it is dropped) of every configured processor whose input it is:
+/// what retention must keep. A partition no such version has a position on
+/// is at 0. Empty when no processor reads `topic`.
+pub async fn unapplied_floor(
+    store: &dyn ProjectionStore,
+    log: &dyn Log,
+    registry: &Registry,
+    topology: &Topology,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let mut floor: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut read = false;
+    for name in registry.configured(topology) {
+        if registry.input_topic(name, topology)? != topic {
+            continue;
+        }
+        let entry = match catalog::load(store, name).await {
+            Ok(entry) => entry,
+            Err(StoreError::UnknownTable(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(entry) = entry else {
+            // Not started yet: it will read from offset 0.
+            read = true;
+            continue;
+        };
+        for version in entry.running(false) {
+            read = true;
+            let positions = store.positions(&consumer_id(name, version), topic).await?;
+            for p in 0..log.partitions(topic).await? {
+                let next = positions.get(&p).copied().unwrap_or(0);
+                let e = floor.entry(p).or_insert(next);
+                *e = (*e).min(next);
+            }
+        }
+    }
+    if read {
+        for p in 0..log.partitions(topic).await? {
+            floor.entry(p).or_insert(0);
+        }
+    }
+    Ok(floor)
+}

@@ -16,6 +16,9 @@
 //!   versions.
 //! - [`operator`]: the [`PlatformOperator`] behind the `Admin` projection
 //!   rpcs (list, rebuild, switch, drop, verify).
+//! - [`partitions`]: a topic's partition count is fixed for the life of a
+//!   deployment; a start-up that finds it changed is refused with the
+//!   remedy.
 //! - `verify.rs`: recomputes a projection from the log into a scratch store
 //!   and compares it row by row, using each table's declared position
 //!   ([`waymark_runtime::plugin::TableSpec`]) to skip rows live processing
@@ -28,9 +31,11 @@
 
 pub mod controller;
 pub mod operator;
+pub mod partitions;
 mod verify;
 
 pub use controller::{
-    configured_versions, refresh, track_active, Controller, ControllerHandle, CATALOG_POLL,
+    configured_versions, refresh, track_active, unapplied_floor, Controller, ControllerHandle,
+    CATALOG_POLL,
 };
 pub use operator::PlatformOperator;

@@ -71,7 +71,12 @@ pub enum ApplyOutcome {
 /// - an event whose `id` was applied before changes nothing while the earlier
 ///   copy's event time lies within `window` of the latest event time applied
 ///   to the person (contract §4, measured in event time so a replay decides
-///   exactly as live processing did).
+///   exactly as live processing did), and
+/// - an event whose *source* (the position of the input record it was
+///   resolved from, see [`Tracked::apply_from`]) is at or before one already
+///   applied from the same source partition changes nothing, whatever its
+///   event time: that is a record appended again by a producer that crashed
+///   between appending and recording its progress.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Tracked<S> {
     /// The last log position applied to this record.
@@ -81,6 +86,9 @@ pub struct Tracked<S> {
     /// Ids of applied events, with their event time in microseconds, kept
     /// while they are within the dedupe window of `latest_time`.
     pub seen: BTreeMap<String, i64>,
+    /// Per source partition, the highest source offset applied (one entry
+    /// per input partition this person's events came from).
+    pub sources: BTreeMap<u32, u64>,
     /// The fold's state.
     pub state: S,
 }
@@ -98,12 +106,42 @@ impl<S> Tracked<S> {
     where
         F: Fold<State = S>,
     {
+        self.apply_from(fold, event, position, None, window)
+    }
+
+    /// [`Tracked::apply`] for a record resolved from the input record at
+    /// `source` (its partition and offset in the input topic): also a
+    /// duplicate when a record from the same source partition at or after
+    /// that offset was applied. A producer appends its records of one
+    /// source partition in source order, so only a record appended again
+    /// (after a crash) can come back with a smaller source offset.
+    pub fn apply_from<F>(
+        &mut self,
+        fold: &F,
+        event: &Event,
+        position: Position,
+        source: Option<Position>,
+        window: Duration,
+    ) -> ApplyOutcome
+    where
+        F: Fold<State = S>,
+    {
         if let Some(last) = self.position {
             if last.partition == position.partition && position.offset <= last.offset {
                 return ApplyOutcome::Redelivered;
             }
         }
         self.position = Some(position);
+
+        if let Some(source) = source {
+            match self.sources.get_mut(&source.partition) {
+                Some(applied) if source.offset <= *applied => return ApplyOutcome::Duplicate,
+                Some(applied) => *applied = source.offset,
+                None => {
+                    self.sources.insert(source.partition, source.offset);
+                }
+            }
+        }
 
         if let (Some(&earlier), Some(latest)) = (self.seen.get(&event.id), self.latest_time) {
             let earlier = micros_to_time(earlier);
@@ -120,7 +158,10 @@ impl<S> Tracked<S> {
             _ => event.time,
         };
         self.latest_time = Some(latest);
-        let horizon = (latest - window).timestamp_micros();
+        // A window reaching before the first representable time keeps every id.
+        let horizon = latest
+            .checked_sub_signed(window)
+            .map_or(i64::MIN, |h| h.timestamp_micros());
         self.seen.retain(|_, t| *t >= horizon);
         ApplyOutcome::Applied
     }
@@ -180,6 +221,61 @@ mod tests {
             ApplyOutcome::Applied
         );
         assert_eq!(t.state, 2);
+    }
+
+    #[test]
+    fn a_record_appended_again_is_a_duplicate_whatever_its_event_time() {
+        let mut t = Tracked::<u32>::default();
+        let far_apart = [
+            "2026-01-01T00:00:00Z",
+            "2026-03-01T00:00:00Z",
+            "2026-06-01T00:00:00Z",
+        ];
+        // Sources 0/10, 0/11, 1/3 appended, then 0/10 and 0/11 again (a
+        // producer's crash), then 0/12: ids alone are out of the window.
+        let log = [
+            ("a", far_apart[0], (0, 10)),
+            ("b", far_apart[1], (0, 11)),
+            ("c", far_apart[2], (1, 3)),
+            ("a", far_apart[0], (0, 10)),
+            ("b", far_apart[1], (0, 11)),
+            ("d", far_apart[2], (0, 12)),
+        ];
+        let outcomes: Vec<ApplyOutcome> = log
+            .iter()
+            .enumerate()
+            .map(|(i, (id, time, (p, o)))| {
+                t.apply_from(
+                    &Count,
+                    &event(id, time),
+                    Position::new(0, i as u64),
+                    Some(Position::new(*p, *o)),
+                    WEEK,
+                )
+            })
+            .collect();
+        use ApplyOutcome::{Applied, Duplicate};
+        assert_eq!(
+            outcomes,
+            [Applied, Applied, Applied, Duplicate, Duplicate, Applied]
+        );
+        assert_eq!(t.state, 4);
+        assert_eq!(t.sources, [(0, 12), (1, 3)].into());
+    }
+
+    #[test]
+    fn a_window_longer_than_time_itself_keeps_every_id_without_overflowing() {
+        let mut t = Tracked::<u32>::default();
+        for (i, id) in ["a", "b", "a"].into_iter().enumerate() {
+            t.apply(
+                &Count,
+                &event(id, "2026-01-01T00:00:00Z"),
+                Position::new(0, i as u64),
+                Duration::MAX,
+            );
+        }
+        assert_eq!(t.state, 2);
+        assert_eq!(t.seen.len(), 2);
     }
 
     #[test]

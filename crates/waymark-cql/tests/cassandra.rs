@@ -3,14 +3,14 @@
 //! `scripts/dev-services up cassandra`). Each test has its own random
 //! keyspace, dropped at the end.
 //!
-//! With neither `WAYMARK_CQL_NODES` set nor `CI=true`, a test finding no
-//! node on 127.0.0.1:9042 prints "skipped: no cassandra" and passes; with
-//! either set, an unreachable cluster fails the test.
+//! The cluster is found as every real-engine test finds it
+//! (`waymark_testenv`): unreachable, it fails the tests under `CI=true` or
+//! with `WAYMARK_CQL_NODES` set, and skips them with a visible `SKIPPED`
+//! line otherwise.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -18,43 +18,11 @@ use anyhow::{ensure, Context};
 use waymark_cql::{CqlConfig, CqlStore};
 use waymark_runtime::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};
 
-const DEFAULT_NODES: &str = "127.0.0.1:9042";
-
-/// The cluster's contact points, or `None` when the test should be skipped.
+/// The cluster's contact points, or `None` when the test is skipped (the
+/// policy of `waymark_testenv`).
 fn nodes() -> Option<Vec<String>> {
-    let configured = std::env::var("WAYMARK_CQL_NODES")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let nodes: Vec<String> = configured
-        .as_deref()
-        .unwrap_or(DEFAULT_NODES)
-        .split(',')
-        .map(|n| n.trim().to_owned())
-        .filter(|n| !n.is_empty())
-        .collect();
-    if nodes.iter().any(|n| answers(n)) {
-        return Some(nodes);
-    }
-    if configured.is_none() && !ci {
-        println!("skipped: no cassandra");
-        return None;
-    }
-    panic!(
-        "no cassandra answers at {nodes:?} (WAYMARK_CQL_NODES={configured:?}, CI={ci}); \
-         start one with scripts/dev-services up cassandra"
-    );
-}
-
-/// Whether a node accepts TCP connections on its CQL port (Cassandra opens
-/// it only once it serves CQL).
-fn answers(node: &str) -> bool {
-    let Ok(addrs) = node.to_socket_addrs() else {
-        return false;
-    };
-    addrs
-        .into_iter()
-        .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+    let nodes = waymark_testenv::cassandra()?;
+    Some(nodes.split(',').map(|n| n.trim().to_owned()).collect())
 }
 
 /// A keyspace name no other test run uses.

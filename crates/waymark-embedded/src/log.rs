@@ -276,11 +276,14 @@ impl EmbeddedLog {
     /// Deletes the records of `topic` appended more than `max_age` ago, like
     /// Kafka's time-based retention, and returns how many were deleted. The
     /// newest record of each partition is always kept, so offsets keep
-    /// growing across restarts and are never reused.
+    /// growing across restarts and are never reused, and so is every record
+    /// at or after `keep_from`'s offset for its partition (what a reader
+    /// has not applied yet; a partition not in it has no such floor).
     pub fn apply_retention(
         &self,
         topic: &str,
         max_age: std::time::Duration,
+        keep_from: &std::collections::BTreeMap<u32, u64>,
     ) -> Result<u64, LogError> {
         let topic = self.inner.topic(topic)?;
         let cutoff =
@@ -291,11 +294,14 @@ impl EmbeddedLog {
             let mut new_low = Vec::new();
             for p in 0..topic.partitions() {
                 let high = topic.high[p as usize].load(Ordering::Acquire);
+                let end = keep_from.get(&p).map_or(high.saturating_sub(1), |floor| {
+                    (*floor).min(high.saturating_sub(1))
+                });
                 let name = partition_table(&topic.name, p);
                 let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
                 let mut table = txn.open_table(def).map_err(unavailable)?;
                 let mut expired = Vec::new();
-                for entry in table.range(..high.saturating_sub(1)).map_err(unavailable)? {
+                for entry in table.range(..end).map_err(unavailable)? {
                     let (offset, bytes) = entry.map_err(unavailable)?;
                     match codec::timestamp(bytes.value()) {
                         Some(ts) if ts < cutoff => expired.push(offset.value()),

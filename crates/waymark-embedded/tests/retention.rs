@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use waymark_embedded::EmbeddedLog;
@@ -33,15 +34,31 @@ async fn retention_deletes_old_records_but_never_reuses_offsets() {
         .collect();
     log.produce(records).await.unwrap();
 
+    let none = BTreeMap::new();
     // Nothing is old enough yet.
     assert_eq!(
-        log.apply_retention("t", Duration::from_secs(3600)).unwrap(),
+        log.apply_retention("t", Duration::from_secs(3600), &none)
+            .unwrap(),
         0
     );
     // Let the records age past a tiny retention.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let deleted = log.apply_retention("t", Duration::from_millis(1)).unwrap();
-    assert_eq!(deleted, 8, "all but the newest record of each partition");
+    // What a reader has not applied is kept, however old: partition 0 is
+    // read up to offset 2 (records 0 and 1 go), partition 1 not at all.
+    let unread: BTreeMap<u32, u64> = [(0, 2), (1, 0)].into();
+    let deleted = log
+        .apply_retention("t", Duration::from_millis(1), &unread)
+        .unwrap();
+    assert_eq!(deleted, 2);
+    assert_eq!(log.watermarks("t", 0).await.unwrap(), (2, 5));
+    assert_eq!(log.watermarks("t", 1).await.unwrap(), (0, 5));
+    let deleted = log
+        .apply_retention("t", Duration::from_millis(1), &none)
+        .unwrap();
+    assert_eq!(
+        deleted, 6,
+        "then all but the newest record of each partition"
+    );
     for p in 0..2 {
         assert_eq!(log.watermarks("t", p).await.unwrap(), (4, 5));
         let left = log.read("t", p, 0, 100).await.unwrap();

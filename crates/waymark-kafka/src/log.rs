@@ -366,7 +366,7 @@ impl KafkaLog {
         &self,
         record: &OutRecord,
         partition: Option<u32>,
-    ) -> Result<DeliveryFuture, LogError> {
+    ) -> Result<Enqueued, LogError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -385,15 +385,34 @@ impl KafkaLog {
         }
         loop {
             match self.inner.producer.send_result(future_record) {
-                Ok(delivery) => return Ok(delivery),
+                Ok(delivery) => return Ok(Enqueued::Sent(delivery)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     future_record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((KafkaError::MessageProduction(code), _)) if too_large(code) => {
+                    return Ok(Enqueued::TooLarge(code.to_string()))
                 }
                 Err((e, _)) => return Err(unavailable(e)),
             }
         }
     }
+}
+
+/// A record handed to the producer, or refused by it at once.
+enum Enqueued {
+    /// On its way; the future says whether it was appended.
+    Sent(DeliveryFuture),
+    /// Larger than the producer or the topic accepts (the reason).
+    TooLarge(String),
+}
+
+/// Whether `code` refuses a record for being too large: permanent.
+fn too_large(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+    )
 }
 
 /// Partition count of `topic` from a metadata request (blocking).
@@ -524,21 +543,33 @@ impl Log for KafkaLog {
         let placed = self.place(&records).await?;
         // Enqueue everything first: librdkafka batches the records and keeps
         // the order of each partition.
+        let mut refused = Vec::new();
+        let mut reason = String::new();
         let mut deliveries = Vec::with_capacity(records.len());
-        for (record, partition) in records.iter().zip(placed) {
-            deliveries.push(self.enqueue(record, partition).await?);
+        for (i, (record, partition)) in records.iter().zip(placed).enumerate() {
+            match self.enqueue(record, partition).await? {
+                Enqueued::Sent(delivery) => deliveries.push((i, delivery)),
+                Enqueued::TooLarge(why) => {
+                    refused.push(i);
+                    reason = why;
+                }
+            }
         }
         let mut appended = Vec::with_capacity(deliveries.len());
         let mut failure = None;
-        for (record, delivery) in records.iter().zip(deliveries) {
+        for (i, delivery) in deliveries {
             match delivery.await {
                 Ok(Ok(d)) => appended.push(Appended {
                     partition: d.partition as u32,
                     offset: d.offset as u64,
                 }),
+                Ok(Err((KafkaError::MessageProduction(code), _))) if too_large(code) => {
+                    refused.push(i);
+                    reason = code.to_string();
+                }
                 Ok(Err((e, _))) => {
                     // The topic may have been recreated: look it up again.
-                    self.forget_partitions(&record.topic);
+                    self.forget_partitions(&records[i].topic);
                     failure.get_or_insert_with(|| unavailable(e));
                 }
                 Err(_) => {
@@ -546,10 +577,20 @@ impl Log for KafkaLog {
                 }
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(appended),
+        // A transient failure means a retry of the whole call; the records
+        // too large come back then.
+        if let Some(e) = failure {
+            return Err(e);
         }
+        if !refused.is_empty() {
+            refused.sort_unstable();
+            return Err(LogError::TooLarge {
+                refused,
+                appended,
+                reason,
+            });
+        }
+        Ok(appended)
     }
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn LogConsumer>, LogError> {

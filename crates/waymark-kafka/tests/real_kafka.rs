@@ -1,9 +1,9 @@
 //! `KafkaLog` against a real Kafka broker (`scripts/dev-services up kafka`).
 //!
-//! The broker is `WAYMARK_KAFKA_BOOTSTRAP`, else `127.0.0.1:9092` when
-//! `CI=true`. With neither set, each test prints "skipped: …" and passes.
-//! Once a broker is expected (either variable set), an unreachable one fails
-//! the tests. Every test uses its own random topic and group names and
+//! The broker is found as every real-engine test finds it
+//! (`waymark_testenv`): `WAYMARK_KAFKA_BOOTSTRAP`, else `127.0.0.1:9092`;
+//! unreachable, it fails the tests under `CI=true` or with the variable
+//! set, and skips them with a visible `SKIPPED` line otherwise. Every test uses its own random topic and group names and
 //! deletes its topics at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,24 +20,10 @@ use rdkafka::ClientConfig;
 use waymark_kafka::{KafkaConfig, KafkaLog};
 use waymark_runtime::{partition_for, Log, LogError, TopicConfig};
 
-const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:9092";
-
-/// The broker to test against, or `None` (after saying so) to skip.
+/// The broker to test against, or `None` to skip (the policy of
+/// `waymark_testenv`).
 fn bootstrap() -> Option<String> {
-    if let Some(b) = std::env::var("WAYMARK_KAFKA_BOOTSTRAP")
-        .ok()
-        .filter(|b| !b.is_empty())
-    {
-        return Some(b);
-    }
-    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-        return Some(DEFAULT_BOOTSTRAP.to_owned());
-    }
-    eprintln!(
-        "skipped: no kafka at {DEFAULT_BOOTSTRAP} requested \
-         (set WAYMARK_KAFKA_BOOTSTRAP, or CI=true to require it)"
-    );
-    None
+    waymark_testenv::kafka()
 }
 
 /// A log on the test broker; panics when the broker cannot be reached.
@@ -240,5 +226,47 @@ async fn members_split_partitions_and_hand_over() {
     b.abort();
     let _ = b.await;
     ledger.assert_exactly(&produced);
+    delete_topics(&bootstrap, &[&name]).await;
+}
+
+/// A record larger than its topic's `max.message.bytes` is refused for
+/// good (`LogError::TooLarge`, not retryable), naming it; the other records
+/// of the call are appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_its_topic_is_a_permanent_refusal() {
+    use rdkafka::admin::{NewTopic, TopicReplication};
+    let Some((bootstrap, log)) = kafka().await else {
+        return;
+    };
+    let name = unique("small");
+    let new = NewTopic::new(&name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "2000");
+    admin(&bootstrap)
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while log.partitions(&name).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "topic never visible"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records: Vec<waymark_runtime::OutRecord> = [100, 5_000, 100]
+        .iter()
+        .map(|n| waymark_runtime::OutRecord::keyed(name.as_str(), "k", vec![b'x'; *n]))
+        .collect();
+    match log.produce(records).await {
+        Err(e @ LogError::TooLarge { .. }) => {
+            assert!(!e.is_retryable());
+            let LogError::TooLarge { refused, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(refused, [1]);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let (_, high) = log.watermarks(&name, 0).await.expect("watermarks");
+    assert_eq!(high, 2, "the records that fit were appended");
     delete_topics(&bootstrap, &[&name]).await;
 }

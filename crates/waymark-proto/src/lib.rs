@@ -18,6 +18,8 @@
 //!   `query_server::QueryServer`, `query_client::QueryClient`, and the same
 //!   for `Ingest` and `Admin`. Times are [`prost_types::Timestamp`].
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors for server reflection.
+//! - [`codec`]: the codec of every generated service and client; a message
+//!   that does not decode is `INVALID_ARGUMENT`, never `INTERNAL`.
 //!
 //! # Guarantees
 //!
@@ -34,6 +36,8 @@ pub mod waymark {
 }
 
 pub use waymark::v1;
+
+pub mod codec;
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every `waymark.v1` file and
 /// its imports (`google/protobuf/timestamp.proto`), with comments.

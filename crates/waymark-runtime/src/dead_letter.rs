@@ -17,6 +17,9 @@ pub const HEADER_PARTITION: &str = "waymark.source.partition";
 pub const HEADER_OFFSET: &str = "waymark.source.offset";
 /// Header: the processor that rejected it.
 pub const HEADER_PROCESSOR: &str = "waymark.processor";
+/// Header, only on a dead letter whose value had to be cut to fit the
+/// dead-letter topic: the original value's length in bytes (ASCII).
+pub const HEADER_TRUNCATED: &str = "waymark.truncated";
 
 /// The dead-letter record for `record` read from `topic`.
 pub fn dead_letter(

@@ -118,15 +118,15 @@ impl<F: Fold> ProjectionHandler<F> {
     pub fn apply_all(
         &self,
         rows: &mut HashMap<String, Tracked<F::State>>,
-        events: &[(Position, Event)],
+        events: &[Decoded],
         stats: &mut BatchStats,
     ) {
-        for (position, event) in events {
-            let Some(person) = event.person_id else {
+        for decoded in events {
+            let Some(person) = decoded.event.person_id else {
                 continue;
             };
             let row = rows.entry(person.to_string()).or_default();
-            match row.apply(&self.fold, event, *position, self.window) {
+            match decoded.apply_to(row, &self.fold, self.window) {
                 ApplyOutcome::Applied => stats.applied += 1,
                 ApplyOutcome::Duplicate => stats.duplicates += 1,
                 ApplyOutcome::Redelivered => stats.redelivered += 1,
@@ -161,7 +161,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
         let events = decode_events(records, &mut out.rejected);
         let mut keys: Vec<String> = events
             .iter()
-            .filter_map(|(_, e)| e.person_id.map(|p| p.to_string()))
+            .filter_map(|d| d.event.person_id.map(|p| p.to_string()))
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -189,17 +189,65 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
     }
 }
 
+/// The header naming the input record a record of `waymark.events` was
+/// resolved from: `<partition>/<offset>` of the inputs topic, in ASCII.
+/// Written by the identity processor; the folds use it to apply a record
+/// appended again after a crash only once ([`Tracked::apply_from`]).
+pub const SOURCE_HEADER: &str = "waymark.input";
+
+/// The [`SOURCE_HEADER`] of the record resolved from input record
+/// `partition`/`offset`.
+pub fn source_header(partition: u32, offset: u64) -> (String, Vec<u8>) {
+    (
+        SOURCE_HEADER.to_owned(),
+        format!("{partition}/{offset}").into_bytes(),
+    )
+}
+
+/// The source of a record of `waymark.events`, if it has a well-formed
+/// [`SOURCE_HEADER`] (records appended by anything but the identity
+/// processor have none, and are deduplicated by event id only).
+pub fn record_source(record: &Record) -> Option<Position> {
+    let text = std::str::from_utf8(record.header(SOURCE_HEADER)?).ok()?;
+    let (partition, offset) = text.split_once('/')?;
+    Some(Position::new(partition.parse().ok()?, offset.parse().ok()?))
+}
+
+/// A decoded record of `waymark.events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Where it is in `waymark.events`.
+    pub position: Position,
+    /// The input record it was resolved from ([`record_source`]).
+    pub source: Option<Position>,
+    /// The event.
+    pub event: Event,
+}
+
+impl Decoded {
+    /// Applies it to `row` through `fold` ([`Tracked::apply_from`]).
+    pub fn apply_to<F: Fold>(
+        &self,
+        row: &mut Tracked<F::State>,
+        fold: &F,
+        window: chrono::Duration,
+    ) -> ApplyOutcome {
+        row.apply_from(fold, &self.event, self.position, self.source, window)
+    }
+}
+
 /// Decodes the records of a batch of `waymark.events` with
-/// [`decode_event`]: the events with their positions, in order; the
-/// records that are no event go to `rejected` by index in the batch.
-pub fn decode_events(
-    records: &[Record],
-    rejected: &mut Vec<(usize, Rejection)>,
-) -> Vec<(Position, Event)> {
+/// [`decode_event`], in order; the records that are no event go to
+/// `rejected` by index in the batch.
+pub fn decode_events(records: &[Record], rejected: &mut Vec<(usize, Rejection)>) -> Vec<Decoded> {
     let mut events = Vec::with_capacity(records.len());
     for (i, record) in records.iter().enumerate() {
         match decode_event(record) {
-            Ok(event) => events.push((Position::new(record.partition, record.offset), event)),
+            Ok(event) => events.push(Decoded {
+                position: Position::new(record.partition, record.offset),
+                source: record_source(record),
+                event,
+            }),
             Err(rejection) => rejected.push((i, rejection)),
         }
     }

@@ -36,8 +36,12 @@
 //!   position it reflects and the event ids applied within the dedupe window
 //!   ([`waymark_core::Tracked`]), so a redelivered record or a duplicate
 //!   event id changes nothing. Outputs of a batch that is retried after a
-//!   crash are appended again; they carry the same event ids and are
-//!   deduplicated downstream.
+//!   crash are appended again; they carry the position of the input record
+//!   they came from ([`handler::SOURCE_HEADER`]), and the folds apply a
+//!   record of a source partition at or before one already applied as a
+//!   duplicate ([`waymark_core::Tracked::apply_from`]), whatever its event
+//!   time (test
+//!   `crash_after_output_before_state_applies_nothing_twice_whatever_the_event_time`).
 //! - **Dead letters.** A record that cannot be decoded or validated is
 //!   appended to the dead-letter topic with its original key, value and the
 //!   headers of contract §5 before the position past it is stored; it never

@@ -98,8 +98,9 @@ pub enum ConsumerEvent {
     Records(Vec<Record>),
 }
 
-/// A log error. Every log error is retryable: the runtime backs off and does
-/// not commit past what it has not durably applied.
+/// A log error. Every log error but [`LogError::TooLarge`] is retryable:
+/// the runtime backs off and does not commit past what it has not durably
+/// applied.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogError {
@@ -120,6 +121,25 @@ pub enum LogError {
     /// The log is shut down.
     #[error("log closed")]
     Closed,
+    /// Some records of a produce call are larger than their topic accepts:
+    /// permanent, retrying them as they are cannot help. Every other record
+    /// of the call was appended.
+    #[error("{} record(s) too large for the log: {reason}", refused.len())]
+    TooLarge {
+        /// Indices, in the call's records, of those refused.
+        refused: Vec<usize>,
+        /// Where each of the others was appended, in the call's order.
+        appended: Vec<Appended>,
+        /// The log's reason.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// Whether retrying the same call can succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, LogError::TooLarge { .. })
+    }
 }
 
 /// A partitioned, durable, ordered log.

@@ -29,6 +29,9 @@ struct Shared {
     state: Mutex<State>,
     appended: Notify,
     failures: AtomicUsize,
+    /// Records (key + value + headers) larger than this are refused as
+    /// [`LogError::TooLarge`], like Kafka's `max.message.bytes`; 0: none.
+    max_record_bytes: AtomicUsize,
 }
 
 /// An in-memory log. Cheap to clone; clones share the records.
@@ -47,6 +50,13 @@ impl MemoryLog {
     /// append nothing.
     pub fn fail_next_produces(&self, n: usize) {
         self.shared.failures.store(n, Ordering::SeqCst);
+    }
+
+    /// Refuses, from now on, every record whose key, value and headers
+    /// together are larger than `bytes` ([`LogError::TooLarge`]), appending
+    /// the others of the call, as a Kafka topic's `max.message.bytes` does.
+    pub fn limit_record_bytes(&self, bytes: usize) {
+        self.shared.max_record_bytes.store(bytes, Ordering::SeqCst);
     }
 
     /// Every record of `topic`, partition by partition.
@@ -99,8 +109,22 @@ impl Log for MemoryLog {
         if let Some(r) = records.iter().find(|r| !s.topics.contains_key(&r.topic)) {
             return Err(LogError::UnknownTopic(r.topic.clone()));
         }
+        let limit = self.shared.max_record_bytes.load(Ordering::SeqCst);
+        let size = |r: &OutRecord| {
+            r.key.as_ref().map_or(0, Vec::len)
+                + r.value.len()
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        };
+        let mut refused = Vec::new();
         let mut out = Vec::with_capacity(records.len());
-        for r in records {
+        for (i, r) in records.into_iter().enumerate() {
+            if limit > 0 && size(&r) > limit {
+                refused.push(i);
+                continue;
+            }
             let partitions = s.topics.entry(r.topic.clone()).or_default();
             let n = partitions.len() as u32;
             let partition = r
@@ -125,6 +149,13 @@ impl Log for MemoryLog {
         }
         drop(s);
         self.shared.appended.notify_waiters();
+        if !refused.is_empty() {
+            return Err(LogError::TooLarge {
+                refused,
+                appended: out,
+                reason: format!("larger than {limit} bytes"),
+            });
+        }
         Ok(out)
     }
 

@@ -16,6 +16,9 @@ pub const EVENTS_DUPLICATE: &str = "waymark_processor_events_duplicate_total";
 pub const EVENTS_REDELIVERED: &str = "waymark_processor_events_redelivered_total";
 /// Dead letters written, by processor and kind.
 pub const DEAD_LETTERS: &str = "waymark_processor_dead_letters_total";
+/// Counter: dead letters dropped because the dead-letter topic refused
+/// them even without their value (logged as errors).
+pub const DROPPED: &str = "waymark_processor_dropped_total";
 /// Time from polling a batch to committing it, by processor.
 pub const BATCH_DURATION: &str = "waymark_processor_batch_duration_seconds";
 /// Records per batch, by processor.
@@ -46,7 +49,7 @@ pub fn describe() {
     describe_counter!(
         EVENTS_DUPLICATE,
         Unit::Count,
-        "events ignored as duplicate ids within the dedupe window"
+        "events ignored as duplicates (an id within the dedupe window, or a record appended again)"
     );
     describe_counter!(
         EVENTS_REDELIVERED,
@@ -57,6 +60,11 @@ pub fn describe() {
         DEAD_LETTERS,
         Unit::Count,
         "records written to the dead-letter topic"
+    );
+    describe_counter!(
+        DROPPED,
+        Unit::Count,
+        "dead letters the dead-letter topic refused even without their value"
     );
     describe_histogram!(
         BATCH_DURATION,

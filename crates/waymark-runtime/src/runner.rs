@@ -6,15 +6,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use metrics::Label;
+use waymark_core::{RejectKind, Rejection};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cache::RowCache;
 use crate::catalog::{GateError, VersionGate};
-use crate::dead_letter::dead_letter;
+use crate::dead_letter::{dead_letter, HEADER_MESSAGE, HEADER_TRUNCATED};
 use crate::handler::{BatchOutput, HandleError, Handler};
-use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, Record};
+use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, OutRecord, Record};
 use crate::metrics as m;
 use crate::store::{PositionWrite, ProjectionStore, StoreError, WriteBatch};
 
@@ -100,6 +101,48 @@ pub struct Runner {
     gate: Option<Arc<VersionGate>>,
     /// `processor` and `version`, on every metric.
     labels: Vec<Label>,
+}
+
+/// What a record to append is, by the index of the input record it came
+/// from.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// An output of the handler.
+    Output(usize),
+    /// The dead letter of an input record.
+    DeadLetter(usize),
+}
+
+impl Origin {
+    fn input(self) -> usize {
+        match self {
+            Origin::Output(i) | Origin::DeadLetter(i) => i,
+        }
+    }
+}
+
+/// `record` (a dead letter) made smaller: its value halved (the first time
+/// with header [`HEADER_TRUNCATED`] added), then, once it is empty, its
+/// message header cut to 1 KiB; `None` when there is nothing left to cut.
+fn truncated(mut record: OutRecord) -> Option<OutRecord> {
+    if record.value.is_empty() {
+        let (_, message) = record
+            .headers
+            .iter_mut()
+            .find(|(k, _)| k == HEADER_MESSAGE)?;
+        if message.len() <= 1024 {
+            return None;
+        }
+        message.truncate(1024);
+        return Some(record);
+    }
+    if !record.headers.iter().any(|(k, _)| k == HEADER_TRUNCATED) {
+        let original = record.value.len().to_string().into_bytes();
+        record.headers.push((HEADER_TRUNCATED.to_owned(), original));
+    }
+    let keep = record.value.len() / 2;
+    record.value.truncate(keep);
+    Some(record)
 }
 
 /// Where the batch got to, so a retry resumes instead of redoing effects.
@@ -375,6 +418,77 @@ impl Runner {
         Ok(Some(positions))
     }
 
+    /// Appends `pending`. Records the log refuses for good as too large
+    /// ([`LogError::TooLarge`]) are made to fit instead of retried as they
+    /// are: an output becomes a dead letter of the input record it came
+    /// from, and a dead letter's value is cut in half (header
+    /// [`HEADER_TRUNCATED`]: the original length) until it fits. A dead
+    /// letter that does not fit even empty is dropped with an error log and
+    /// the `waymark_processor_dropped_total` metric, never retried forever.
+    async fn produce_fitting(
+        &self,
+        records: &[Record],
+        mut pending: Vec<(Origin, OutRecord)>,
+    ) -> Result<(), LogError> {
+        let processor = self.handler.processor();
+        loop {
+            let batch: Vec<OutRecord> = pending.iter().map(|(_, r)| r.clone()).collect();
+            let (refused, reason) = match self.log.produce(batch).await {
+                Ok(_) => return Ok(()),
+                Err(LogError::TooLarge {
+                    refused, reason, ..
+                }) => (refused, reason),
+                Err(e) => return Err(e),
+            };
+            let mut next = Vec::new();
+            for index in refused {
+                let Some((origin, record)) = pending.get(index).cloned() else {
+                    continue;
+                };
+                let input = origin.input();
+                let (partition, offset) = (records[input].partition, records[input].offset);
+                match origin {
+                    Origin::Output(_) => {
+                        let rejection = Rejection::new(
+                            RejectKind::TooLarge,
+                            format!(
+                                "its output to {} is {} bytes, more than the topic accepts \
+                                 ({reason})",
+                                record.topic,
+                                record.value.len()
+                            ),
+                        );
+                        warn!(%processor, partition, offset, %reason, "output too large for its topic; dead letter instead");
+                        next.push((
+                            Origin::DeadLetter(input),
+                            dead_letter(
+                                &self.config.dlq_topic,
+                                &self.config.input_topic,
+                                &records[input],
+                                &rejection,
+                                processor,
+                            ),
+                        ));
+                    }
+                    Origin::DeadLetter(_) => match truncated(record) {
+                        Some(smaller) => {
+                            warn!(%processor, partition, offset, %reason, "dead letter too large; truncating its value");
+                            next.push((origin, smaller));
+                        }
+                        None => {
+                            tracing::error!(%processor, partition, offset, %reason, "dead letter too large even without its value; dropped");
+                            metrics::counter!(m::DROPPED, self.labels.clone()).increment(1);
+                        }
+                    },
+                }
+            }
+            if next.is_empty() {
+                return Ok(());
+            }
+            pending = next;
+        }
+    }
+
     async fn try_apply(
         &self,
         records: &[Record],
@@ -421,11 +535,11 @@ impl Runner {
                         .is_none_or(|range| range.contains(&r.offset))
                 })
             };
-            let mut produce: Vec<_> = output
+            let mut produce: Vec<(Origin, OutRecord)> = output
                 .produce
                 .iter()
                 .filter(|(i, _)| ours(*i))
-                .map(|(_, r)| r.clone())
+                .map(|(i, r)| (Origin::Output(*i), r.clone()))
                 .collect();
             for (i, rejection) in output.rejected.iter().filter(|(i, _)| ours(*i)) {
                 warn!(
@@ -436,17 +550,22 @@ impl Runner {
                     message = %rejection.message,
                     "dead letter"
                 );
-                produce.push(dead_letter(
-                    &self.config.dlq_topic,
-                    &self.config.input_topic,
-                    &records[*i],
-                    rejection,
-                    self.handler.processor(),
+                produce.push((
+                    Origin::DeadLetter(*i),
+                    dead_letter(
+                        &self.config.dlq_topic,
+                        &self.config.input_topic,
+                        &records[*i],
+                        rejection,
+                        self.handler.processor(),
+                    ),
                 ));
             }
             if !produce.is_empty() {
                 let started = Instant::now();
-                self.log.produce(produce).await.map_err(StepError::Log)?;
+                self.produce_fitting(records, produce)
+                    .await
+                    .map_err(StepError::Log)?;
                 stage("produce", started);
                 progress.emitted = true;
             }
@@ -679,7 +798,7 @@ mod tests {
 
     use super::*;
     use crate::handler::ProjectionHandler;
-    use crate::log::{OutRecord, TopicConfig};
+    use crate::log::TopicConfig;
     use crate::memory::MemoryStore;
     use crate::memory_log::MemoryLog;
     use crate::row::decode_row;
@@ -818,6 +937,125 @@ mod tests {
         assert_eq!(store.writes(), writes);
         assert_eq!(counts(&store).await, expected);
         assert_eq!(log.records(DLQ).len(), 1);
+    }
+
+    /// Forwards every record's value to [`OUT`] (an output per record).
+    struct Forward;
+
+    #[async_trait::async_trait]
+    impl Handler for Forward {
+        fn processor(&self) -> &str {
+            "forward"
+        }
+        fn tables(&self) -> Vec<String> {
+            Vec::new()
+        }
+        async fn handle(
+            &self,
+            _: &dyn ProjectionStore,
+            _: &str,
+            records: &[Record],
+        ) -> Result<BatchOutput, HandleError> {
+            let mut out = BatchOutput::default();
+            for (i, r) in records.iter().enumerate() {
+                let value = r.value.clone().unwrap_or_default();
+                out.produce.push((i, OutRecord::keyed(OUT, "k", value)));
+            }
+            Ok(out)
+        }
+    }
+
+    const OUT: &str = "out";
+
+    /// What the log refuses for good as too large is made to fit, and the
+    /// runner moves on: an output too large for its topic becomes the
+    /// dead letter of its input, and a dead letter too large for the
+    /// dead-letter topic is truncated, saying so in a header.
+    #[tokio::test]
+    async fn records_too_large_for_their_topic_are_made_to_fit_not_retried_forever() {
+        let (log, store) = setup().await;
+        log.ensure_topics(&[TopicConfig {
+            name: OUT.into(),
+            partitions: 1,
+            retention: None,
+            compaction: false,
+        }])
+        .await
+        .unwrap();
+        let inputs: Vec<OutRecord> = [100, 5_000, 100]
+            .iter()
+            .map(|n| OutRecord::keyed(INPUT, "k", vec![b'x'; *n]))
+            .collect();
+        log.produce(inputs).await.unwrap();
+        log.limit_record_bytes(2_000);
+
+        let mut config = RunnerConfig::new("forward.v1", INPUT, DLQ);
+        config.backoff_min = Duration::from_millis(1);
+        config.backoff_max = Duration::from_millis(5);
+        let runner = Runner::new(
+            Arc::new(log.clone()),
+            Arc::new(store.clone()),
+            Arc::new(Forward),
+            config,
+        );
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner.run(token.clone()));
+        for _ in 0..2_000 {
+            let stored = store.positions("forward.v1", INPUT).await.unwrap();
+            if stored.values().sum::<u64>() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        token.cancel();
+        task.await.unwrap().unwrap();
+
+        let stored = store.positions("forward.v1", INPUT).await.unwrap();
+        assert_eq!(stored.values().sum::<u64>(), 3, "the runner went on");
+        let out = log.records(OUT);
+        assert_eq!(out.len(), 2, "the outputs that fit");
+        let dead = log.records(DLQ);
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let letter = &dead[0];
+        assert_eq!(
+            letter.header(crate::dead_letter::HEADER_ERROR),
+            Some(&b"too_large"[..])
+        );
+        assert_eq!(letter.header(HEADER_TRUNCATED), Some(&b"5000"[..]));
+        let value = letter.value.as_deref().unwrap_or_default();
+        assert!(value.len() < 2_000 && !value.is_empty(), "{}", value.len());
+        assert!(value.iter().all(|b| *b == b'x'), "a prefix of the input");
+    }
+
+    #[test]
+    fn truncating_ends() {
+        let mut record = OutRecord::keyed(DLQ, "k", vec![1; 100]);
+        record
+            .headers
+            .push((HEADER_MESSAGE.to_owned(), vec![b'm'; 5_000]));
+        let mut steps = 0;
+        while let Some(smaller) = truncated(record.clone()) {
+            record = smaller;
+            steps += 1;
+            assert!(steps < 100);
+        }
+        assert!(record.value.is_empty());
+        assert_eq!(
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == HEADER_MESSAGE)
+                .map(|(_, v)| v.len()),
+            Some(1024)
+        );
+        assert_eq!(
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == HEADER_TRUNCATED)
+                .map(|(_, v)| v.clone()),
+            Some(b"100".to_vec())
+        );
     }
 
     /// A runner is a member of its group while it runs (what a drop waits

@@ -13,20 +13,27 @@
 //! - `error.rs` maps every error to a status code, in one place;
 //!   `convert.rs` has the conversions the query modules share.
 //! - [`serve`] wires them with reflection (v1 and v1alpha), health, request
-//!   size and concurrency limits.
+//!   size and concurrency limits; [`admission`] sheds load beyond a limit
+//!   of requests at once across all connections.
 //!
 //! # Guarantees
 //! - A page of a list rpc holds at most `page_size` items and at most
 //!   [`MAX_PAGE_BYTES`] of them (never fewer than one), with a token to
 //!   the rest.
-//! - Malformed requests get `INVALID_ARGUMENT`, unknown persons, identities,
-//!   journeys and courses `NOT_FOUND`, an unreachable store or log
-//!   `UNAVAILABLE`; never `INTERNAL` for a client's mistake.
+//! - Malformed requests get `INVALID_ARGUMENT` (including bytes that are no
+//!   valid protobuf encoding, or strings that are not UTF-8:
+//!   `waymark_proto::codec`), unknown persons, identities, journeys and
+//!   courses `NOT_FOUND`, an unreachable store or log `UNAVAILABLE`; never
+//!   `INTERNAL` for a client's mistake.
+//! - Beyond [`admission::DEFAULT_MAX_CONCURRENT_REQUESTS`] requests at once
+//!   (all connections together), a request is answered `RESOURCE_EXHAUSTED`
+//!   at once rather than queued; health checks are exempt.
 //! - `Ingest.Publish` answers only after every accepted event is durable in
 //!   the log; a log failure fails the whole call with `UNAVAILABLE` (retry
 //!   is safe: event ids deduplicate).
 
 mod admin;
+pub mod admission;
 mod convert;
 mod error;
 mod ingest;
@@ -111,6 +118,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
+        .layer(admission::AdmissionLayer::new(
+            admission::DEFAULT_MAX_CONCURRENT_REQUESTS,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -110,10 +110,15 @@ pub enum DurationError {
     /// A duration of zero.
     #[error("must be greater than zero")]
     Zero,
-    /// A duration that does not fit in 64 bits of milliseconds.
-    #[error("too large")]
+    /// A duration longer than [`MAX_DURATION`] (100 years).
+    #[error("too large, at most 36500d (100 years)")]
     TooLarge,
 }
+
+/// The longest duration `topology.yaml` accepts: 100 years (36500 days).
+/// Every duration is bounded so that no arithmetic on configuration (an
+/// event time minus a dedupe window, a retention horizon) can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// Parses a finite duration: a whole number greater than zero directly
 /// followed by one of the units `ms`, `s`, `m`, `h`, `d` (24 h) or `w` (7 d),
@@ -147,7 +152,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         return Err(DurationError::Zero);
     }
     let ms = n.checked_mul(unit_ms).ok_or(DurationError::TooLarge)?;
-    Ok(Duration::from_millis(ms))
+    let duration = Duration::from_millis(ms);
+    if duration > MAX_DURATION {
+        return Err(DurationError::TooLarge);
+    }
+    Ok(duration)
 }
 
 /// Parses a [`Retention`]: `forever` or a duration as in [`parse_duration`].
@@ -205,6 +214,7 @@ mod tests {
         assert_eq!(parse_duration("365d"), Ok(Duration::from_secs(365 * DAY)));
         assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * DAY)));
         assert_eq!(parse_duration("007s"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
     }
 
     #[test]
@@ -244,6 +254,8 @@ mod tests {
             ),
             ("99999999999999999999s", TooLarge),
             ("18446744073709551615w", TooLarge),
+            ("100000000w", TooLarge),
+            ("36501d", TooLarge),
         ];
         for (input, expected) in cases {
             assert_eq!(parse_duration(input), Err(expected), "input {input:?}");
@@ -251,10 +263,17 @@ mod tests {
     }
 
     #[test]
-    fn largest_millisecond_count_fits() {
+    fn durations_are_bounded_by_a_hundred_years() {
+        let max_ms = MAX_DURATION.as_millis().to_string();
+        assert_eq!(parse_duration(&format!("{max_ms}ms")), Ok(MAX_DURATION));
+        let over = (MAX_DURATION.as_millis() + 1).to_string();
+        assert_eq!(
+            parse_duration(&format!("{over}ms")),
+            Err(DurationError::TooLarge)
+        );
         assert_eq!(
             parse_duration("18446744073709551615ms"),
-            Ok(Duration::from_millis(u64::MAX))
+            Err(DurationError::TooLarge)
         );
     }
 

@@ -60,7 +60,9 @@ mod size;
 
 use std::path::Path;
 
-pub use duration::{format_duration, parse_duration, parse_retention, DurationError, Retention};
+pub use duration::{
+    format_duration, parse_duration, parse_retention, DurationError, Retention, MAX_DURATION,
+};
 pub use error::{LoadError, TopologyError, TopologyErrorKind, TopologyErrors};
 pub use model::{
     ParamKind, ParamSpec, ParamValue, ProcessorDecl, ProcessorSpec, TopicRole, TopicSpec, Topics,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 use waymark_core::{Event, Identity, Rejection};
-use waymark_runtime::handler::{BatchOutput, HandleError, Handler};
+use waymark_runtime::handler::{source_header, BatchOutput, HandleError, Handler};
 use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{OutRecord, ProjectionStore, Record, RowWrite};
@@ -183,14 +183,18 @@ impl Handler for IdentityHandler {
                     continue;
                 }
             };
-            out.produce.push((
-                i,
-                OutRecord::keyed(
-                    self.events_topic.clone(),
-                    person.to_string().into_bytes(),
-                    event.to_json(),
-                ),
-            ));
+            let mut record = OutRecord::keyed(
+                self.events_topic.clone(),
+                person.to_string().into_bytes(),
+                event.to_json(),
+            );
+            // Where it came from, so that the folds apply it once even when
+            // a crash makes this batch append it again.
+            let source = &records[i];
+            record
+                .headers
+                .push(source_header(source.partition, source.offset));
+            out.produce.push((i, record));
             out.stats.applied += 1;
         }
 

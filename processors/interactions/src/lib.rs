@@ -53,7 +53,9 @@ pub const NAME: &str = "interactions";
 /// The state encoding of its rows ([`waymark_runtime::row`]): raise it
 /// whenever a row type of [`timeline`] (or a type in it, such as
 /// [`InteractionItem`]) changes shape.
-pub const STATE_ENCODING: u32 = 1;
+///
+/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied.
+pub const STATE_ENCODING: u32 = 2;
 
 /// The interactions processor as a plugin: [`InteractionsFold`]'s items
 /// over the events, stored sub-keyed ([`timeline`]). Its parameters:

@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
-use waymark_runtime::handler::{decode_events, BatchOutput, HandleError, Handler};
+use waymark_runtime::handler::{decode_events, BatchOutput, Decoded, HandleError, Handler};
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
@@ -441,16 +441,16 @@ impl<'a> Person<'a> {
         }
     }
 
-    /// Applies one event at `position`.
+    /// Applies one decoded record.
     async fn apply(
         &mut self,
         store: &dyn ProjectionStore,
-        event: &Event,
-        position: Position,
+        decoded: &Decoded,
         window: Duration,
         limits: &Limits,
     ) -> Result<ApplyOutcome, StoreError> {
-        let outcome = self.head.apply(&Latest, event, position, window);
+        let (event, position) = (&decoded.event, decoded.position);
+        let outcome = decoded.apply_to(&mut self.head, &Latest, window);
         if outcome != ApplyOutcome::Applied {
             return Ok(outcome);
         }
@@ -587,13 +587,13 @@ impl Handler for TimelineHandler {
         records: &[Record],
     ) -> Result<BatchOutput, HandleError> {
         let mut out = BatchOutput::default();
-        let mut by_person: BTreeMap<String, Vec<(Position, Event)>> = BTreeMap::new();
-        for (position, event) in decode_events(records, &mut out.rejected) {
-            if let Some(person) = event.person_id {
+        let mut by_person: BTreeMap<String, Vec<Decoded>> = BTreeMap::new();
+        for decoded in decode_events(records, &mut out.rejected) {
+            if let Some(person) = decoded.event.person_id {
                 by_person
                     .entry(person.to_string())
                     .or_default()
-                    .push((position, event));
+                    .push(decoded);
             }
         }
         let keys: Vec<String> = by_person.keys().cloned().collect();
@@ -616,9 +616,9 @@ impl Handler for TimelineHandler {
                 changed: false,
             };
             person.preload(store, &events).await?;
-            for (position, event) in &events {
+            for decoded in &events {
                 match person
-                    .apply(store, event, *position, self.window, &self.limits)
+                    .apply(store, decoded, self.window, &self.limits)
                     .await?
                 {
                     ApplyOutcome::Applied => out.stats.applied += 1,
@@ -639,11 +639,11 @@ impl Person<'_> {
     async fn preload(
         &mut self,
         store: &dyn ProjectionStore,
-        events: &[(Position, Event)],
+        events: &[Decoded],
     ) -> Result<(), StoreError> {
         let items: Vec<InteractionItem> = events
             .iter()
-            .filter_map(|(_, e)| InteractionItem::from_event(e))
+            .filter_map(|d| InteractionItem::from_event(&d.event))
             .collect();
         let ids: BTreeSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
         let keys: Vec<String> = ids.iter().map(|id| id_key(&self.key, id)).collect();

@@ -45,7 +45,9 @@ pub const NAME: &str = "journey";
 
 /// The state encoding of its rows ([`waymark_runtime::row`]): raise it
 /// whenever [`JourneysState`] (or a type in it) changes shape.
-pub const STATE_ENCODING: u32 = 1;
+///
+/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied.
+pub const STATE_ENCODING: u32 = 2;
 
 /// The journey processor as a plugin: [`JourneyFold`] over the events, one
 /// row per person.

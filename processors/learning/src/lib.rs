@@ -37,7 +37,9 @@ pub const NAME: &str = "learning";
 
 /// The state encoding of its rows ([`waymark_runtime::row`]): raise it
 /// whenever [`LearningState`] (or a type in it) changes shape.
-pub const STATE_ENCODING: u32 = 1;
+///
+/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied.
+pub const STATE_ENCODING: u32 = 2;
 
 /// The learning processor as a plugin: [`LearningFold`] over the events,
 /// one row per person.

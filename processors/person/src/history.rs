@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 
-use waymark_runtime::handler::{decode_event, BatchOutput, HandleError, Handler};
+use waymark_runtime::handler::{
+    decode_event, record_source, BatchOutput, Decoded, HandleError, Handler,
+};
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
@@ -104,20 +106,21 @@ impl WithHistory {
         records: &[Record],
     ) -> Result<Vec<RowWrite>, HandleError> {
         // The record's bytes are the canonical event: stored as they are.
-        let events: Vec<(Position, Event, &[u8])> = records
+        let events: Vec<(Decoded, &[u8])> = records
             .iter()
             .filter_map(|r| {
                 let event = decode_event(r).ok()?;
-                Some((
-                    Position::new(r.partition, r.offset),
+                let decoded = Decoded {
+                    position: Position::new(r.partition, r.offset),
+                    source: record_source(r),
                     event,
-                    r.value.as_deref()?,
-                ))
+                };
+                Some((decoded, r.value.as_deref()?))
             })
             .collect();
         let mut keys: Vec<String> = events
             .iter()
-            .filter_map(|(_, e, _)| e.person_id.map(|p| p.to_string()))
+            .filter_map(|(d, _)| d.event.person_id.map(|p| p.to_string()))
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -135,14 +138,15 @@ impl WithHistory {
             .map(|(k, h)| (k.clone(), h.state.count))
             .collect();
         let mut appended: BTreeMap<String, Vec<HistoryEntry>> = BTreeMap::new();
-        for (position, event, bytes) in &events {
-            let Some(person) = event.person_id.map(|p| p.to_string()) else {
+        for (decoded, bytes) in &events {
+            let Some(person) = decoded.event.person_id.map(|p| p.to_string()) else {
                 continue;
             };
             let Some(head) = heads.get_mut(&person) else {
                 continue;
             };
-            if head.apply(&Count, event, *position, self.window) == ApplyOutcome::Applied {
+            let position = decoded.position;
+            if decoded.apply_to(head, &Count, self.window) == ApplyOutcome::Applied {
                 appended.entry(person).or_default().push(HistoryEntry {
                     partition: position.partition,
                     offset: position.offset,

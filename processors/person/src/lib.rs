@@ -37,7 +37,9 @@ pub const NAME: &str = "person";
 /// The state encoding of the person rows and of the history rows
 /// ([`waymark_runtime::row`]): raise it whenever [`PersonState`],
 /// [`history::HistoryHead`] or [`history::HistoryEntry`] change shape.
-pub const STATE_ENCODING: u32 = 1;
+///
+/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied.
+pub const STATE_ENCODING: u32 = 2;
 
 /// The person processor: [`PersonFold`] over the events, plus each
 /// person's event history.

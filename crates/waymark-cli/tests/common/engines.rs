@@ -2,39 +2,16 @@
 //! integration tests: every test gets its own topics, consumer groups and
 //! keyspace, and runs the real `waymark run` / `waymark serve` binaries.
 
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Kafka and CQL addresses, or `None` (after saying so) when they are
-/// absent outside CI. Under `CI=true`, or when their env vars are set, an
-/// unreachable engine fails the test instead.
+/// Kafka and CQL addresses, or `None` when the test is skipped (the
+/// policy of `waymark_testenv`: required under `CI=true` or with
+/// `WAYMARK_*` set, else a visible `SKIPPED` line).
 pub fn engines() -> Option<(String, String)> {
-    let bootstrap = std::env::var("WAYMARK_KAFKA_BOOTSTRAP").ok();
-    let cql = std::env::var("WAYMARK_CQL_NODES").ok();
-    let required =
-        std::env::var("CI").is_ok_and(|v| v == "true") || bootstrap.is_some() || cql.is_some();
-    let bootstrap = bootstrap.unwrap_or_else(|| "127.0.0.1:9092".into());
-    let cql = cql.unwrap_or_else(|| "127.0.0.1:9042".into());
-    let reachable = |addr: &str| {
-        addr.split(',').all(|a| {
-            a.to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
-                .is_some_and(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(2)).is_ok())
-        })
-    };
-    match (reachable(&bootstrap), reachable(&cql)) {
-        (true, true) => Some((bootstrap, cql)),
-        (k, c) if required => panic!(
-            "real engines required (CI=true or WAYMARK_* set) but kafka at {bootstrap} reachable={k}, cql at {cql} reachable={c}; start them with `scripts/dev-services up`"
-        ),
-        _ => {
-            eprintln!("skipped: no kafka at {bootstrap} or no cassandra at {cql} (run scripts/dev-services up)");
-            None
-        }
-    }
+    waymark_testenv::engines()
 }
 
 /// A child process killed (and reaped) when dropped.

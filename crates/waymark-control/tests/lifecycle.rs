@@ -1,11 +1,16 @@
-//! A projection version stored in another state encoding than the running
-//! build's (see `waymark_runtime::row`): detected at start-up with the
-//! instruction to raise `projection_version`, and, once raised, replaced by
-//! the new version at once, rebuilt from the log in the new encoding, with
-//! queries answering UNAVAILABLE until it has caught up and every dead
-//! letter written exactly once across the two builds.
+//! What a deployment's life asks of the controller, on the in-memory log
+//! and store:
+//! - a projection version stored in another state encoding than the
+//!   running build's (see `waymark_runtime::row`) is detected at start-up
+//!   with the instruction to raise `projection_version`, and, once raised,
+//!   replaced by the new version at once, rebuilt from the log in the new
+//!   encoding, with queries answering UNAVAILABLE until it has caught up
+//!   and every dead letter written exactly once across the two builds;
+//! - a topic whose partition count changed is refused at start-up;
+//! - retention keeps what a running version has not applied.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -274,4 +279,95 @@ async fn a_version_of_another_state_encoding_is_detected_and_rebuilt_once_raised
     assert!(catalog::handed_off(&store, &log, EVENTS, &entry)
         .await
         .unwrap());
+}
+
+/// A topic's partition count is recorded on the first start; a start that
+/// finds it changed is refused, naming the topic, both counts and the
+/// remedy. A topic created beforehand with another count than the
+/// topology's is what the deployment runs with.
+#[tokio::test]
+async fn a_changed_partition_count_is_refused_at_start_up() {
+    use waymark_control::partitions::{check, PartitionsError};
+    let store = MemoryStore::new();
+    let topics = |events: u32| {
+        [(EVENTS, events), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+            name: name.into(),
+            partitions,
+            retention: None,
+            compaction: false,
+        })
+    };
+    let first = MemoryLog::new();
+    first.ensure_topics(&topics(3)).await.unwrap();
+    // Configured with 2, created beforehand with 3: runs with 3.
+    check(&store, &first, &topics(2)).await.unwrap();
+    check(&store, &first, &topics(3)).await.unwrap();
+
+    let repartitioned = MemoryLog::new();
+    repartitioned.ensure_topics(&topics(6)).await.unwrap();
+    let refused = check(&store, &repartitioned, &topics(6)).await.unwrap_err();
+    assert!(matches!(refused, PartitionsError::Changed(_)));
+    let text = refused.to_string();
+    assert!(
+        text.contains("waymark.events has 6 partitions")
+            && text.contains("built on 3")
+            && text.contains("Restore the recorded partition count"),
+        "{text}"
+    );
+    assert!(!text.contains("waymark.dlq"), "{text}");
+}
+
+/// Retention keeps what a running version has not applied: per partition
+/// the smallest position of the active, building and previous versions of
+/// every processor reading the topic; 0 before any version ran; nothing
+/// for a topic no processor reads.
+#[tokio::test]
+async fn the_unapplied_floor_is_the_slowest_reader() {
+    let log = MemoryLog::new();
+    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+        name: name.into(),
+        partitions,
+        retention: None,
+        compaction: false,
+    });
+    log.ensure_topics(&topics).await.unwrap();
+    let store = MemoryStore::new();
+    let floor = |store: MemoryStore, log: MemoryLog| async move {
+        waymark_control::unapplied_floor(&store, &log, &registry(1), &topology(1), EVENTS)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        floor(store.clone(), log.clone()).await,
+        [(0, 0), (1, 0)].into()
+    );
+    assert!(
+        waymark_control::unapplied_floor(&store, &log, &registry(1), &topology(1), DLQ)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    publish(&log, 0, 5).await;
+    let mut a = controller(&log, &store, 1, 1);
+    a.start().await.unwrap();
+    run_until(a, caught_up(&log, &store, 1)).await;
+    let high: BTreeMap<u32, u64> = {
+        let mut h = BTreeMap::new();
+        for p in 0..2 {
+            h.insert(p, log.watermarks(EVENTS, p).await.unwrap().1);
+        }
+        h
+    };
+    assert_eq!(floor(store.clone(), log.clone()).await, high);
+    // A rebuild from offset 0 holds retention back to 0 again.
+    catalog::update(&store, "count", catalog::Configured::new(1, 1), |e| {
+        e.start_rebuild(None, false, 1, chrono::Utc::now())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        floor(store.clone(), log.clone()).await,
+        [(0, 0), (1, 0)].into()
+    );
 }
