@@ -61,9 +61,15 @@
 //! - **Rows without an order** are last-writer-wins by the writers'
 //!   clocks: within a process later batches win; across processes (only
 //!   around a rebalance) this relies on synchronised clocks.
-//! - **Positions** are written with the clock too: last writer wins. A
-//!   stale owner can at worst move a position back, which replays records
-//!   the rows already reflect.
+//! - **Positions never move back (fencing).** A position is written
+//!   `USING TIMESTAMP 2^53 + next_offset`, so the larger position wins
+//!   whatever the order of arrival: a member that lost its partitions
+//!   (paused past its session timeout, stuck in an outage past
+//!   `max.poll.interval.ms`) and writes an older one late changes nothing.
+//!   The base 2^53 lies above every clock timestamp (µs) an earlier build
+//!   wrote positions with. Consumer ids include the projection version and
+//!   are never reused, so positions only ever grow; a dropped version's are
+//!   deleted for good, by a tombstone at 2^54, above every position.
 //! - **Exactly-once effects without LWT.** The position guard (the runtime
 //!   reads from the stored position and rows record what they applied) and
 //!   `USING TIMESTAMP` make every write idempotent and ordered per key, so
@@ -108,8 +114,10 @@
 //! The CQL used is accepted by both ScyllaDB and Cassandra 5: `CREATE
 //! KEYSPACE/TABLE IF NOT EXISTS`, the types `text`, `blob`, `int`, `bigint`,
 //! `timestamp`, `INSERT`/`DELETE ... USING TIMESTAMP ?`, single-partition
-//! `SELECT`s and `toTimestamp(now())`. No LWT, batches, materialized views,
-//! secondary indexes or vendor table options.
+//! `SELECT`s and `toTimestamp(now())`, and lightweight transactions (`IF NOT
+//! EXISTS`, `IF value = ?`) only for the compare-and-set of the projection
+//! catalog and of the recorded partition counts, rare writes. No batches,
+//! materialized views, secondary indexes or vendor table options.
 
 pub mod config;
 pub mod cql;

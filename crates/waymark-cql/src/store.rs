@@ -318,6 +318,30 @@ fn plan_rows<'a>(rows: &'a [RowWrite], clock: &Clock) -> Result<Vec<PlannedRow<'
     Ok(planned)
 }
 
+/// The base of position write timestamps: 2^53 µs (the year 2255), above
+/// every clock timestamp an earlier build wrote positions with, so those
+/// rows are overwritten and never shadow a newer position.
+pub(crate) const POSITION_EPOCH: i64 = 1 << 53;
+
+/// The timestamp of the tombstone of a dropped consumer's positions:
+/// above every position's ([`position_timestamp`] stays below 2^54).
+const POSITIONS_DELETED: i64 = 1 << 54;
+
+/// The write timestamp of a position: [`POSITION_EPOCH`] plus the offset,
+/// so a larger position always wins over a smaller one (fencing). Offsets
+/// are below 2^53 (Kafka's are far from it).
+fn position_timestamp(next_offset: u64) -> Result<i64, StoreError> {
+    i64::try_from(next_offset)
+        .ok()
+        .filter(|o| *o < POSITION_EPOCH)
+        .map(|o| POSITION_EPOCH + o)
+        .ok_or_else(|| StoreError::Corrupt {
+            table: POSITIONS_TABLE.to_owned(),
+            key: String::new(),
+            reason: format!("next offset {next_offset} does not fit a cql timestamp"),
+        })
+}
+
 /// The positions of a batch, the later one winning when a batch names one
 /// (consumer, topic, partition) twice.
 fn plan_positions(positions: &[PositionWrite]) -> Vec<&PositionWrite> {
@@ -447,12 +471,14 @@ impl ProjectionStore for CqlStore {
             .buffer_unordered(self.inner.concurrency)
             .try_for_each(|()| futures::future::ready(Ok(())))
             .await?;
-        // Then the positions the rows reflect.
-        let timestamp = self.inner.clock.next();
-        let writes: Vec<_> = plan_positions(&batch.positions)
-            .into_iter()
-            .map(|p| self.write_position(p, timestamp))
-            .collect();
+        // Then the positions the rows reflect, each written at a timestamp
+        // that grows with it: a position never moves back, even when a
+        // member that lost its partitions (paused past its session, stuck in
+        // an outage) writes an older one late.
+        let mut writes = Vec::new();
+        for p in plan_positions(&batch.positions) {
+            writes.push(self.write_position(p, position_timestamp(p.next_offset)?));
+        }
         futures::stream::iter(writes)
             .buffer_unordered(self.inner.concurrency)
             .try_for_each(|()| futures::future::ready(Ok(())))
@@ -557,15 +583,17 @@ impl ProjectionStore for CqlStore {
     }
 
     async fn delete_positions(&self, consumer: &str, topic: &str) -> Result<(), StoreError> {
+        // Above every position's timestamp (see `position_timestamp`): the
+        // consumer id is never used again, so its positions go for good.
         let mut statement = Statement::new(format!(
-            "DELETE FROM {}.{} WHERE consumer = ? AND topic = ?",
+            "DELETE FROM {}.{} USING TIMESTAMP ? WHERE consumer = ? AND topic = ?",
             self.inner.keyspace,
             Ident::internal(POSITIONS_TABLE)
         ));
         statement.set_is_idempotent(true);
         self.inner
             .session
-            .query_unpaged(statement, (consumer, topic))
+            .query_unpaged(statement, (POSITIONS_DELETED, consumer, topic))
             .await
             .map_err(|e| execution_to_store(POSITIONS_TABLE, &e))?;
         Ok(())

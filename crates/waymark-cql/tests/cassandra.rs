@@ -332,6 +332,37 @@ async fn a_late_write_with_a_smaller_order_loses() -> anyhow::Result<()> {
     .await
 }
 
+/// Fencing: a member that lost its partitions and writes an older position
+/// late (paused past its session, stuck in an outage) cannot move it back.
+#[tokio::test]
+async fn a_late_smaller_position_never_moves_it_back() -> anyhow::Result<()> {
+    with_store("fence", |_, store| async move {
+        let write = |next: u64| {
+            store.write(WriteBatch {
+                rows: Vec::new(),
+                positions: vec![position("journey.v1", "waymark.events", 0, next)],
+            })
+        };
+        write(300).await?;
+        write(200).await?; // the zombie
+        let got = store.positions("journey.v1", "waymark.events").await?;
+        ensure!(got == BTreeMap::from([(0, 300)]), "{got:?}");
+        write(301).await?;
+        let got = store.positions("journey.v1", "waymark.events").await?;
+        ensure!(got == BTreeMap::from([(0, 301)]), "{got:?}");
+        // A dropped version's positions go for good: a late write of its
+        // zombie does not bring them back.
+        store
+            .delete_positions("journey.v1", "waymark.events")
+            .await?;
+        write(302).await?;
+        let got = store.positions("journey.v1", "waymark.events").await?;
+        ensure!(got.is_empty(), "{got:?}");
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn positions_round_trip_per_consumer_and_topic() -> anyhow::Result<()> {
     with_store("positions", |_, store| async move {

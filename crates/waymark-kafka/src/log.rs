@@ -60,7 +60,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
@@ -258,6 +258,9 @@ struct Inner {
     admin: AdminClient<DefaultClientContext>,
     /// Partition counts per topic, for key partitioning.
     partitions: RwLock<HashMap<String, u32>>,
+    /// Each topic's `max.message.bytes`, as the brokers report it (`None`:
+    /// they did not say; the brokers' refusals still apply).
+    record_limits: RwLock<HashMap<String, Option<usize>>>,
 }
 
 impl fmt::Debug for KafkaLog {
@@ -289,8 +292,46 @@ impl KafkaLog {
                 producer,
                 admin,
                 partitions: RwLock::new(HashMap::new()),
+                record_limits: RwLock::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The largest record `topic` accepts (`max.message.bytes`, cached);
+    /// `None` when the cluster does not say.
+    async fn record_limit(&self, topic: &str) -> Option<usize> {
+        if let Some(limit) = self
+            .inner
+            .record_limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+        {
+            return *limit;
+        }
+        let resource = ResourceSpecifier::Topic(topic);
+        let described = self
+            .inner
+            .admin
+            .describe_configs([&resource], &AdminOptions::new())
+            .await;
+        let limit = described.ok().and_then(|described| {
+            described
+                .first()?
+                .as_ref()
+                .ok()?
+                .get("max.message.bytes")?
+                .value
+                .as_deref()?
+                .parse()
+                .ok()
+        });
+        self.inner
+            .record_limits
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.to_owned(), limit);
+        limit
     }
 
     /// The configuration this log was created with.
@@ -330,6 +371,11 @@ impl KafkaLog {
     fn forget_partitions(&self, topic: &str) {
         self.inner
             .partitions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(topic);
+        self.inner
+            .record_limits
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(topic);
@@ -405,6 +451,20 @@ enum Enqueued {
     Sent(DeliveryFuture),
     /// Larger than the producer or the topic accepts (the reason).
     TooLarge(String),
+}
+
+/// A record's size as Kafka counts it against `max.message.bytes`, at most:
+/// key, value and headers uncompressed, plus the record batch overhead.
+fn record_size(record: &OutRecord) -> usize {
+    const BATCH_OVERHEAD: usize = 61 + 21;
+    record.key.as_ref().map_or(0, Vec::len)
+        + record.value.len()
+        + record
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 10)
+            .sum::<usize>()
+        + BATCH_OVERHEAD
 }
 
 /// Whether `code` refuses a record for being too large: permanent.
@@ -547,6 +607,20 @@ impl Log for KafkaLog {
         let mut reason = String::new();
         let mut deliveries = Vec::with_capacity(records.len());
         for (i, (record, partition)) in records.iter().zip(placed).enumerate() {
+            // A record over its topic's limit is refused here, before it is
+            // sent: sent, it would make the broker refuse the whole batch it
+            // travels in, records that fit included.
+            if let Some(limit) = self.record_limit(&record.topic).await {
+                let size = record_size(record);
+                if size > limit {
+                    refused.push(i);
+                    reason = format!(
+                        "{size} bytes, more than max.message.bytes {limit} of {}",
+                        record.topic
+                    );
+                    continue;
+                }
+            }
             match self.enqueue(record, partition).await? {
                 Enqueued::Sent(delivery) => deliveries.push((i, delivery)),
                 Enqueued::TooLarge(why) => {

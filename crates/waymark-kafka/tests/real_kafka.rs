@@ -252,9 +252,21 @@ async fn a_record_too_large_for_its_topic_is_a_permanent_refusal() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Incompressible bytes: the producer compresses batches.
+    let noise = |n: usize| {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect::<Vec<u8>>()
+    };
     let records: Vec<waymark_runtime::OutRecord> = [100, 5_000, 100]
         .iter()
-        .map(|n| waymark_runtime::OutRecord::keyed(name.as_str(), "k", vec![b'x'; *n]))
+        .map(|n| waymark_runtime::OutRecord::keyed(name.as_str(), "k", noise(*n)))
         .collect();
     match log.produce(records).await {
         Err(e @ LogError::TooLarge { .. }) => {
