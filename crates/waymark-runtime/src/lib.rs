@@ -47,7 +47,14 @@
 //!   headers of contract §5 before the position past it is stored; it never
 //!   stops the processor.
 //! - **Failures.** A store or log error is retried with exponential backoff;
-//!   nothing past the failing batch is stored or committed meanwhile.
+//!   nothing past the failing batch is stored or committed meanwhile. A
+//!   record its topic refuses for good as too large is made to fit (an
+//!   output becomes a dead letter, a dead letter is truncated), never
+//!   retried forever.
+//! - **Bounded batches.** A batch holds at most
+//!   [`RunnerConfig::max_batch`] records and
+//!   [`RunnerConfig::max_batch_bytes`] of keys and values (at least one
+//!   record).
 //! - **Shutdown.** On cancellation the runner stops polling, finishes the
 //!   batch in hand (outputs, rows, positions, commit) and returns.
 //! - **Row cache.** In front of a store that asks for it (CQL), a fold's

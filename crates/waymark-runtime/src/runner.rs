@@ -36,6 +36,9 @@ pub struct RunnerConfig {
     pub dlq_topic: String,
     /// Most records per batch.
     pub max_batch: usize,
+    /// Most bytes (keys and values) per batch; a batch holds at least one
+    /// record, however large.
+    pub max_batch_bytes: usize,
     /// First retry delay.
     pub backoff_min: Duration,
     /// Longest retry delay.
@@ -57,6 +60,7 @@ impl RunnerConfig {
             input_topic: input_topic.into(),
             dlq_topic: dlq_topic.into(),
             max_batch: 10000,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
         }
@@ -101,6 +105,30 @@ pub struct Runner {
     gate: Option<Arc<VersionGate>>,
     /// `processor` and `version`, on every metric.
     labels: Vec<Label>,
+}
+
+/// The default [`RunnerConfig::max_batch_bytes`]: 16 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// `records` cut, in order, into runs of at most `max_bytes` of keys and
+/// values each (a run holds at least one record).
+fn byte_chunks(records: &[Record], max_bytes: usize) -> Vec<&[Record]> {
+    let size =
+        |r: &Record| r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len);
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let n = size(r);
+        if i > start && bytes + n > max_bytes {
+            chunks.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    chunks
 }
 
 /// What a record to append is, by the index of the input record it came
@@ -294,21 +322,30 @@ impl Runner {
                         continue;
                     }
                     lag_state(&lag).polled(&records);
-                    let started = Instant::now();
-                    let Some(positions) = self
-                        .apply_batch(&records, &mut consumer, &shutdown, &mut backoff)
-                        .await?
-                    else {
-                        break;
-                    };
-                    for (p, offset) in &positions {
-                        next.insert(*p, *offset);
+                    // Batches are bounded in bytes as well as in records, so
+                    // what a batch loads and writes stays bounded too.
+                    let mut stopped = false;
+                    for batch in byte_chunks(&records, self.config.max_batch_bytes) {
+                        let started = Instant::now();
+                        let Some(positions) = self
+                            .apply_batch(batch, &mut consumer, &shutdown, &mut backoff)
+                            .await?
+                        else {
+                            stopped = true;
+                            break;
+                        };
+                        for (p, offset) in &positions {
+                            next.insert(*p, *offset);
+                        }
+                        lag_state(&lag).applied(&positions);
+                        metrics::histogram!(m::BATCH_DURATION, self.labels.clone())
+                            .record(started.elapsed().as_secs_f64());
+                        metrics::histogram!(m::BATCH_SIZE, self.labels.clone())
+                            .record(batch.len() as f64);
                     }
-                    lag_state(&lag).applied(&positions);
-                    metrics::histogram!(m::BATCH_DURATION, self.labels.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!(m::BATCH_SIZE, self.labels.clone())
-                        .record(records.len() as f64);
+                    if stopped {
+                        break;
+                    }
                 }
             }
         }
@@ -1025,6 +1062,28 @@ mod tests {
         let value = letter.value.as_deref().unwrap_or_default();
         assert!(value.len() < 2_000 && !value.is_empty(), "{}", value.len());
         assert!(value.iter().all(|b| *b == b'x'), "a prefix of the input");
+    }
+
+    #[test]
+    fn batches_are_cut_by_bytes_in_order_and_never_empty() {
+        let record = |n: usize| Record {
+            partition: 0,
+            offset: n as u64,
+            key: None,
+            value: Some(vec![0; n]),
+            headers: Vec::new(),
+            timestamp_ms: 0,
+        };
+        let records: Vec<Record> = [3, 4, 2, 10, 1, 1].into_iter().map(record).collect();
+        let sizes: Vec<Vec<u64>> = byte_chunks(&records, 7)
+            .iter()
+            .map(|c| c.iter().map(|r| r.offset).collect())
+            .collect();
+        // 3+4 fits, 2 alone (10 would pass 7), 10 alone (over, but never
+        // empty), then 1+1.
+        assert_eq!(sizes, [vec![3, 4], vec![2], vec![10], vec![1, 1]]);
+        assert!(byte_chunks(&[], 7).is_empty());
+        assert_eq!(byte_chunks(&records, usize::MAX).len(), 1);
     }
 
     #[test]
