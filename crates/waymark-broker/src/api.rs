@@ -124,12 +124,6 @@ impl Api {
         tasks.spawn(async move { groups.sweep_until(token).await });
     }
 
-    pub(crate) fn supports(&self, key: ApiKey, version: i16) -> bool {
-        SUPPORTED
-            .iter()
-            .any(|(k, min, max)| *k == key && (*min..=*max).contains(&version))
-    }
-
     fn api_keys() -> Vec<ApiVersion> {
         SUPPORTED
             .iter()
@@ -816,4 +810,10 @@ fn partition_failure(
 
 fn ready(response: ResponseKind) -> Pending {
     Box::pin(async move { Some(response) })
+}
+/// Whether this endpoint serves version `version` of `key`.
+pub(crate) fn supported(key: ApiKey, version: i16) -> bool {
+    SUPPORTED
+        .iter()
+        .any(|(k, min, max)| *k == key && (*min..=*max).contains(&version))
 }

@@ -71,7 +71,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use server::{Broker, BrokerError};
+pub use server::{decode_request, Broker, BrokerError, DecodedRequest, FrameError};
 
 /// Metric: requests handled, by `api`.
 pub const REQUESTS: &str = "waymark_kafka_requests_total";

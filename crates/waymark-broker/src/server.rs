@@ -297,6 +297,104 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A request frame, decoded.
+#[derive(Debug)]
+pub struct DecodedRequest {
+    /// Its API.
+    pub key: ApiKey,
+    /// Its API version.
+    pub version: i16,
+    /// The id its response carries.
+    pub correlation_id: i32,
+    /// Its header.
+    pub header: RequestHeader,
+    /// Its body.
+    pub body: RequestKind,
+}
+
+/// Why a request frame is refused (the connection is then closed, as Kafka
+/// does, except for an ApiVersions of an unsupported version, answered per
+/// KIP-511).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than the fixed start of every request header.
+    #[error("request of {0} bytes is shorter than a request header")]
+    TooShort(usize),
+    /// An API key Kafka does not have.
+    #[error("unknown API key {0}")]
+    UnknownKey(i16),
+    /// An API or version this endpoint does not serve.
+    #[error("{key:?} v{version} is not supported")]
+    Unsupported {
+        /// API.
+        key: ApiKey,
+        /// Version asked for.
+        version: i16,
+        /// The id its response would carry.
+        correlation_id: i32,
+    },
+    /// The request header does not parse.
+    #[error("bad request header: {0}")]
+    Header(String),
+    /// The body does not parse.
+    #[error("{key:?} v{version} does not parse: {reason}")]
+    Body {
+        /// API.
+        key: ApiKey,
+        /// Version.
+        version: i16,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl FrameError {
+    /// The Kafka error code it is counted under.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::UnknownKey(_) | FrameError::Unsupported { .. } => "UNSUPPORTED_VERSION",
+            FrameError::TooShort(_) | FrameError::Header(_) | FrameError::Body { .. } => {
+                "INVALID_REQUEST"
+            }
+        }
+    }
+}
+
+/// Decodes one request frame (without its length prefix): API key and
+/// version, checked against what this endpoint serves, then header and
+/// body with `kafka-protocol`. Never panics, whatever the bytes (fuzzed by
+/// `fuzz/fuzz_targets/kafka_request.rs`).
+pub fn decode_request(mut frame: Bytes) -> Result<DecodedRequest, FrameError> {
+    if frame.len() < 8 {
+        return Err(FrameError::TooShort(frame.len()));
+    }
+    let key_code = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let key = ApiKey::try_from(key_code).map_err(|_| FrameError::UnknownKey(key_code))?;
+    if !crate::api::supported(key, version) {
+        return Err(FrameError::Unsupported {
+            key,
+            version,
+            correlation_id,
+        });
+    }
+    let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
+        .map_err(|e| FrameError::Header(e.to_string()))?;
+    let body = RequestKind::decode(key, &mut frame, version).map_err(|e| FrameError::Body {
+        key,
+        version,
+        reason: e.to_string(),
+    })?;
+    Ok(DecodedRequest {
+        key,
+        version,
+        correlation_id,
+        header,
+        body,
+    })
+}
+
 /// A response frame, or nothing to send.
 type Outgoing = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 
@@ -304,55 +402,35 @@ type Outgoing = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 /// (what Kafka does with a request it cannot parse or does not support).
 async fn start_request(
     api: &Arc<Api>,
-    mut frame: Bytes,
+    frame: Bytes,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Option<Outgoing> {
-    let key_code = i16::from_be_bytes([frame[0], frame[1]]);
-    let version = i16::from_be_bytes([frame[2], frame[3]]);
-    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-    let Ok(key) = ApiKey::try_from(key_code) else {
-        api.counters.refused(
-            "UNSUPPORTED_VERSION",
-            &format!("{peer}: unknown API key {key_code}"),
-        );
-        return None;
-    };
-    if key == ApiKey::ApiVersions && !api.supports(key, version) {
-        // KIP-511: answer in v0 with UNSUPPORTED_VERSION and the versions
-        // supported, so the client can pick one.
-        let body = api.api_versions_unsupported();
-        return Some(Box::pin(async move {
-            encode_response(ApiKey::ApiVersions, 0, correlation_id, &body)
-        }));
-    }
-    if !api.supports(key, version) {
-        api.counters.refused(
-            "UNSUPPORTED_VERSION",
-            &format!("{peer}: {key:?} v{version} is not supported"),
-        );
-        warn!(%peer, api = ?key, version, "kafka endpoint: unsupported request version; closing");
-        return None;
-    }
-    let header_version = key.request_header_version(version);
-    let header = match RequestHeader::decode(&mut frame, header_version) {
-        Ok(h) => h,
-        Err(e) => {
-            api.counters.refused(
-                "INVALID_REQUEST",
-                &format!("{peer}: bad request header: {e}"),
-            );
-            return None;
-        }
-    };
-    let request = match RequestKind::decode(key, &mut frame, version) {
+    let DecodedRequest {
+        key,
+        version,
+        correlation_id,
+        header,
+        body: request,
+    } = match decode_request(frame) {
         Ok(r) => r,
+        Err(FrameError::Unsupported {
+            key: ApiKey::ApiVersions,
+            correlation_id,
+            ..
+        }) => {
+            // KIP-511: answer in v0 with UNSUPPORTED_VERSION and the versions
+            // supported, so the client can pick one.
+            let body = api.api_versions_unsupported();
+            return Some(Box::pin(async move {
+                encode_response(ApiKey::ApiVersions, 0, correlation_id, &body)
+            }));
+        }
         Err(e) => {
-            api.counters.refused(
-                "INVALID_REQUEST",
-                &format!("{peer}: {key:?} v{version} does not parse: {e}"),
-            );
-            warn!(%peer, api = ?key, version, error = %e, "kafka endpoint: request does not parse; closing");
+            api.counters.refused(e.code(), &format!("{peer}: {e}"));
+            if !matches!(e, FrameError::UnknownKey(_) | FrameError::Header(_)) {
+                warn!(%peer, error = %e, "kafka endpoint: request refused; closing");
+            }
             return None;
         }
     };

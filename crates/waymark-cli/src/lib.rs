@@ -25,5 +25,6 @@ pub mod metrics_http;
 pub mod ops;
 pub mod platform;
 pub mod publish;
+pub mod recovery;
 pub mod registry;
 pub mod scale;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use waymark_cli::dev::{Dev, DevOptions, KafkaLimits};
 use waymark_cli::ops::{self, ReplayOptions};
 use waymark_cli::publish::{publish, Target};
+use waymark_cli::recovery;
 use waymark_cli::registry;
 use waymark_cli::scale::EngineOptions;
 
@@ -161,6 +162,31 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
         grpc_addr: String,
     },
+    /// List the keys (persons) a processor parked after one of their
+    /// records failed for good; `retry` and `skip` resume them.
+    Parked {
+        #[command(subcommand)]
+        command: Option<ParkedCommand>,
+        /// Processor to list (every processor when absent).
+        #[arg(long)]
+        processor: Option<String>,
+        /// Projection version (the live one when absent).
+        #[arg(long = "projection-version", value_name = "VERSION", global = true)]
+        projection_version: Option<u32>,
+        /// Admin service address.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:50051",
+            env = "WAYMARK_GRPC_ADDR",
+            global = true
+        )]
+        grpc_addr: String,
+    },
+    /// Work with the dead letters (waymark.dlq).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Print one person's state and event history.
     Inspect {
         /// The person id (a UUID).
@@ -189,6 +215,74 @@ enum ProjectionsCommand {
         #[arg(value_name = "VERSION")]
         number: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ParkedCommand {
+    /// Apply a parked key's records again, in their original order, once
+    /// the cause is fixed.
+    Retry {
+        /// Processor.
+        processor: String,
+        /// The key, as `waymark parked` prints it.
+        key: String,
+    },
+    /// Dead-letter a parked key's failing record, then apply the rest.
+    Skip {
+        /// Processor.
+        processor: String,
+        /// The key, as `waymark parked` prints it.
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Print the dead letters (filtered).
+    List {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Admin service address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: String,
+    },
+    /// Publish the dead letters (filtered) again through Ingest, with the
+    /// same validation as new input. Exit code non-zero when any was
+    /// refused or could not be sent.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Only count what would be sent.
+        #[arg(long)]
+        dry_run: bool,
+        /// Admin and Ingest service address.
+        #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
+        grpc_addr: String,
+    },
+}
+
+/// Which dead letters.
+#[derive(Debug, clap::Args)]
+struct DlqFilterArgs {
+    /// Only those rejected by this processor.
+    #[arg(long)]
+    processor: Option<String>,
+    /// Only those of this kind, e.g. processing_failed or invalid_data.
+    #[arg(long)]
+    error: Option<String>,
+    /// Only those read from this topic, e.g. waymark.inputs.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+impl From<DlqFilterArgs> for recovery::DlqFilter {
+    fn from(a: DlqFilterArgs) -> Self {
+        Self {
+            processor: a.processor,
+            error: a.error,
+            topic: a.topic,
+        }
+    }
 }
 
 /// Where Kafka and the CQL cluster are.
@@ -420,6 +514,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             person_id,
             grpc_addr,
         } => ops::inspect(&grpc_addr, &person_id).await,
+        Command::Parked {
+            command,
+            processor,
+            projection_version: version,
+            grpc_addr,
+        } => match command {
+            None => recovery::parked(&grpc_addr, processor.as_deref(), version).await,
+            Some(ParkedCommand::Retry { processor, key }) => {
+                recovery::retry_parked(&grpc_addr, &processor, &key, version, false).await
+            }
+            Some(ParkedCommand::Skip { processor, key }) => {
+                recovery::retry_parked(&grpc_addr, &processor, &key, version, true).await
+            }
+        },
+        Command::Dlq {
+            command: DlqCommand::List { filter, grpc_addr },
+        } => recovery::dlq_list(&grpc_addr, &filter.into()).await,
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    filter,
+                    dry_run,
+                    grpc_addr,
+                },
+        } => {
+            let report = recovery::dlq_replay(&grpc_addr, &filter.into(), dry_run).await?;
+            for (at, why) in &report.unsendable {
+                eprintln!("not sent: {at}: {why}");
+            }
+            for (at, why) in &report.rejected {
+                eprintln!("rejected: {at}: {why}");
+            }
+            println!(
+                "{} {}, {} rejected, {} not sendable",
+                report.accepted,
+                if dry_run {
+                    "would be published"
+                } else {
+                    "published again"
+                },
+                report.rejected.len(),
+                report.unsendable.len()
+            );
+            Ok(
+                if report.rejected.is_empty() && report.unsendable.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
         Command::Topology {
             command: TopologyCommand::Check { file },
         } => match waymark_topology::load(&file, &registry::registry().declarations()) {
@@ -459,5 +604,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are well-formed (clap checks names,
+    /// conflicts and groups only when a command is built).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

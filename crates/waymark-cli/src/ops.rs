@@ -16,7 +16,7 @@ use waymark_proto::v1::query_client::QueryClient;
 /// How often `replay --wait` looks at the progress.
 const WAIT_POLL: Duration = Duration::from_secs(1);
 
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(addr: &str) -> anyhow::Result<Channel> {
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -29,7 +29,7 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to waymark at {addr} (is `waymark dev` or `waymark serve` running?)"))
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", code_name(e.code()), e.message())
 }
 
@@ -335,7 +335,7 @@ pub async fn verify(addr: &str, processor: Option<&str>) -> anyhow::Result<ExitC
     }
 }
 
-fn time(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(ts: Option<&prost_types::Timestamp>) -> String {
     ts.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
         .map_or_else(
             || "-".to_owned(),

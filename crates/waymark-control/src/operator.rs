@@ -13,6 +13,7 @@ use waymark_runtime::catalog::{
     self, ack_id, consumer_id, marker_id, CatalogEntry, CatalogError, ProgressError, UpdateError,
     VersionProgress, VersionState,
 };
+use waymark_runtime::park;
 use waymark_runtime::plugin::Registry;
 use waymark_runtime::{Log, ProjectionStore, RunnerConfig, StoreError};
 use waymark_schemas::Validator;
@@ -145,6 +146,20 @@ impl PlatformOperator {
         self.registry
             .input_topic(processor, &self.topology)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))
+    }
+
+    /// The parked-keys table of `version` of `processor` (the live version
+    /// when `None`), which must exist, and the version.
+    async fn parked_table(
+        &self,
+        processor: &str,
+        version: Option<u32>,
+    ) -> Result<(String, u32), ApiError> {
+        self.known(processor)?;
+        let entry = self.entry(processor).await?;
+        let version = version.unwrap_or(entry.active);
+        entry.state(version).map_err(catalog_error)?;
+        Ok((park::parked_table(processor, version), version))
     }
 
     pub(crate) async fn entry(&self, processor: &str) -> Result<CatalogEntry, ApiError> {
@@ -424,9 +439,9 @@ impl Operator for PlatformOperator {
             controller.sync().await;
         }
         self.wait_for_runners_to_stop(processor, version).await?;
-        self.store
-            .drop_tables(&self.registry.tables(processor, version))
-            .await?;
+        let mut tables = self.registry.tables(processor, version);
+        tables.push(park::parked_table(processor, version));
+        self.store.drop_tables(&tables).await?;
         self.store
             .delete_positions(&consumer_id(processor, version), &topic)
             .await?;
@@ -458,5 +473,103 @@ impl Operator for PlatformOperator {
             reports.push(verify::verify_one(self, &name).await?);
         }
         Ok(reports)
+    }
+
+    async fn list_parked(
+        &self,
+        processor: &str,
+        version: Option<u32>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<pb::ListParkedResponse, ApiError> {
+        let (table, version) = self.parked_table(processor, version).await?;
+        let store = self.store.as_ref();
+        let (keys, next) = match park::list(store, &table, after, limit).await {
+            Ok(page) => page,
+            // A version whose runner never started has no parked table yet.
+            Err(StoreError::UnknownTable(_)) => (Vec::new(), None),
+            Err(e) => return Err(e.into()),
+        };
+        let requests: Vec<String> = keys.iter().map(|k| park::request_row(&k.key)).collect();
+        let pending = store.get_many(&table, &requests).await?;
+        let parked = keys
+            .iter()
+            .zip(pending)
+            .map(|(k, request)| parked_key(processor, version, k, request.is_some()))
+            .collect();
+        Ok(pb::ListParkedResponse {
+            parked,
+            next_page_token: next.unwrap_or_default(),
+        })
+    }
+
+    async fn retry_parked(
+        &self,
+        processor: &str,
+        version: Option<u32>,
+        key: &str,
+        skip: bool,
+    ) -> Result<pb::ParkedKey, ApiError> {
+        let (table, version) = self.parked_table(processor, version).await?;
+        let bytes = park::parse_key_text(key).ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "key {key:?}: \"hex:\" must be followed by hex digit pairs"
+            ))
+        })?;
+        let action = if skip {
+            park::ParkAction::Skip
+        } else {
+            park::ParkAction::Retry
+        };
+        let not_found = || {
+            ApiError::NotFound(format!(
+                "{key:?} is not parked in {processor} version {version}"
+            ))
+        };
+        let head = match park::request(self.store.as_ref(), &table, &bytes, action).await {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(StoreError::UnknownTable(_)) => return Err(not_found()),
+            Err(e) => return Err(e.into()),
+        };
+        info!(%processor, version, key, skip, "parked key retry requested");
+        Ok(parked_key(processor, version, &head, true))
+    }
+}
+
+/// At most this much of a reason or error is shown.
+const MAX_REASON: usize = 1024;
+
+fn clipped(text: &str) -> String {
+    if text.len() <= MAX_REASON {
+        return text.to_owned();
+    }
+    let mut end = MAX_REASON;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+fn parked_key(
+    processor: &str,
+    version: u32,
+    k: &park::ParkedKey,
+    retry_requested: bool,
+) -> pb::ParkedKey {
+    pb::ParkedKey {
+        processor: processor.to_owned(),
+        version,
+        key: park::key_text(&k.key),
+        partition: k.partition as i32,
+        offset: k.offset as i64,
+        reason: clipped(&k.reason),
+        records: k.count(),
+        retries: k.retries,
+        last_error: k.last_error.as_deref().map(clipped).unwrap_or_default(),
+        parked_at: Some(prost_types::Timestamp {
+            seconds: k.parked_at_ms.div_euclid(1000),
+            nanos: (k.parked_at_ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+        retry_requested,
     }
 }

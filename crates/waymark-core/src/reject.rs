@@ -20,10 +20,18 @@ pub enum RejectKind {
     InvalidData,
     /// The record is larger than 1 MiB.
     TooLarge,
+    /// A processor failed on the record for good (e.g. its person's stored
+    /// state cannot be read, or the store refuses the write), and it could
+    /// not be parked, or an operator skipped it (see
+    /// `waymark_runtime::park`). Never a verdict on the record itself:
+    /// `waymark dlq replay` can publish it again once the cause is fixed.
+    ProcessingFailed,
 }
 
 impl RejectKind {
-    /// Every kind, in contract order.
+    /// Every kind input validation produces, in contract order
+    /// ([`RejectKind::ProcessingFailed`] is a processor's, not a verdict on
+    /// the input).
     pub const ALL: [RejectKind; 6] = [
         RejectKind::MalformedJson,
         RejectKind::InvalidEnvelope,
@@ -42,6 +50,7 @@ impl RejectKind {
             RejectKind::UnsupportedVersion => "unsupported_version",
             RejectKind::InvalidData => "invalid_data",
             RejectKind::TooLarge => "too_large",
+            RejectKind::ProcessingFailed => "processing_failed",
         }
     }
 }

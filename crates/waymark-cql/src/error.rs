@@ -85,13 +85,29 @@ fn is_refusal(db: &DbError) -> bool {
     )
 }
 
+/// Whether the server refused the request as it is, for good: an invalid
+/// request (a mutation over the size limit, a batch over
+/// `batch_size_fail_threshold`, a value the schema refuses) or a syntax
+/// error. Access errors are not: an operator can grant access without
+/// changing the request.
+fn is_permanent_refusal(db: &DbError) -> bool {
+    matches!(db, DbError::SyntaxError | DbError::Invalid)
+}
+
 /// A driver error on `table` as a [`StoreError`]: an unknown table is
-/// [`StoreError::UnknownTable`]; everything else (connections, timeouts,
-/// too few replicas, overload) is [`StoreError::Unavailable`], which the
-/// runtime retries with backoff.
+/// [`StoreError::UnknownTable`]; a request the server refuses as it is
+/// ([`is_permanent_refusal`]) is [`StoreError::Refused`], which the runtime
+/// does not retry as it is (it parks the record's key, see
+/// `waymark_runtime::park`); everything else (connections, timeouts, too
+/// few replicas, overload, access) is [`StoreError::Unavailable`], which
+/// the runtime retries with backoff.
 pub(crate) fn execution_to_store(table: &str, e: &ExecutionError) -> StoreError {
     match db_error(e) {
         Some((db, msg)) if is_unknown_table(db, msg) => StoreError::UnknownTable(table.to_owned()),
+        Some((db, msg)) if is_permanent_refusal(db) => StoreError::Refused {
+            table: table.to_owned(),
+            reason: format!("{db}: {msg}"),
+        },
         _ => StoreError::Unavailable(format!("{table}: {e}")),
     }
 }
@@ -179,6 +195,22 @@ mod tests {
             );
             assert!(execution_to_connect("CREATE ...", e).is_retryable(), "{e}");
         }
+    }
+
+    #[test]
+    fn refused_requests_are_permanent_and_access_errors_are_not() {
+        let e = execution_to_store(
+            "journey_v1",
+            &server(
+                DbError::Invalid,
+                "Mutation of 17825792 bytes is too large for the maximum size of 16777216",
+            ),
+        );
+        assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("too large"), "{e}");
+        let e = execution_to_store("t", &server(DbError::Unauthorized, "no MODIFY permission"));
+        assert!(e.is_retryable(), "{e}");
     }
 
     #[test]

@@ -113,7 +113,7 @@ where
 }
 
 /// Encodes a [`StoredRecord`] with the given append time.
-pub(crate) fn encode_stored(timestamp_ms: i64, r: &StoredRecord) -> Vec<u8> {
+pub fn encode_stored(timestamp_ms: i64, r: &StoredRecord) -> Vec<u8> {
     encode(
         timestamp_ms,
         r.key.as_deref(),
@@ -166,7 +166,7 @@ pub(crate) fn timestamp(bytes: &[u8]) -> Option<i64> {
 }
 
 /// Decodes a stored record; `None` if the bytes are not a record.
-pub(crate) fn decode(bytes: &[u8]) -> Option<StoredRecord> {
+pub fn decode(bytes: &[u8]) -> Option<StoredRecord> {
     let mut r = Reader { buf: bytes };
     let timestamp_ms = r.i64()?;
     let key = r.bytes()?;
@@ -186,7 +186,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<StoredRecord> {
 }
 
 /// Decodes a record of format 1; `None` if the bytes are not one.
-pub(crate) fn decode_v1(bytes: &[u8]) -> Option<StoredRecord> {
+pub fn decode_v1(bytes: &[u8]) -> Option<StoredRecord> {
     let mut r = Reader { buf: bytes };
     let timestamp_ms = r.i64()?;
     let key = match r.u32()? {

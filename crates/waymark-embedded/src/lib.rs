@@ -48,6 +48,13 @@ mod producers;
 mod store;
 
 pub use codec::{StoredRecord, CORRUPT_HEADER};
+
+/// The layout of a stored log record (see the `codec` module docs), for
+/// fuzzing and tools: [`format::decode`] never panics on any bytes, and
+/// what it decodes encodes back to the same bytes.
+pub mod format {
+    pub use crate::codec::{decode, decode_v1, encode_stored};
+}
 pub use log::{AppendOutcome, AppendRefusal, AppendResult, EmbeddedLog, PartitionAppend};
 pub use producers::{ProducerBatch, SequenceRefusal};
 pub use store::EmbeddedStore;

@@ -240,6 +240,8 @@ mod tests {
                     "message",
                     "processor",
                     "time",
+                    // An addition (docs/contract.md).
+                    "truncated_from",
                 ],
             ),
             ("ResolveIdentityRequest", &["platform", "platform_id"]),
@@ -268,7 +270,8 @@ mod tests {
                 "ListDeadLettersResponse",
                 &["dead_letters", "next_page_token"],
             ),
-            ("GetStatusResponse", &["kafka_endpoint"]),
+            // `failing` is an addition (docs/contract.md).
+            ("GetStatusResponse", &["kafka_endpoint", "failing"]),
             (
                 "KafkaEndpointStatus",
                 &[

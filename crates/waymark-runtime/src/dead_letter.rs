@@ -72,6 +72,9 @@ pub struct DeadLetter {
     pub processor: String,
     /// When it was dead-lettered, ms since the Unix epoch.
     pub timestamp_ms: i64,
+    /// The original value's length when the value was cut to fit the
+    /// dead-letter topic ([`HEADER_TRUNCATED`]).
+    pub truncated_from: Option<u64>,
 }
 
 impl DeadLetter {
@@ -93,6 +96,7 @@ impl DeadLetter {
             message: text(HEADER_MESSAGE),
             processor: text(HEADER_PROCESSOR),
             timestamp_ms: record.timestamp_ms,
+            truncated_from: text(HEADER_TRUNCATED).parse().ok(),
         }
     }
 }
@@ -137,5 +141,6 @@ mod tests {
         assert_eq!(dl.message, "expected value");
         assert_eq!(dl.processor, "identity");
         assert_eq!(dl.timestamp_ms, 9);
+        assert_eq!(dl.truncated_from, None);
     }
 }

@@ -51,10 +51,9 @@ pub enum HandleError {
 impl HandleError {
     /// Whether retrying can help.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            HandleError::Store(StoreError::Corrupt { .. } | StoreError::Encoding { .. })
-        )
+        match self {
+            HandleError::Store(e) => e.is_retryable(),
+        }
     }
 }
 

@@ -19,6 +19,9 @@
 //!   [`Log`], the deterministic doubles of the runtime's own tests (runner,
 //!   catalog, version hand-off).
 //! - [`dead_letter`]: dead-letter records and their headers (contract §5).
+//! - [`park`]: parked keys, the records of a key held back in order after
+//!   one failed for good; [`status`]: the partitions a runner keeps
+//!   failing on.
 //! - [`metrics`]: metric names.
 //!
 //! # Guarantees
@@ -46,11 +49,21 @@
 //!   appended to the dead-letter topic with its original key, value and the
 //!   headers of contract §5 before the position past it is stored; it never
 //!   stops the processor.
-//! - **Failures.** A store or log error is retried with exponential backoff;
-//!   nothing past the failing batch is stored or committed meanwhile. A
-//!   record its topic refuses for good as too large is made to fit (an
-//!   output becomes a dead letter, a dead letter is truncated), never
-//!   retried forever.
+//! - **Failures.** Every error is transient or permanent, decided once per
+//!   seam ([`StoreError::is_retryable`], [`LogError::is_retryable`],
+//!   [`HandleError::is_retryable`]). A transient one is retried with
+//!   exponential backoff; nothing past the failing batch is stored or
+//!   committed meanwhile, and the partition is reported failing
+//!   ([`status`], metric `waymark_processor_failing_retries`, a warning with
+//!   the record's position). A permanent one never stops the partition: the
+//!   batch is applied again in halves until the failing record stands alone,
+//!   and a fold **parks that record's key** (the person), holding its later
+//!   records back in order while every other key flows, until an operator
+//!   retries or skips it; other handlers dead-letter the record as
+//!   `processing_failed` ([`park`]; tests in `tests/parking.rs` and
+//!   `waymark-cli/tests/parked.rs`). A record its topic refuses for good as
+//!   too large is made to fit (an output becomes a dead letter, a dead
+//!   letter is truncated), never retried forever.
 //! - **Bounded batches.** A batch holds at most
 //!   [`RunnerConfig::max_batch`] records and
 //!   [`RunnerConfig::max_batch_bytes`] of keys and values (at least one
@@ -88,9 +101,11 @@ pub mod log;
 pub mod memory;
 pub mod memory_log;
 pub mod metrics;
+pub mod park;
 pub mod plugin;
 pub mod row;
 pub mod runner;
+pub mod status;
 pub mod store;
 
 pub use handler::{BatchOutput, BatchStats, HandleError, Handler, ProjectionHandler};

@@ -34,6 +34,15 @@ pub const RETRIES: &str = "waymark_processor_retries_total";
 /// against the rows a projection holds, it is the write amplification of
 /// folding batch by batch.
 pub const ROWS_WRITTEN: &str = "waymark_processor_rows_written_total";
+/// Gauge: retries of the batch a partition is stuck on (0 once it is
+/// applied), by processor, version and partition.
+pub const FAILING_RETRIES: &str = "waymark_processor_failing_retries";
+/// Counter: records whose key was parked or that were parked behind it,
+/// by processor and version (see [`crate::park`]).
+pub const PARKED: &str = "waymark_processor_parked_records_total";
+/// Gauge: keys parked now on the partitions a runner owns, by processor
+/// and version.
+pub const PARKED_KEYS: &str = "waymark_processor_parked_keys";
 /// Time spent in one step of a batch, by processor and stage (`handle`:
 /// reading rows and folding; `produce`: outputs and dead letters; `write`:
 /// rows and positions).
@@ -88,6 +97,17 @@ pub fn describe() {
         Unit::Count,
         "row upserts and deletes sent to the projection store"
     );
+    describe_gauge!(
+        FAILING_RETRIES,
+        Unit::Count,
+        "retries of the batch a partition is stuck on (0 when it is not)"
+    );
+    describe_counter!(
+        PARKED,
+        Unit::Count,
+        "records parked because their key failed permanently"
+    );
+    describe_gauge!(PARKED_KEYS, Unit::Count, "keys parked now");
     describe_histogram!(
         STAGE_DURATION,
         Unit::Seconds,

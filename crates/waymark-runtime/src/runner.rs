@@ -1,7 +1,7 @@
 //! The processor loop: poll a batch → handle → produce outputs and dead
 //! letters → write rows and positions atomically → commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -12,11 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cache::RowCache;
-use crate::catalog::{GateError, VersionGate};
+use crate::catalog::{EmitRanges, GateError, VersionGate};
 use crate::dead_letter::{dead_letter, HEADER_MESSAGE, HEADER_TRUNCATED};
 use crate::handler::{BatchOutput, HandleError, Handler};
 use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, OutRecord, Record};
 use crate::metrics as m;
+use crate::park::{self, ParkAction, ParkRequest, Parked, PendingHeads, PARKED_ENCODING};
+use crate::row::decode_row;
+use crate::status;
 use crate::store::{PositionWrite, ProjectionStore, StoreError, WriteBatch};
 
 /// How one processor instance runs.
@@ -80,17 +83,19 @@ impl RunnerConfig {
     }
 }
 
-/// Why a runner stopped with an error.
+/// Why a runner stopped with an error. A runner stops for no record: a
+/// permanent failure parks the record's key or dead-letters the record
+/// ([`crate::park`]), a transient one is retried.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// A stored row is corrupt; retrying cannot help.
-    #[error("processor {processor} stopped: {source}")]
+    /// The runner's own table of parked keys cannot be created.
+    #[error("processor {processor} cannot start: {source}")]
     Fatal {
         /// Processor.
         processor: String,
         /// Cause.
-        source: HandleError,
+        source: StoreError,
     },
 }
 
@@ -105,6 +110,13 @@ pub struct Runner {
     gate: Option<Arc<VersionGate>>,
     /// `processor` and `version`, on every metric.
     labels: Vec<Label>,
+    /// The version's parked-keys table ([`crate::park`]).
+    park_table: String,
+    /// Whether a failing record's key is parked (rows follow the input's
+    /// partitioning) or the record dead-lettered.
+    park_keys: bool,
+    /// The parked keys of the partitions this runner owns.
+    parked: Mutex<Parked>,
 }
 
 /// The default [`RunnerConfig::max_batch_bytes`]: 16 MiB.
@@ -173,10 +185,22 @@ fn truncated(mut record: OutRecord) -> Option<OutRecord> {
     Some(record)
 }
 
+/// What became of one batch.
+enum Outcome {
+    /// Applied: the next offset per partition.
+    Applied(Vec<(u32, u64)>),
+    /// Shut down before it was durably applied.
+    Stopped,
+    /// Failed in a way retrying cannot mend.
+    Permanent(StepError),
+}
+
 /// Where the batch got to, so a retry resumes instead of redoing effects.
 #[derive(Default)]
 struct Progress {
     output: Option<BatchOutput>,
+    /// Parked keys the batch changes, applied once it is written.
+    parked: PendingHeads,
     produced: bool,
     /// Whether output records or dead letters were written.
     emitted: bool,
@@ -204,6 +228,8 @@ impl Runner {
             Label::new("processor", handler.processor().to_owned()),
             Label::new("version", config.version.to_string()),
         ];
+        let park_table = park::parked_table(handler.processor(), config.version);
+        let park_keys = handler.rows_follow_partitioning();
         Self {
             log,
             store,
@@ -212,7 +238,14 @@ impl Runner {
             config,
             gate: None,
             labels,
+            park_table,
+            park_keys,
+            parked: Mutex::new(Parked::default()),
         }
+    }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Writes side effects (outputs, dead letters) only as `gate` decides:
@@ -230,6 +263,27 @@ impl Runner {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let processor = self.handler.processor().to_owned();
         let mut backoff = Backoff::new(&self.config);
+        loop {
+            match self
+                .store
+                .ensure_tables(std::slice::from_ref(&self.park_table))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if !e.is_retryable() => {
+                    return Err(RunError::Fatal {
+                        processor,
+                        source: e,
+                    })
+                }
+                Err(e) => {
+                    warn!(%processor, error = %e, "creating the parked-keys table failed, retrying");
+                    if !backoff.sleep(&shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
         let mut consumer = loop {
             match self
                 .log
@@ -266,6 +320,7 @@ impl Runner {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = idle.tick() => {
+                    self.serve_park_requests(&next).await;
                     if let Some(gate) = &self.gate {
                         let next: std::collections::BTreeMap<u32, u64> =
                             next.iter().map(|(p, o)| (*p, *o)).collect();
@@ -296,6 +351,9 @@ impl Runner {
                     let Some(stored) = self.positions(&shutdown, &mut backoff).await else {
                         break;
                     };
+                    if !self.load_parked(&partitions, &shutdown, &mut backoff).await {
+                        break;
+                    }
                     for p in partitions {
                         let offset = stored.get(&p).copied().unwrap_or(0);
                         if let Err(e) = consumer.seek(p, offset).await {
@@ -308,10 +366,13 @@ impl Runner {
                 }
                 ConsumerEvent::Revoked(partitions) => {
                     self.forget_cached_rows();
+                    self.parked().forget(&partitions);
                     for p in partitions {
                         next.remove(&p);
                         lag_state(&lag).revoked(p, &self.labels);
+                        status::recovered(&processor, self.config.version, p);
                     }
+                    self.report_parked();
                 }
                 ConsumerEvent::Records(records) => {
                     let records: Vec<Record> = records
@@ -328,8 +389,8 @@ impl Runner {
                     for batch in byte_chunks(&records, self.config.max_batch_bytes) {
                         let started = Instant::now();
                         let Some(positions) = self
-                            .apply_batch(batch, &mut consumer, &shutdown, &mut backoff)
-                            .await?
+                            .apply_isolating(batch, &mut consumer, &shutdown, &mut backoff)
+                            .await
                         else {
                             stopped = true;
                             break;
@@ -384,16 +445,433 @@ impl Runner {
         }
     }
 
-    /// Applies one batch, retrying each step until it succeeds. Returns the
-    /// next offset per partition, or `None` when shut down before the batch
-    /// was durably applied (nothing was committed past it).
-    async fn apply_batch(
+    /// Applies `records` as [`Runner::apply_batch`] does; a batch that fails
+    /// for good is applied again in halves, each written and committed
+    /// before the next, until the failing record stands alone, which is
+    /// then parked with its key or dead-lettered ([`crate::park`]). Returns
+    /// the next offset per partition, or `None` when shut down first.
+    async fn apply_isolating(
         &self,
         records: &[Record],
         consumer: &mut Box<dyn LogConsumer>,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<Option<Vec<(u32, u64)>>, RunError> {
+    ) -> Option<Vec<(u32, u64)>> {
+        let processor = self.handler.processor();
+        let mut queue: VecDeque<&[Record]> = VecDeque::from([records]);
+        let mut positions: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut isolated = 0;
+        let mut merge = |applied: Vec<(u32, u64)>| {
+            for (p, o) in applied {
+                let e = positions.entry(p).or_insert(o);
+                *e = (*e).max(o);
+            }
+        };
+        while let Some(slice) = queue.pop_front() {
+            let error = match self
+                .apply_batch(slice, None, consumer, shutdown, backoff)
+                .await
+            {
+                Outcome::Applied(applied) => {
+                    merge(applied);
+                    continue;
+                }
+                Outcome::Stopped => return None,
+                Outcome::Permanent(e) => e,
+            };
+            if slice.len() > 1 {
+                let (first, second) = slice.split_at(slice.len() / 2);
+                debug!(%processor, records = slice.len(), error = %error, "batch failed for good; applying it in halves");
+                queue.push_front(second);
+                queue.push_front(first);
+                continue;
+            }
+            let record = &slice[0];
+            if isolated >= park::MAX_ISOLATED_PER_BATCH || error.is_systemic() {
+                // Not this record's fault: retry it like a transient error.
+                tracing::error!(
+                    %processor,
+                    partition = record.partition,
+                    offset = record.offset,
+                    error = %error,
+                    "processor failing on every record; retrying without committing"
+                );
+                self.failed_at(slice, &error);
+                if !backoff.sleep(shutdown).await {
+                    return None;
+                }
+                queue.push_front(slice);
+                continue;
+            }
+            isolated += 1;
+            let parked = self.isolate(record, &error, true);
+            match self
+                .apply_batch(slice, Some(parked), consumer, shutdown, backoff)
+                .await
+            {
+                Outcome::Applied(applied) => merge(applied),
+                Outcome::Stopped => return None,
+                Outcome::Permanent(e) => {
+                    // Parking it was refused too: a dead letter then.
+                    warn!(%processor, partition = record.partition, offset = record.offset, error = %e, "parking refused; dead letter instead");
+                    let dead = self.isolate(record, &error, false);
+                    match self
+                        .apply_batch(slice, Some(dead), consumer, shutdown, backoff)
+                        .await
+                    {
+                        Outcome::Applied(applied) => merge(applied),
+                        Outcome::Stopped => return None,
+                        Outcome::Permanent(e) => {
+                            self.failed_at(slice, &e);
+                            if !backoff.sleep(shutdown).await {
+                                return None;
+                            }
+                            queue.push_front(slice);
+                        }
+                    }
+                }
+            }
+        }
+        Some(positions.into_iter().collect())
+    }
+
+    /// The output of a one-record batch whose record failed for good with
+    /// `error`: its key parked (when `park` and the handler's rows follow
+    /// the partitioning), else a `processing_failed` dead letter.
+    fn isolate(
+        &self,
+        record: &Record,
+        error: &StepError,
+        park: bool,
+    ) -> (BatchOutput, PendingHeads) {
+        let processor = self.handler.processor();
+        let reason = error.to_string();
+        let mut pending = PendingHeads::new();
+        let mut output = BatchOutput::default();
+        match record.key.as_deref() {
+            Some(key) if park && self.park_keys => {
+                warn!(
+                    %processor,
+                    partition = record.partition,
+                    offset = record.offset,
+                    key = %park::key_text(key),
+                    %reason,
+                    "record failed for good; its key is parked"
+                );
+                output.rows.push(park::start(
+                    &self.park_table,
+                    record,
+                    key,
+                    &reason,
+                    &mut pending,
+                ));
+                output
+                    .rows
+                    .extend(park::head_rows(&self.park_table, &pending));
+                metrics::counter!(m::PARKED, self.labels.clone()).increment(1);
+            }
+            _ => {
+                output.rejected.push((
+                    0,
+                    Rejection::new(
+                        RejectKind::ProcessingFailed,
+                        format!("{processor} failed on it for good: {reason}"),
+                    ),
+                ));
+            }
+        }
+        (output, pending)
+    }
+
+    /// Records a failed attempt at each partition of `records` (status,
+    /// gauge).
+    fn failed_at(&self, records: &[Record], error: &StepError) {
+        let mut first: BTreeMap<u32, u64> = BTreeMap::new();
+        for r in records {
+            let e = first.entry(r.partition).or_insert(r.offset);
+            *e = (*e).min(r.offset);
+        }
+        for (partition, offset) in first {
+            let retries = status::failed(
+                self.handler.processor(),
+                self.config.version,
+                &self.config.input_topic,
+                partition,
+                offset,
+                &error.to_string(),
+            );
+            metrics::gauge!(
+                m::FAILING_RETRIES,
+                partition_labels(&self.labels, partition)
+            )
+            .set(retries as f64);
+        }
+    }
+
+    /// Loads the parked keys of newly assigned `partitions`, retrying;
+    /// `false` when shut down first.
+    async fn load_parked(
+        &self,
+        partitions: &[u32],
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> bool {
+        loop {
+            match park::load(self.store.as_ref(), &self.park_table, partitions).await {
+                Ok(loaded) => {
+                    self.parked().extend(loaded);
+                    self.report_parked();
+                    return true;
+                }
+                Err(e) => {
+                    warn!(processor = %self.handler.processor(), error = %e, "reading parked keys failed, retrying");
+                    self.retried("parked");
+                    if !backoff.sleep(shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn report_parked(&self) {
+        let keys = self.parked().len();
+        metrics::gauge!(m::PARKED_KEYS, self.labels.clone()).set(keys as f64);
+    }
+
+    /// Serves the operators' requests for parked keys of this runner's
+    /// partitions (`next`: its next offset per partition).
+    async fn serve_park_requests(&self, next: &HashMap<u32, u64>) {
+        let processor = self.handler.processor();
+        let keys = self.parked().keys();
+        for chunk in keys.chunks(1000) {
+            let rows: Vec<String> = chunk.iter().map(|k| park::request_row(k)).collect();
+            let values = match self.store.get_many(&self.park_table, &rows).await {
+                Ok(values) => values,
+                Err(e) => {
+                    debug!(%processor, error = %e, "reading parked-key requests failed; next tick");
+                    return;
+                }
+            };
+            for ((key, row), value) in chunk.iter().zip(&rows).zip(values) {
+                let Some(bytes) = value else { continue };
+                let action = match decode_row::<ParkRequest>(
+                    PARKED_ENCODING,
+                    &self.park_table,
+                    row,
+                    &bytes,
+                ) {
+                    Ok(request) => request.action,
+                    Err(e) => {
+                        warn!(%processor, key = %park::key_text(key), error = %e, "unreadable request for a parked key; dropped");
+                        let _ = self
+                            .store
+                            .write(WriteBatch {
+                                rows: vec![park::put(&self.park_table, row.clone(), None)],
+                                positions: Vec::new(),
+                            })
+                            .await;
+                        continue;
+                    }
+                };
+                if let Err(e) = self.resume(key, action, next).await {
+                    warn!(%processor, key = %park::key_text(key), error = %e, "resuming a parked key failed; retrying next tick");
+                }
+            }
+        }
+        self.report_parked();
+    }
+
+    /// Does what an operator asked for parked `key`: a skip dead-letters its
+    /// oldest parked record; then (retry and skip) its parked records are
+    /// applied in order, a chunk per write. Records failing for good keep
+    /// the key parked with one more retry and the error; a transient error
+    /// leaves the request for the next tick.
+    async fn resume(
+        &self,
+        key: &[u8],
+        action: ParkAction,
+        next: &HashMap<u32, u64>,
+    ) -> Result<(), StepError> {
+        let processor = self.handler.processor();
+        let table = self.park_table.as_str();
+        let store = self.store.as_ref();
+        let Some(mut head) = self.parked().get(key).cloned() else {
+            return Ok(());
+        };
+        let first_of = |head: &park::ParkedKey| {
+            BTreeMap::from([(
+                head.partition,
+                next.get(&head.partition).copied().unwrap_or(head.offset),
+            )])
+        };
+        if action == ParkAction::Skip && head.count() > 0 {
+            let skipped = park::records(store, table, key, head.first_seq..head.first_seq + 1)
+                .await
+                .map_err(StepError::Store)?;
+            if !skipped.is_empty() {
+                let records: Vec<Record> = skipped.into_iter().map(|(_, r)| r).collect();
+                let mut output = BatchOutput::default();
+                output.rejected.push((
+                    0,
+                    Rejection::new(
+                        RejectKind::ProcessingFailed,
+                        format!(
+                            "skipped by an operator; {processor} had failed on it: {}",
+                            head.reason
+                        ),
+                    ),
+                ));
+                let emit = self.emit_ranges(&first_of(&head)).await?;
+                let effects = self.side_effects(&records, &output, emit.as_ref());
+                self.produce_fitting(&records, effects)
+                    .await
+                    .map_err(StepError::Log)?;
+                metrics::counter!(
+                    m::DEAD_LETTERS,
+                    self.kind_labels(RejectKind::ProcessingFailed)
+                )
+                .increment(1);
+            }
+            let mut rows = vec![park::put(
+                table,
+                park::record_row(key, head.first_seq),
+                None,
+            )];
+            head.first_seq += 1;
+            rows.extend(self.head_update(key, &head));
+            store
+                .write(WriteBatch {
+                    rows,
+                    positions: Vec::new(),
+                })
+                .await
+                .map_err(StepError::Store)?;
+            info!(%processor, key = %park::key_text(key), "oldest parked record skipped into the dead letters");
+            if self.commit_head(key, &head) {
+                return Ok(());
+            }
+        }
+        loop {
+            let end = head
+                .first_seq
+                .saturating_add(park::RESUME_CHUNK)
+                .min(head.next_seq);
+            let loaded = park::records(store, table, key, head.first_seq..end)
+                .await
+                .map_err(StepError::Store)?;
+            let records: Vec<Record> = loaded.into_iter().map(|(_, r)| r).collect();
+            let attempt = async {
+                let output = if records.is_empty() {
+                    BatchOutput::default()
+                } else {
+                    self.handler
+                        .handle(store, &self.config.input_topic, &records)
+                        .await
+                        .map_err(StepError::Handle)?
+                };
+                let emit = self.emit_ranges(&first_of(&head)).await?;
+                let effects = self.side_effects(&records, &output, emit.as_ref());
+                if !effects.is_empty() {
+                    self.produce_fitting(&records, effects)
+                        .await
+                        .map_err(StepError::Log)?;
+                }
+                let mut next_head = head.clone();
+                next_head.first_seq = end;
+                let mut rows = output.rows;
+                rows.extend(
+                    (head.first_seq..end).map(|s| park::put(table, park::record_row(key, s), None)),
+                );
+                rows.extend(self.head_update(key, &next_head));
+                store
+                    .write(WriteBatch {
+                        rows,
+                        positions: Vec::new(),
+                    })
+                    .await
+                    .map_err(StepError::Store)?;
+                Ok::<_, StepError>(next_head)
+            };
+            match attempt.await {
+                Ok(next_head) => {
+                    head = next_head;
+                    metrics::counter!(m::EVENTS_APPLIED, self.labels.clone())
+                        .increment(records.len() as u64);
+                    if self.commit_head(key, &head) {
+                        info!(%processor, key = %park::key_text(key), "parked key resumed: every parked record applied in order");
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.is_permanent() => {
+                    head.retries += 1;
+                    head.last_error = Some(e.to_string());
+                    warn!(%processor, key = %park::key_text(key), retries = head.retries, error = %e, "parked key failed again; it stays parked");
+                    let mut rows = vec![park::put(table, park::request_row(key), None)];
+                    rows.push(park::put(
+                        table,
+                        park::head_row(key),
+                        Some(crate::row::encode_row(PARKED_ENCODING, &head)),
+                    ));
+                    store
+                        .write(WriteBatch {
+                            rows,
+                            positions: Vec::new(),
+                        })
+                        .await
+                        .map_err(StepError::Store)?;
+                    self.commit_head(key, &head);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The rows storing `head` (and, once nothing is parked, deleting it and
+    /// the key's request).
+    fn head_update(&self, key: &[u8], head: &park::ParkedKey) -> Vec<crate::store::RowWrite> {
+        let table = self.park_table.as_str();
+        if head.count() == 0 {
+            vec![
+                park::put(table, park::head_row(key), None),
+                park::put(table, park::request_row(key), None),
+            ]
+        } else {
+            vec![park::put(
+                table,
+                park::head_row(key),
+                Some(crate::row::encode_row(PARKED_ENCODING, head)),
+            )]
+        }
+    }
+
+    /// Keeps `head` as this runner's view of `key`; `true` when nothing is
+    /// parked under it any more.
+    fn commit_head(&self, key: &[u8], head: &park::ParkedKey) -> bool {
+        let done = head.count() == 0;
+        let pending = PendingHeads::from([(key.to_vec(), (!done).then(|| head.clone()))]);
+        self.parked().commit(pending);
+        done
+    }
+
+    fn kind_labels(&self, kind: RejectKind) -> Vec<Label> {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("kind", kind.as_str()));
+        labels
+    }
+
+    /// Applies one batch, retrying each transient failure until it
+    /// succeeds; `preset` is its output when it is not to be handled (a
+    /// record parked or dead-lettered by [`Runner::apply_isolating`]).
+    async fn apply_batch(
+        &self,
+        records: &[Record],
+        preset: Option<(BatchOutput, PendingHeads)>,
+        consumer: &mut Box<dyn LogConsumer>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Outcome {
         let processor = self.handler.processor();
         let mut positions: HashMap<u32, u64> = HashMap::new();
         for r in records {
@@ -404,33 +882,51 @@ impl Runner {
         positions.sort_unstable();
 
         let mut progress = Progress::default();
+        if let Some((output, parked)) = preset {
+            progress.output = Some(output);
+            progress.parked = parked;
+        }
+        let mut failing = false;
         loop {
             match self.try_apply(records, &positions, &mut progress).await {
                 Ok(()) => break,
-                Err(StepError::Handle(e)) if !e.is_retryable() => {
-                    return Err(RunError::Fatal {
-                        processor: processor.to_owned(),
-                        source: e,
-                    })
-                }
+                Err(e) if e.is_permanent() => return Outcome::Permanent(e),
                 // A hand-off in progress: wait for the other version, it is
                 // not a failure.
                 Err(StepError::Gate(GateError::Waiting { .. })) => {
                     debug!(%processor, "waiting for the other version of a hand-off");
                     if !backoff.sleep(shutdown).await {
-                        return Ok(None);
+                        return Outcome::Stopped;
                     }
                 }
                 Err(e) => {
-                    warn!(%processor, error = %e, "batch failed, retrying without committing");
+                    let (partition, offset) =
+                        records.first().map_or((0, 0), |r| (r.partition, r.offset));
+                    warn!(%processor, partition, offset, records = records.len(), error = %e, "batch failed, retrying without committing");
                     self.retried(e.stage());
+                    self.failed_at(records, &e);
+                    failing = true;
                     if !backoff.sleep(shutdown).await {
-                        return Ok(None);
+                        return Outcome::Stopped;
                     }
                 }
             }
         }
         backoff.reset();
+        if failing {
+            for (partition, _) in &positions {
+                status::recovered(processor, self.config.version, *partition);
+                metrics::gauge!(
+                    m::FAILING_RETRIES,
+                    partition_labels(&self.labels, *partition)
+                )
+                .set(0.0);
+            }
+        }
+        if !progress.parked.is_empty() {
+            self.parked().commit(std::mem::take(&mut progress.parked));
+            self.report_parked();
+        }
         if let Some(output) = progress.output {
             let stats = output.stats;
             metrics::counter!(m::EVENTS_APPLIED, self.labels.clone()).increment(stats.applied);
@@ -443,16 +939,14 @@ impl Runner {
                     .increment(stats.redelivered);
             }
             for (_, rejection) in &output.rejected {
-                let mut labels = self.labels.clone();
-                labels.push(Label::new("kind", rejection.kind.as_str()));
-                metrics::counter!(m::DEAD_LETTERS, labels).increment(1);
+                metrics::counter!(m::DEAD_LETTERS, self.kind_labels(rejection.kind)).increment(1);
             }
         }
         // Kafka's committed offsets are for lag tooling; the store is the truth.
         if let Err(e) = consumer.commit(&positions).await {
             debug!(%processor, error = %e, "commit failed; positions are safe in the store");
         }
-        Ok(Some(positions))
+        Outcome::Applied(positions)
     }
 
     /// Appends `pending`. Records the log refuses for good as too large
@@ -526,6 +1020,128 @@ impl Runner {
         }
     }
 
+    /// Which offsets of a batch starting at `first` (by partition) have
+    /// their side effects written by this version; `None`: all of them.
+    async fn emit_ranges(
+        &self,
+        first: &BTreeMap<u32, u64>,
+    ) -> Result<Option<EmitRanges>, StepError> {
+        match &self.gate {
+            Some(gate) => Ok(Some(
+                gate.emit_ranges(self.store.as_ref(), first)
+                    .await
+                    .map_err(StepError::Gate)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The outputs and dead letters of `output` that are this version's to
+    /// write (`emit`), each with the record it came from.
+    fn side_effects(
+        &self,
+        records: &[Record],
+        output: &BatchOutput,
+        emit: Option<&EmitRanges>,
+    ) -> Vec<(Origin, OutRecord)> {
+        let ours = |i: usize| {
+            let r = &records[i];
+            emit.is_none_or(|ranges| {
+                ranges
+                    .get(&r.partition)
+                    .is_none_or(|range| range.contains(&r.offset))
+            })
+        };
+        let mut produce: Vec<(Origin, OutRecord)> = output
+            .produce
+            .iter()
+            .filter(|(i, _)| ours(*i))
+            .map(|(i, r)| (Origin::Output(*i), r.clone()))
+            .collect();
+        for (i, rejection) in output.rejected.iter().filter(|(i, _)| ours(*i)) {
+            warn!(
+                processor = %self.handler.processor(),
+                partition = records[*i].partition,
+                offset = records[*i].offset,
+                kind = %rejection.kind,
+                message = %rejection.message,
+                "dead letter"
+            );
+            produce.push((
+                Origin::DeadLetter(*i),
+                dead_letter(
+                    &self.config.dlq_topic,
+                    &self.config.input_topic,
+                    &records[*i],
+                    rejection,
+                    self.handler.processor(),
+                ),
+            ));
+        }
+        produce
+    }
+
+    /// Handles `records`, except those of parked keys, which are parked
+    /// behind them instead (rows of the output; `parked` gets the heads).
+    async fn handle(
+        &self,
+        records: &[Record],
+        parked: &mut PendingHeads,
+    ) -> Result<BatchOutput, StepError> {
+        let store = self.store.as_ref();
+        let topic = &self.config.input_topic;
+        let held: Vec<bool> = {
+            let p = self.parked();
+            if p.is_empty() {
+                Vec::new()
+            } else {
+                records
+                    .iter()
+                    .map(|r| p.is_parked(r.key.as_deref()))
+                    .collect()
+            }
+        };
+        if !held.contains(&true) {
+            return self
+                .handler
+                .handle(store, topic, records)
+                .await
+                .map_err(StepError::Handle);
+        }
+        let kept: Vec<usize> = (0..records.len()).filter(|i| !held[*i]).collect();
+        let subset: Vec<Record> = kept.iter().map(|i| records[*i].clone()).collect();
+        let mut output = if subset.is_empty() {
+            BatchOutput::default()
+        } else {
+            self.handler
+                .handle(store, topic, &subset)
+                .await
+                .map_err(StepError::Handle)?
+        };
+        for (i, _) in &mut output.produce {
+            *i = kept[*i];
+        }
+        for (i, _) in &mut output.rejected {
+            *i = kept[*i];
+        }
+        let held: Vec<&Record> = records
+            .iter()
+            .zip(&held)
+            .filter_map(|(r, h)| h.then_some(r))
+            .collect();
+        {
+            let p = self.parked();
+            for r in &held {
+                output.rows.push(p.append(&self.park_table, r, parked));
+            }
+        }
+        output
+            .rows
+            .extend(park::head_rows(&self.park_table, parked));
+        metrics::counter!(m::PARKED, self.labels.clone()).increment(held.len() as u64);
+        Ok(output)
+    }
+
     async fn try_apply(
         &self,
         records: &[Record],
@@ -539,65 +1155,21 @@ impl Runner {
         };
         if progress.output.is_none() {
             let started = Instant::now();
-            let output = self
-                .handler
-                .handle(self.store.as_ref(), &self.config.input_topic, records)
-                .await
-                .map_err(StepError::Handle)?;
+            let mut parked = PendingHeads::new();
+            let output = self.handle(records, &mut parked).await?;
             stage("handle", started);
             progress.output = Some(output);
+            progress.parked = parked;
         }
         let output = progress.output.as_ref().ok_or(StepError::Internal)?;
         if !progress.produced {
-            let emit = match &self.gate {
-                Some(gate) => {
-                    let mut first: std::collections::BTreeMap<u32, u64> = Default::default();
-                    for r in records {
-                        let e = first.entry(r.partition).or_insert(r.offset);
-                        *e = (*e).min(r.offset);
-                    }
-                    Some(
-                        gate.emit_ranges(self.store.as_ref(), &first)
-                            .await
-                            .map_err(StepError::Gate)?,
-                    )
-                }
-                None => None,
-            };
-            let ours = |i: usize| {
-                let r = &records[i];
-                emit.as_ref().is_none_or(|ranges| {
-                    ranges
-                        .get(&r.partition)
-                        .is_none_or(|range| range.contains(&r.offset))
-                })
-            };
-            let mut produce: Vec<(Origin, OutRecord)> = output
-                .produce
-                .iter()
-                .filter(|(i, _)| ours(*i))
-                .map(|(i, r)| (Origin::Output(*i), r.clone()))
-                .collect();
-            for (i, rejection) in output.rejected.iter().filter(|(i, _)| ours(*i)) {
-                warn!(
-                    processor = %self.handler.processor(),
-                    partition = records[*i].partition,
-                    offset = records[*i].offset,
-                    kind = %rejection.kind,
-                    message = %rejection.message,
-                    "dead letter"
-                );
-                produce.push((
-                    Origin::DeadLetter(*i),
-                    dead_letter(
-                        &self.config.dlq_topic,
-                        &self.config.input_topic,
-                        &records[*i],
-                        rejection,
-                        self.handler.processor(),
-                    ),
-                ));
+            let mut first: BTreeMap<u32, u64> = BTreeMap::new();
+            for r in records {
+                let e = first.entry(r.partition).or_insert(r.offset);
+                *e = (*e).min(r.offset);
             }
+            let emit = self.emit_ranges(&first).await?;
+            let produce = self.side_effects(records, output, emit.as_ref());
             if !produce.is_empty() {
                 let started = Instant::now();
                 self.produce_fitting(records, produce)
@@ -784,6 +1356,26 @@ enum StepError {
 }
 
 impl StepError {
+    /// Whether retrying the same batch cannot help.
+    fn is_permanent(&self) -> bool {
+        match self {
+            StepError::Handle(e) => !e.is_retryable(),
+            StepError::Store(e) => !e.is_retryable(),
+            StepError::Log(_) | StepError::Gate(_) | StepError::Internal => false,
+        }
+    }
+
+    /// Whether it is a fault of the whole processor version, never of one
+    /// record: rows of another state encoding mean the version must be
+    /// rebuilt (the controller says so at start-up).
+    fn is_systemic(&self) -> bool {
+        matches!(
+            self,
+            StepError::Handle(HandleError::Store(StoreError::Encoding { .. }))
+                | StepError::Store(StoreError::Encoding { .. })
+        )
+    }
+
     fn stage(&self) -> &'static str {
         match self {
             StepError::Handle(_) => "read",

@@ -75,6 +75,16 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The store refused a write or read as it is (a mutation over its size
+    /// limit, a statement it rejects); not retryable: the same request
+    /// would be refused again.
+    #[error("store refused {table}: {reason}")]
+    Refused {
+        /// Table.
+        table: String,
+        /// The store's answer.
+        reason: String,
+    },
     /// A stored row was written with another state encoding than the one
     /// this build reads (see [`crate::row`]); not retryable: the projection
     /// version has to be rebuilt.
@@ -93,6 +103,17 @@ pub enum StoreError {
         /// The encoding this build reads.
         expected: u32,
     },
+}
+
+impl StoreError {
+    /// Whether retrying the same request can help (everything but a
+    /// corrupt row, another state encoding and a refusal).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::Encoding { .. } | StoreError::Refused { .. }
+        )
+    }
 }
 
 /// A projection store.

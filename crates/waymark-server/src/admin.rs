@@ -54,6 +54,24 @@ pub trait Operator: Send + Sync + 'static {
         -> Result<pb::Projection, ApiError>;
     /// Recomputes and compares `processor` (all when `None`).
     async fn verify(&self, processor: Option<&str>) -> Result<Vec<pb::VerifyReport>, ApiError>;
+    /// Up to `limit` parked keys of `processor` version `version` (the live
+    /// one when `None`) after page token `after`.
+    async fn list_parked(
+        &self,
+        processor: &str,
+        version: Option<u32>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<pb::ListParkedResponse, ApiError>;
+    /// Asks for parked `key` (as [`waymark_runtime::park::key_text`] shows
+    /// it) to be retried, its oldest record first dead-lettered when `skip`.
+    async fn retry_parked(
+        &self,
+        processor: &str,
+        version: Option<u32>,
+        key: &str,
+        skip: bool,
+    ) -> Result<pb::ParkedKey, ApiError>;
 }
 
 /// `waymark.v1.Admin`.
@@ -196,7 +214,74 @@ impl Admin for AdminService {
                 last_refusal: s.last_refusal.unwrap_or_default(),
             }
         });
-        Ok(Response::new(pb::GetStatusResponse { kafka_endpoint }))
+        let failing = waymark_runtime::status::failing()
+            .into_iter()
+            .map(|f| pb::FailingPartition {
+                processor: f.processor,
+                version: f.version,
+                topic: f.topic,
+                partition: f.partition as i32,
+                offset: f.offset as i64,
+                retries: f.retries,
+                error: f.error,
+                since: Some(prost_types::Timestamp {
+                    seconds: f.since_ms.div_euclid(1000),
+                    nanos: (f.since_ms.rem_euclid(1000) * 1_000_000) as i32,
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::GetStatusResponse {
+            kafka_endpoint,
+            failing,
+        }))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn list_parked(
+        &self,
+        request: Request<pb::ListParkedRequest>,
+    ) -> Result<Response<pb::ListParkedResponse>, Status> {
+        let r = request.into_inner();
+        crate::error::require_id("processor", &r.processor)?;
+        let limit = page_size(r.page_size)?;
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        if let Some(token) = after {
+            let valid = token.len() <= 2048
+                && token.split_once('/').is_some_and(|(kind, rest)| {
+                    matches!(kind, "h" | "e" | "r")
+                        && rest.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/')
+                });
+            if !valid {
+                return Err(ApiError::InvalidArgument(format!(
+                    "page_token {token:?} is not a token this service issued"
+                ))
+                .into());
+            }
+        }
+        let version = (r.version != 0).then_some(r.version);
+        let page = self
+            .operator()?
+            .list_parked(&r.processor, version, limit, after)
+            .await?;
+        Ok(Response::new(page))
+    }
+
+    #[instrument(skip_all, fields(processor = %request.get_ref().processor))]
+    async fn retry_parked(
+        &self,
+        request: Request<pb::RetryParkedRequest>,
+    ) -> Result<Response<pb::ParkedKey>, Status> {
+        let r = request.into_inner();
+        crate::error::require_id("processor", &r.processor)?;
+        if r.key.is_empty() {
+            return Err(ApiError::InvalidArgument("key is required".into()).into());
+        }
+        let version = (r.version != 0).then_some(r.version);
+        let parked = self
+            .operator()?
+            .retry_parked(&r.processor, version, &r.key, r.skip_failing)
+            .await?;
+        Ok(Response::new(parked))
     }
 
     #[instrument(skip_all)]
@@ -263,6 +348,7 @@ fn dead_letter(record: &Record) -> pb::DeadLetter {
         error: d.error,
         message: d.message,
         processor: d.processor,
+        truncated_from: d.truncated_from,
         time: Some(prost_types::Timestamp {
             seconds: d.timestamp_ms.div_euclid(1000),
             nanos: (d.timestamp_ms.rem_euclid(1000) * 1_000_000) as i32,

@@ -110,6 +110,10 @@ impl Deployment {
     }
 
     fn command(&self, args: &[&str]) -> Proc {
+        self.command_with(args, &[])
+    }
+
+    fn command_with(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let n = self
             .spawned
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -123,6 +127,7 @@ impl Deployment {
             .env("WAYMARK_KEYSPACE", &self.keyspace)
             .env("WAYMARK_GROUP_PREFIX", &self.group_prefix)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -135,6 +140,13 @@ impl Deployment {
         let mut args = vec!["run", "--metrics-addr", "127.0.0.1:0"];
         args.extend_from_slice(processors);
         self.command(&args)
+    }
+
+    /// `waymark run PROCESSORS...` with more environment variables.
+    pub fn run_with(&self, processors: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut args = vec!["run", "--metrics-addr", "127.0.0.1:0"];
+        args.extend_from_slice(processors);
+        self.command_with(&args, env)
     }
 
     /// `waymark serve` on a free port; returns it with its address.
