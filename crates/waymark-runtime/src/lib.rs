@@ -63,7 +63,11 @@
 //!   `processing_failed` ([`park`]; tests in `tests/parking.rs` and
 //!   `waymark-cli/tests/parked.rs`). A record its topic refuses for good as
 //!   too large is made to fit (an output becomes a dead letter, a dead
-//!   letter is truncated), never retried forever.
+//!   letter is truncated), never retried forever. A consumer whose polls
+//!   keep failing for [`RunnerConfig::resubscribe_after`] (30 s) is
+//!   replaced by a fresh subscription, which seeks to the stored positions
+//!   (a librdkafka client did not recover from a broker stopped and then
+//!   killed: fault case `real_broker_sigstop_and_sigkill`).
 //! - **Bounded batches.** A batch holds at most
 //!   [`RunnerConfig::max_batch`] records and
 //!   [`RunnerConfig::max_batch_bytes`] of keys and values (at least one

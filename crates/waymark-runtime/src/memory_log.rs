@@ -32,6 +32,10 @@ struct Shared {
     /// Records (key + value + headers) larger than this are refused as
     /// [`LogError::TooLarge`], like Kafka's `max.message.bytes`; 0: none.
     max_record_bytes: AtomicUsize,
+    /// Subscriptions so far; each consumer knows its number.
+    subscriptions: AtomicUsize,
+    /// Consumers numbered below this fail every poll.
+    broken_below: AtomicUsize,
 }
 
 /// An in-memory log. Cheap to clone; clones share the records.
@@ -50,6 +54,19 @@ impl MemoryLog {
     /// append nothing.
     pub fn fail_next_produces(&self, n: usize) {
         self.shared.failures.store(n, Ordering::SeqCst);
+    }
+
+    /// Every consumer subscribed so far fails every poll from now on with
+    /// [`LogError::Unavailable`], as a client that never recovers from an
+    /// outage; consumers subscribed later work.
+    pub fn break_consumers(&self) {
+        let n = self.shared.subscriptions.load(Ordering::SeqCst);
+        self.shared.broken_below.store(n, Ordering::SeqCst);
+    }
+
+    /// How many times anything subscribed.
+    pub fn subscriptions(&self) -> usize {
+        self.shared.subscriptions.load(Ordering::SeqCst)
     }
 
     /// Refuses, from now on, every record whose key, value and headers
@@ -162,7 +179,9 @@ impl Log for MemoryLog {
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn LogConsumer>, LogError> {
         let partitions = self.partitions(topic).await?;
         *self.state().members.entry(group.to_owned()).or_default() += 1;
+        let number = self.shared.subscriptions.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(MemoryConsumer {
+            number,
             log: self.clone(),
             group: group.to_owned(),
             topic: topic.to_owned(),
@@ -219,6 +238,8 @@ impl Log for MemoryLog {
 
 /// The one member of its group: every partition is its.
 struct MemoryConsumer {
+    /// Its subscription's number.
+    number: usize,
     log: MemoryLog,
     group: String,
     topic: String,
@@ -257,6 +278,10 @@ impl Drop for MemoryConsumer {
 #[async_trait]
 impl LogConsumer for MemoryConsumer {
     async fn next(&mut self, max: usize) -> Result<ConsumerEvent, LogError> {
+        if self.number < self.log.shared.broken_below.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+            return Err(LogError::Unavailable("this consumer is broken".into()));
+        }
         if !self.announced {
             self.announced = true;
             let mut partitions: Vec<u32> = self.positions.keys().copied().collect();
@@ -265,6 +290,9 @@ impl LogConsumer for MemoryConsumer {
         }
         loop {
             let appended = self.log.shared.appended.notified();
+            if self.number < self.log.shared.broken_below.load(Ordering::SeqCst) {
+                return Err(LogError::Unavailable("this consumer is broken".into()));
+            }
             let records = self.ready(max.max(1));
             if !records.is_empty() {
                 for r in &records {

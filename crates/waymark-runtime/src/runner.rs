@@ -46,6 +46,10 @@ pub struct RunnerConfig {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// How long polls may fail in a row before the runner replaces its
+    /// consumer with a fresh subscription ([`RESUBSCRIBE_AFTER`] by
+    /// default).
+    pub resubscribe_after: Duration,
 }
 
 impl RunnerConfig {
@@ -66,6 +70,7 @@ impl RunnerConfig {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
+            resubscribe_after: RESUBSCRIBE_AFTER,
         }
     }
 
@@ -118,6 +123,9 @@ pub struct Runner {
     /// The parked keys of the partitions this runner owns.
     parked: Mutex<Parked>,
 }
+
+/// The default [`RunnerConfig::resubscribe_after`].
+pub const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(30);
 
 /// The default [`RunnerConfig::max_batch_bytes`]: 16 MiB.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
@@ -312,6 +320,8 @@ impl Runner {
             shutdown.child_token(),
         ));
         let _stop_reporter = AbortOnDrop(reporter);
+        // Since when every poll has failed, if they do.
+        let mut polls_failing_since: Option<Instant> = None;
         let mut idle = tokio::time::interval(Duration::from_secs(1));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%processor, topic = %self.config.input_topic, "processor started");
@@ -335,10 +345,44 @@ impl Runner {
             let event = match event {
                 Ok(event) => {
                     backoff.reset();
+                    polls_failing_since = None;
                     event
                 }
                 Err(e) => {
                     warn!(%processor, error = %e, "poll failed, retrying");
+                    let since = *polls_failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.resubscribe_after {
+                        // A client that keeps failing may never recover
+                        // (seen with librdkafka after a broker was stopped
+                        // and killed): start over with a fresh one. The
+                        // group assigns its partitions again and the runner
+                        // seeks to the stored positions.
+                        match self
+                            .log
+                            .subscribe(&self.config.group, &self.config.input_topic)
+                            .await
+                        {
+                            Ok(fresh) => {
+                                warn!(%processor, seconds = since.elapsed().as_secs(), "polls kept failing; subscribed again with a new consumer");
+                                let old = std::mem::replace(&mut consumer, fresh);
+                                // Closing may wait for the broker: not on an
+                                // async worker.
+                                drop(tokio::task::spawn_blocking(move || drop(old)));
+                                self.forget_cached_rows();
+                                let partitions: Vec<u32> = next.keys().copied().collect();
+                                self.parked().forget(&partitions);
+                                for p in partitions {
+                                    lag_state(&lag).revoked(p, &self.labels);
+                                    status::recovered(&processor, self.config.version, p);
+                                }
+                                next.clear();
+                                polls_failing_since = None;
+                            }
+                            Err(e) => {
+                                warn!(%processor, error = %e, "subscribing again failed; retrying");
+                            }
+                        }
+                    }
                     if !backoff.sleep(&shutdown).await {
                         break;
                     }

@@ -495,3 +495,45 @@ async fn a_fault_of_every_record_is_retried_not_blamed_on_records() {
     let f = failing.iter().find(|f| f.processor == "picky").unwrap();
     assert!(f.error.contains("unreadable"), "{f:?}");
 }
+
+#[tokio::test]
+async fn a_consumer_that_never_recovers_is_replaced_and_nothing_is_applied_twice() {
+    let (log, store) = setup().await;
+    let events: Vec<(String, u128)> = (0..30).map(|i| (format!("e{i}"), i % 3)).collect();
+    log.produce(events[..15].iter().map(|(id, w)| event(id, *w)).collect())
+        .await
+        .unwrap();
+    let handler = Arc::new(ProjectionHandler::new(
+        "ids",
+        TABLE,
+        1,
+        Ids,
+        chrono::Duration::days(7),
+    ));
+    let mut config = config("ids.v1");
+    config.resubscribe_after = Duration::from_millis(30);
+    let runner = Runner::new(
+        Arc::new(log.clone()),
+        Arc::new(store.clone()),
+        handler,
+        config,
+    );
+    let token = CancellationToken::new();
+    let task = tokio::spawn(runner.run(token.clone()));
+    caught_up(&log, &store, "ids.v1").await;
+    let before = log.subscriptions();
+    // The client breaks for good (as librdkafka's did after a broker was
+    // stopped and killed); records keep coming.
+    log.break_consumers();
+    log.produce(events[15..].iter().map(|(id, w)| event(id, *w)).collect())
+        .await
+        .unwrap();
+    caught_up(&log, &store, "ids.v1").await;
+    assert!(log.subscriptions() > before, "the runner subscribed again");
+    let got = states(&store);
+    for who in 0..3 {
+        assert_eq!(got[&person(who)], Ok(ids_of(&events, who)), "person {who}");
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,785 @@
+//! The fault suite: each case injects one fault into a running Waymark
+//! under traffic and then checks one oracle, an independent fold of what
+//! was acknowledged:
+//!
+//! - every acknowledged event is in its person's history exactly once (no
+//!   id missing, none twice), and an event whose publish call failed with
+//!   the fault is there at most once;
+//! - every poison record is a dead letter exactly once, with its kind;
+//! - `verify` recomputes every projection from the log and finds no
+//!   difference.
+//!
+//! The short form runs in every `cargo test` (so in CI); the full form
+//! (`WAYMARK_FAULTS=full`, what `scripts/faults` runs) repeats the faults
+//! more often over more events. Each case prints its run time; see
+//! `docs/operations/faults.md` for the list with results and times.
+//!
+//! Cases on `waymark dev`: kill -9 at random points; poison records of
+//! every kind through the Kafka endpoint; duplicate replays; a rebuild under
+//! live traffic. Cases on real Kafka + Cassandra (`scripts/dev-services`):
+//! processor kill -9; a zombie member (SIGSTOP past the session timeout,
+//! then SIGCONT); a rebalance storm; a consumer-group offset reset; broker
+//! SIGSTOP and SIGKILL; Cassandra SIGSTOP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::engines::{engines, wait_for_grpc, Deployment, Proc};
+use common::{clients, event, eventually, free_port, spawn_dev, terminate};
+use serde_json::json;
+use waymark_core::default_person_id;
+use waymark_proto::v1 as pb;
+use waymark_proto::v1::publish_result::Outcome;
+
+/// One case at a time: the engine faults must not hit another case.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn full() -> bool {
+    std::env::var("WAYMARK_FAULTS").is_ok_and(|v| v == "full")
+}
+
+/// `short` in the short form, `long` in the full form.
+fn scale(short: usize, long: usize) -> usize {
+    if full() {
+        long
+    } else {
+        short
+    }
+}
+
+/// xorshift64*, seeded per case so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn new(case: &str) -> Self {
+        let seed = case.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        eprintln!("fault case {case}: seed {seed:#x}");
+        Rng(seed | 1)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// One event of the traffic: who, its id, the envelope.
+#[derive(Clone)]
+struct Planned {
+    who: String,
+    id: String,
+    json: String,
+}
+
+fn traffic(tag: &str, n: usize, persons: usize) -> Vec<Planned> {
+    (0..n)
+        .map(|i| {
+            let who = format!("{tag}-{}", i % persons);
+            let id = format!("{tag}-{i}");
+            let time = format!(
+                "2026-06-{:02}T{:02}:{:02}:00Z",
+                1 + i / 1440 % 28,
+                i / 60 % 24,
+                i % 60
+            );
+            let src = ("web", who.as_str());
+            let json = match i % 3 {
+                0 => event(
+                    &id,
+                    "interaction.recorded",
+                    &time,
+                    src,
+                    json!({"kind": "message", "content_type": "text", "content": format!("m{i}")}),
+                ),
+                1 => event(
+                    &id,
+                    "journey.stage_entered",
+                    &time,
+                    src,
+                    json!({"journey_id": "j", "stage": format!("s{}", i % 5)}),
+                ),
+                _ => event(
+                    &id,
+                    "learning.quiz_answered",
+                    &time,
+                    src,
+                    json!({"course_id": "c", "quiz_id": format!("q{i}"), "correct": i % 2 == 0}),
+                ),
+            };
+            Planned { who, id, json }
+        })
+        .collect()
+}
+
+/// What the producers were told: acknowledged, or unknown (the call
+/// failed with the fault: the event may or may not be in the log).
+#[derive(Default)]
+struct Ledger {
+    acked: BTreeMap<String, BTreeSet<String>>,
+    maybe: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Ledger {
+    fn persons(&self) -> BTreeSet<String> {
+        self.acked
+            .keys()
+            .chain(self.maybe.keys())
+            .cloned()
+            .collect()
+    }
+    fn acked_count(&self) -> usize {
+        self.acked.values().map(BTreeSet::len).sum()
+    }
+}
+
+type SharedLedger = Arc<Mutex<Ledger>>;
+
+/// Publishes `events` through `Ingest` in chunks, recording each chunk as
+/// acknowledged or (its call failed) unknown; stops at the first failed
+/// call and returns how many events it got through (acknowledged or not).
+async fn publish_tracked(
+    addr: &str,
+    events: &[Planned],
+    ledger: &SharedLedger,
+    pause: Duration,
+) -> usize {
+    let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return 0;
+    };
+    let mut ingest = waymark_proto::v1::ingest_client::IngestClient::new(channel);
+    let mut done = 0;
+    for chunk in events.chunks(50) {
+        let result = ingest
+            .publish(pb::PublishRequest {
+                events: chunk.iter().map(|e| e.json.clone()).collect(),
+            })
+            .await;
+        let failed = {
+            let mut l = ledger.lock().unwrap();
+            match result {
+                Ok(r) => {
+                    for (e, result) in chunk.iter().zip(r.into_inner().results) {
+                        match result.outcome {
+                            Some(Outcome::Accepted(_)) => {
+                                l.acked
+                                    .entry(e.who.clone())
+                                    .or_default()
+                                    .insert(e.id.clone());
+                            }
+                            other => panic!("{} refused: {other:?}", e.id),
+                        }
+                    }
+                    false
+                }
+                Err(_) => {
+                    for e in chunk {
+                        l.maybe
+                            .entry(e.who.clone())
+                            .or_default()
+                            .insert(e.id.clone());
+                    }
+                    true
+                }
+            }
+        };
+        done += chunk.len();
+        if failed {
+            return done;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    done
+}
+
+/// Publishes everything, retrying a failed chunk until it is acknowledged
+/// (a retried event may then be in the log twice with one id: the folds
+/// apply it once).
+async fn publish_retrying(addr: &str, events: &[Planned], ledger: &SharedLedger) {
+    let mut at = 0;
+    while at < events.len() {
+        let scratch: SharedLedger = Arc::default();
+        let n = publish_tracked(addr, &events[at..], &scratch, Duration::ZERO).await;
+        let s = std::mem::take(&mut *scratch.lock().unwrap());
+        {
+            let mut l = ledger.lock().unwrap();
+            for (who, ids) in s.acked {
+                for id in ids {
+                    l.maybe.get_mut(&who).map(|m| m.remove(&id));
+                    l.acked.entry(who.clone()).or_default().insert(id);
+                }
+            }
+        }
+        let failed: usize = s.maybe.values().map(BTreeSet::len).sum();
+        at += n - failed;
+        if failed > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The oracle (see the module docs), once everything is applied.
+async fn assert_exactly_once(addr: &str, ledger: &Ledger) {
+    let c = clients(addr).await;
+    for who in ledger.persons() {
+        let person = default_person_id("web", &who).to_string();
+        let acked = ledger.acked.get(&who).cloned().unwrap_or_default();
+        let maybe = ledger.maybe.get(&who).cloned().unwrap_or_default();
+        let q = c.query.clone();
+        let ids = eventually(
+            &format!("{who}: {} acknowledged events applied", acked.len()),
+            || {
+                let mut q = q.clone();
+                let person = person.clone();
+                let acked = acked.clone();
+                async move {
+                    let mut ids = Vec::new();
+                    let mut token = String::new();
+                    loop {
+                        let page = q
+                            .list_events(pb::ListEventsRequest {
+                                person_id: person.clone(),
+                                page_size: 1000,
+                                page_token: token,
+                            })
+                            .await
+                            .ok()?
+                            .into_inner();
+                        ids.extend(page.events.into_iter().map(|e| e.id));
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    let have: BTreeSet<&String> = ids.iter().collect();
+                    acked.iter().all(|id| have.contains(id)).then_some(ids)
+                }
+            },
+        )
+        .await;
+        let unique: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "{who}: an event applied twice: {ids:?}"
+        );
+        for id in &ids {
+            assert!(
+                acked.contains(id) || maybe.contains(id),
+                "{who}: {id} applied but never published"
+            );
+        }
+        let mut q = c.query.clone();
+        let p = q
+            .get_person(pb::GetPersonRequest { person_id: person })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.event_count as usize, ids.len(), "{who}: event count");
+    }
+    common::replay::caught_up(addr).await;
+    let mut admin = c.admin.clone();
+    let reports = admin
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .reports;
+    for r in reports {
+        assert_eq!(
+            r.difference_count, 0,
+            "{}: {:?}",
+            r.processor, r.differences
+        );
+    }
+}
+
+fn done(case: &str, started: Instant, ledger: &Ledger) {
+    eprintln!(
+        "fault case {case}: ok in {:.1}s ({} events acknowledged, {} unknown)",
+        started.elapsed().as_secs_f64(),
+        ledger.acked_count(),
+        ledger.maybe.values().map(BTreeSet::len).sum::<usize>()
+    );
+}
+
+// ---------------------------------------------------------------- dev --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_kill_9_at_random_points() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_kill_9_at_random_points";
+    let started = Instant::now();
+    let mut rng = Rng::new(case);
+    let dir = tempfile::tempdir().unwrap();
+    let events = traffic("k9", scale(3000, 20000), 30);
+    let ledger: SharedLedger = Arc::default();
+    let kills = scale(4, 20);
+    // Each run gets its share of the traffic and is killed at a random
+    // point of it: mid-publish, or after it while the processors work.
+    let share = events.len() / (kills + 1);
+    let mut at = 0;
+    for _ in 0..kills {
+        let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
+        let addr = info.grpc_addr.clone();
+        let slice: Vec<Planned> = events[at..(at + share).min(events.len())].to_vec();
+        let l = ledger.clone();
+        let publisher = tokio::spawn(async move {
+            publish_tracked(&addr, &slice, &l, Duration::from_millis(10)).await
+        });
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(400))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        at += publisher.await.unwrap();
+    }
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
+    publish_retrying(&info.grpc_addr, &events[at..], &ledger).await;
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    terminate(&mut child);
+    done(case, started, &ledger);
+}
+
+/// A poison record of every kind, produced with a stock Kafka client.
+fn poison() -> Vec<(&'static str, Vec<u8>)> {
+    let valid = |ty: &str, data: serde_json::Value, version: u32| {
+        json!({"id": format!("p-{ty}-{version}"), "type": ty, "version": version, "time": "2026-06-01T00:00:00Z",
+               "source": {"platform": "web", "platform_id": "poisoned"}, "data": data})
+    };
+    let mut no_id = valid("journey.started", json!({"journey_id": "j"}), 1);
+    no_id.as_object_mut().unwrap().remove("id");
+    vec![
+        ("malformed_json", b"{oops".to_vec()),
+        ("malformed_json", vec![0xff, 0xfe, 0x00, 0x80]),
+        ("malformed_json", Vec::new()),
+        ("invalid_envelope", no_id.to_string().into_bytes()),
+        ("unknown_type", valid("journey.teleported", json!({}), 1).to_string().into_bytes()),
+        ("unsupported_version", valid("journey.started", json!({"journey_id": "j"}), 99).to_string().into_bytes()),
+        ("invalid_data", valid("journey.started", json!({"journey_id": ""}), 1).to_string().into_bytes()),
+        (
+            "too_large",
+            valid("interaction.recorded", json!({"kind": "message", "content_type": "text", "content": "x".repeat(1_200_000)}), 1)
+                .to_string()
+                .into_bytes(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_poison_records_of_every_kind() {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let _serial = SERIAL.lock().await;
+    let case = "dev_poison_records_of_every_kind";
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = format!("127.0.0.1:{}", free_port());
+    let (mut child, info) = spawn_dev(dir.path(), &kafka);
+    let acks = common::kafka::Acks::default();
+    // A stock librdkafka producer, allowed records as large as the
+    // endpoint accepts (the too_large poison is over 1 MiB).
+    let producer: rdkafka::producer::BaseProducer<common::kafka::Acks> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &info.kafka_bootstrap)
+            .set("enable.idempotence", "true")
+            .set("message.max.bytes", "4000000")
+            .create_with_context(acks.clone())
+            .unwrap();
+    let good = traffic("pz", scale(300, 3000), 10);
+    let bad = poison();
+    let mut ledger = Ledger::default();
+    for (i, e) in good.iter().enumerate() {
+        producer
+            .send(
+                BaseRecord::to("waymark.inputs")
+                    .key(&format!("web:{}", e.who))
+                    .payload(&e.json),
+            )
+            .unwrap();
+        ledger
+            .acked
+            .entry(e.who.clone())
+            .or_default()
+            .insert(e.id.clone());
+        let step = good.len() / bad.len();
+        if i % step == 0 && i / step < bad.len() {
+            let (_, value) = &bad[i / step];
+            producer
+                .send(
+                    BaseRecord::to("waymark.inputs")
+                        .key("web:poisoned")
+                        .payload(value),
+                )
+                .unwrap();
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    assert!(
+        acks.failed.lock().unwrap().is_empty(),
+        "{:?}",
+        acks.failed.lock().unwrap()
+    );
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+
+    // Every poison record is a dead letter exactly once, with its kind.
+    let mut c = clients(&info.grpc_addr).await;
+    let mut letters = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        letters.extend(page.dead_letters);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        letters.len(),
+        bad.len(),
+        "one dead letter per poison record"
+    );
+    for (kind, value) in &bad {
+        let matching: Vec<&pb::DeadLetter> = letters.iter().filter(|d| d.value == *value).collect();
+        assert_eq!(matching.len(), 1, "{kind}: exactly one dead letter");
+        assert_eq!(matching[0].error, *kind, "{}", matching[0].message);
+        assert_eq!(matching[0].topic, "waymark.inputs");
+        assert_eq!(matching[0].processor, "identity");
+    }
+    terminate(&mut child);
+    done(case, started, &ledger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_duplicate_replays() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_duplicate_replays";
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
+    let events = traffic("dup", scale(600, 6000), 12);
+    let ledger: SharedLedger = Arc::default();
+    publish_retrying(&info.grpc_addr, &events, &ledger).await;
+    // Everything published again (a producer retrying everything): the
+    // folds apply each id once.
+    let again: SharedLedger = Arc::default();
+    publish_retrying(&info.grpc_addr, &events, &again).await;
+    publish_retrying(&info.grpc_addr, &events[..events.len() / 3], &again).await;
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    terminate(&mut child);
+    done(case, started, &ledger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_rebuild_under_live_traffic() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_rebuild_under_live_traffic";
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
+    let events = traffic("rb", scale(2000, 20000), 20);
+    let ledger: SharedLedger = Arc::default();
+    let half = events.len() / 2;
+    publish_retrying(&info.grpc_addr, &events[..half], &ledger).await;
+    let addr = info.grpc_addr.clone();
+    let rest = events[half..].to_vec();
+    let l = ledger.clone();
+    let live = tokio::spawn(async move {
+        let mut at = 0;
+        while at < rest.len() {
+            let end = (at + 50).min(rest.len());
+            publish_retrying(&addr, &rest[at..end], &l).await;
+            at = end;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    for processor in ["journey", "person"] {
+        let addr = info.grpc_addr.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            common::replay::replay_switch(&addr, processor, "2")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", common::replay::text(&out));
+    }
+    live.await.unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    let projections = common::replay::projections(&info.grpc_addr).await;
+    for p in projections
+        .iter()
+        .filter(|p| p.processor == "journey" || p.processor == "person")
+    {
+        assert_eq!(p.active_version, 2, "{}", p.processor);
+    }
+    terminate(&mut child);
+    done(case, started, &ledger);
+}
+
+// ------------------------------------------------------- real engines --
+
+fn dev_services(args: &[&str]) -> bool {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/dev-services");
+    Command::new(script)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The pid of a service `scripts/dev-services` runs.
+fn service_pid(name: &str) -> u32 {
+    let file =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../.services/{name}.pid"));
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// Processor flags for the real-engine cases: a short session timeout, so
+/// that a stopped member loses its partitions within seconds.
+const FAST_GROUP: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
+
+struct Real {
+    d: Deployment,
+    _serve: Proc,
+    addr: String,
+}
+
+async fn real() -> Option<Real> {
+    let (bootstrap, cql) = engines()?;
+    let d = Deployment::new(bootstrap, cql);
+    let (serve, addr) = d.serve();
+    wait_for_grpc(&addr).await;
+    Some(Real {
+        d,
+        _serve: serve,
+        addr,
+    })
+}
+
+impl Drop for Real {
+    /// On a failure, the end of every process's log, to see why.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.d.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("---- {} (last 40 lines)", path.display());
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Real {
+    fn member(&self) -> Proc {
+        self.d
+            .run_with(&[], &[("WAYMARK_KAFKA_PROPERTIES", FAST_GROUP)])
+    }
+}
+
+/// Publishes `events` in the background, retrying until acknowledged.
+fn background(
+    addr: &str,
+    events: Vec<Planned>,
+    ledger: &SharedLedger,
+) -> tokio::task::JoinHandle<()> {
+    let (addr, l) = (addr.to_owned(), ledger.clone());
+    tokio::spawn(async move {
+        let mut at = 0;
+        while at < events.len() {
+            let end = (at + 50).min(events.len());
+            publish_retrying(&addr, &events[at..end], &l).await;
+            at = end;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+async fn finish(case: &str, started: Instant, r: &Real, ledger: &SharedLedger) {
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&r.addr, &ledger).await;
+    done(case, started, &ledger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_processor_kill_9_at_random_points() {
+    let _serial = SERIAL.lock().await;
+    let Some(r) = real().await else { return };
+    let case = "real_processor_kill_9_at_random_points";
+    let started = Instant::now();
+    let mut rng = Rng::new(case);
+    let ledger: SharedLedger = Arc::default();
+    let load = background(&r.addr, traffic("rk", scale(3000, 30000), 30), &ledger);
+    for _ in 0..scale(3, 20) {
+        let mut member = r.member();
+        tokio::time::sleep(Duration::from_millis(1500 + rng.below(3000))).await;
+        member.kill9();
+    }
+    load.await.unwrap();
+    let mut member = r.member();
+    finish(case, started, &r, &ledger).await;
+    assert!(member.terminate().success(), "{}", member.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_zombie_member_and_rebalance_storm() {
+    let _serial = SERIAL.lock().await;
+    let Some(r) = real().await else { return };
+    let case = "real_zombie_member_and_rebalance_storm";
+    let started = Instant::now();
+    let mut rng = Rng::new(case);
+    let ledger: SharedLedger = Arc::default();
+    let load = background(&r.addr, traffic("rz", scale(3000, 30000), 30), &ledger);
+    let mut steady = r.member();
+    // The zombie: stopped past the session timeout while it owns
+    // partitions (the group moves them to the steady member), then resumed
+    // mid-batch with its old assignment.
+    let zombie = r.member();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal(zombie.child.id(), "STOP");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    signal(zombie.child.id(), "CONT");
+    // The storm: members joining and leaving (cleanly and not) while the
+    // traffic goes on.
+    let mut storm: Vec<Proc> = Vec::new();
+    for i in 0..scale(4, 20) {
+        if storm.len() < 2 || rng.below(2) == 0 {
+            storm.push(r.member());
+        } else {
+            let mut gone = storm.remove(rng.below(storm.len() as u64) as usize);
+            if i % 2 == 0 {
+                gone.kill9();
+            } else {
+                gone.terminate();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+    }
+    drop(storm);
+    drop(zombie);
+    load.await.unwrap();
+    finish(case, started, &r, &ledger).await;
+    assert!(steady.terminate().success(), "{}", steady.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_consumer_group_offsets_reset_to_earliest() {
+    let _serial = SERIAL.lock().await;
+    let Some(r) = real().await else { return };
+    let case = "real_consumer_group_offsets_reset_to_earliest";
+    let started = Instant::now();
+    let ledger: SharedLedger = Arc::default();
+    let mut member = r.member();
+    publish_retrying(&r.addr, &traffic("ro", scale(1500, 15000), 15), &ledger).await;
+    let snapshot = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&r.addr, &snapshot).await;
+    *ledger.lock().unwrap() = snapshot;
+    assert!(member.terminate().success(), "{}", member.log());
+    // An operator resets every processor group to the earliest offset
+    // (Kafka's own tool): positions live with the rows, so nothing is
+    // applied twice.
+    for processor in ["identity", "person", "interactions", "journey", "learning"] {
+        let group = format!("{}.{processor}.v1", r.d.group_prefix);
+        assert!(
+            dev_services(&[
+                "kafka",
+                "consumer-groups",
+                "--bootstrap-server",
+                &r.d.bootstrap,
+                "--group",
+                &group,
+                "--reset-offsets",
+                "--to-earliest",
+                "--all-topics",
+                "--execute"
+            ]),
+            "reset {group}"
+        );
+    }
+    let mut member = r.member();
+    finish(case, started, &r, &ledger).await;
+    assert!(member.terminate().success(), "{}", member.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_broker_sigstop_and_sigkill() {
+    let _serial = SERIAL.lock().await;
+    let Some(r) = real().await else { return };
+    let case = "real_broker_sigstop_and_sigkill";
+    let started = Instant::now();
+    let ledger: SharedLedger = Arc::default();
+    let mut member = r.member();
+    let load = background(&r.addr, traffic("rb", scale(2000, 20000), 20), &ledger);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kafka = service_pid("kafka");
+    signal(kafka, "STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(kafka, "CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(kafka, "KILL");
+    assert!(dev_services(&["up", "kafka"]), "kafka restarts");
+    load.await.unwrap();
+    finish(case, started, &r, &ledger).await;
+    assert!(member.terminate().success(), "{}", member.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cassandra_sigstop() {
+    let _serial = SERIAL.lock().await;
+    let Some(r) = real().await else { return };
+    let case = "real_cassandra_sigstop";
+    let started = Instant::now();
+    let ledger: SharedLedger = Arc::default();
+    let mut member = r.member();
+    let load = background(&r.addr, traffic("rc", scale(2000, 20000), 20), &ledger);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cassandra = service_pid("cassandra");
+    signal(cassandra, "STOP");
+    tokio::time::sleep(Duration::from_secs(scale(8, 30) as u64)).await;
+    signal(cassandra, "CONT");
+    load.await.unwrap();
+    finish(case, started, &r, &ledger).await;
+    assert!(member.terminate().success(), "{}", member.log());
+}
