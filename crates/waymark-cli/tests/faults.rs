@@ -537,6 +537,109 @@ async fn dev_rebuild_under_live_traffic() {
     done(case, started, &ledger);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_full_disk() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_full_disk";
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    // No file of the process may grow past 96 MiB (more than the 64 MiB
+    // the store's journal preallocates): a write past it fails with EFBIG
+    // (SIGXFSZ ignored), as on a full disk. Starting with less space is
+    // refused at once: "cannot open the embedded store … File too large".
+    let limited = "trap '' XFSZ; ulimit -f 98304; exec \"$0\" \"$@\"";
+    let (mut child, info) = common::spawn_dev_in(dir.path(), "127.0.0.1:0", Some(limited));
+    let big = "x".repeat(60_000);
+    let events: Vec<Planned> = (0..scale(3000, 6000))
+        .map(|i| {
+            let who = format!("fd-{}", i % 10);
+            let id = format!("fd-{i}");
+            let json = event(
+                &id,
+                "interaction.recorded",
+                "2026-06-01T00:00:00Z",
+                ("web", &who),
+                json!({"kind": "message", "content_type": "text", "content": big}),
+            );
+            Planned { who, id, json }
+        })
+        .collect();
+    let mut ledger = Ledger::default();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", info.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut ingest = waymark_proto::v1::ingest_client::IngestClient::new(channel);
+    let mut refused = None;
+    let mut at = 0;
+    while at < events.len() {
+        let chunk = &events[at..(at + 20).min(events.len())];
+        match ingest
+            .publish(pb::PublishRequest {
+                events: chunk.iter().map(|e| e.json.clone()).collect(),
+            })
+            .await
+        {
+            Ok(r) => {
+                for (e, result) in chunk.iter().zip(r.into_inner().results) {
+                    assert!(
+                        matches!(result.outcome, Some(Outcome::Accepted(_))),
+                        "{result:?}"
+                    );
+                    ledger
+                        .acked
+                        .entry(e.who.clone())
+                        .or_default()
+                        .insert(e.id.clone());
+                }
+                at += chunk.len();
+            }
+            Err(status) => {
+                for e in chunk {
+                    ledger
+                        .maybe
+                        .entry(e.who.clone())
+                        .or_default()
+                        .insert(e.id.clone());
+                }
+                at += chunk.len();
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("the space ran out before the events did");
+    // A clear error: the log is unavailable, never INTERNAL, and the
+    // process is still there, answering.
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "waymark dev exited on a full disk"
+    );
+    let mut admin = clients(&info.grpc_addr).await.admin;
+    admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .expect("still answering");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Space returns: nothing acknowledged is lost or corrupt.
+    let (mut child, info) = spawn_dev(dir.path(), "127.0.0.1:0");
+    let rest: SharedLedger = Arc::new(Mutex::new(ledger));
+    publish_retrying(&info.grpc_addr, &events[at..], &rest).await;
+    let ledger = std::mem::take(&mut *rest.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    terminate(&mut child);
+    eprintln!(
+        "fault case {case}: refused with {:?}: {}",
+        status.code(),
+        status.message()
+    );
+    done(case, started, &ledger);
+}
+
 // ------------------------------------------------------- real engines --
 
 fn dev_services(args: &[&str]) -> bool {

@@ -189,8 +189,23 @@ pub async fn assert_counts(addr: &str, expected: &BTreeMap<String, u64>) {
 /// Callers own the child and always kill and wait for it.
 #[allow(clippy::zombie_processes)]
 pub fn spawn_dev(dir: &Path, kafka_addr: &str) -> (Child, DevInfo) {
+    spawn_dev_in(dir, kafka_addr, None)
+}
+
+/// [`spawn_dev`], started through `bash -c SHELL` when given (e.g. to set
+/// limits with `ulimit` first; `SHELL` ends with `exec "$0" "$@"`).
+#[allow(clippy::zombie_processes)]
+pub fn spawn_dev_in(dir: &Path, kafka_addr: &str, shell: Option<&str>) -> (Child, DevInfo) {
     let _ = std::fs::remove_file(dir.join("dev.json"));
-    let child = Command::new(env!("CARGO_BIN_EXE_waymark"))
+    let mut command = match shell {
+        Some(script) => {
+            let mut c = Command::new("bash");
+            c.arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_waymark"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_waymark")),
+    };
+    let child = command
         .args([
             "dev",
             "--grpc-addr",
