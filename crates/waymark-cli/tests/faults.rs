@@ -16,7 +16,7 @@
 //!
 //! Cases on `waymark dev`: kill -9 at random points; poison records of
 //! every kind through the Kafka endpoint; duplicate replays; a rebuild under
-//! live traffic. Cases on real Kafka + Cassandra (`scripts/dev-services`):
+//! live traffic; a full disk. Cases on real Kafka + Cassandra (`scripts/dev-services`):
 //! processor kill -9; a zombie member (SIGSTOP past the session timeout,
 //! then SIGCONT); a rebalance storm; a consumer-group offset reset; broker
 //! SIGSTOP and SIGKILL; Cassandra SIGSTOP.
