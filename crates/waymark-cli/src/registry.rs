@@ -99,7 +99,11 @@ mod tests {
         // Today's tables keep their names (stored data depends on them).
         assert_eq!(
             r.tables("identity", 1),
-            ["identity_v1_links", "identity_v1_persons"]
+            [
+                "identity_v1_links",
+                "identity_v1_persons",
+                "identity_v1_resolutions"
+            ]
         );
         assert_eq!(r.tables("person", 1), ["person_v1", "person_v1_history"]);
         assert_eq!(r.tables("interactions", 2), ["interactions_v2"]);

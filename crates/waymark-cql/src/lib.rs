@@ -58,9 +58,12 @@
 //!   (`journey_v2`) rather than reusing the old one. Keep time-window
 //!   compaction and Cassandra 5's `minimum_timestamp_*` guardrails (off by
 //!   default) away from these tables.
-//! - **Rows without an order** are last-writer-wins by the writers'
-//!   clocks: within a process later batches win; across processes (only
-//!   around a rebalance) this relies on synchronised clocks.
+//! - **Rows without an order** are written by compare-and-set only
+//!   (lightweight transactions): the identity processor's rows, which no
+//!   input partition owns, change by transitions against the row read
+//!   (decision 0008, `waymark-identity`'s `shared.rs`); the store says so
+//!   with `written_by_several_processes`. A key written this way is never
+//!   written with `USING TIMESTAMP`.
 //! - **Positions never move back (fencing).** A position is written
 //!   `USING TIMESTAMP 2^53 + next_offset`, so the larger position wins
 //!   whatever the order of arrival: a member that lost its partitions
@@ -70,16 +73,15 @@
 //!   wrote positions with. Consumer ids include the projection version and
 //!   are never reused, so positions only ever grow; a dropped version's are
 //!   deleted for good, by a tombstone at 2^54, above every position.
-//! - **Exactly-once effects without LWT.** The position guard (the runtime
-//!   reads from the stored position and rows record what they applied) and
-//!   `USING TIMESTAMP` make every write idempotent and ordered per key, so
-//!   no compare-and-set is needed and there is no Paxos round trip (four
-//!   per write) or per-partition serialisation. LWT (`IF ...`, serial
-//!   consistency) would be justified where two writers can change one key
-//!   concurrently from different reads — a key not owned by one log
-//!   partition, a uniqueness claim such as "this email belongs to one
-//!   person", or fencing a writer that may compute a *different* value at a
-//!   higher order. None of that happens here.
+//! - **Exactly-once effects, LWT only where owners meet.** The position
+//!   guard (the runtime reads from the stored position and rows record
+//!   what they applied) and `USING TIMESTAMP` make every fold's write
+//!   idempotent and ordered per key, so folds need no compare-and-set and
+//!   no Paxos round trip (four per write). LWT (`IF ...`, serial
+//!   consistency) is used where two writers can change one key
+//!   concurrently from different reads: the identity rows (a key not owned
+//!   by one log partition), the identity resolutions that fence a zombie
+//!   member, the projection catalog and the recorded partition counts.
 //! - **Retries.** Every statement binds its own timestamp, so repeating it
 //!   writes the same cell again; all are marked idempotent, and the driver
 //!   may retry or speculate them. Reads and writes use `LOCAL_QUORUM`, so a
@@ -114,10 +116,11 @@
 //! The CQL used is accepted by both ScyllaDB and Cassandra 5: `CREATE
 //! KEYSPACE/TABLE IF NOT EXISTS`, the types `text`, `blob`, `int`, `bigint`,
 //! `timestamp`, `INSERT`/`DELETE ... USING TIMESTAMP ?`, single-partition
-//! `SELECT`s and `toTimestamp(now())`, and lightweight transactions (`IF NOT
-//! EXISTS`, `IF value = ?`) only for the compare-and-set of the projection
-//! catalog and of the recorded partition counts, rare writes. No batches,
-//! materialized views, secondary indexes or vendor table options.
+//! `SELECT`s and `toTimestamp(now())`, and lightweight transactions (`IF
+//! NOT EXISTS`, `IF value = ?`) only for compare-and-set: the projection
+//! catalog, the recorded partition counts and the identity rows (prepared,
+//! like every statement on a projection table). No batches, materialized
+//! views, secondary indexes or vendor table options.
 
 pub mod config;
 pub mod cql;

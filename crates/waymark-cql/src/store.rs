@@ -47,6 +47,10 @@ struct TableStatements {
     select: PreparedStatement,
     upsert: PreparedStatement,
     delete: PreparedStatement,
+    /// Compare-and-set on an absent row.
+    insert_if_absent: PreparedStatement,
+    /// Compare-and-set over a row.
+    update_if: PreparedStatement,
 }
 
 struct PositionStatements {
@@ -154,15 +158,24 @@ impl CqlStore {
         let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
         let text = TableCql::new(&self.inner.keyspace, &ident);
         let session = &self.inner.session;
-        let (select, upsert, delete) = futures::try_join!(
+        let (select, upsert, delete, mut insert_if_absent, mut update_if) = futures::try_join!(
             prepare(session, table, &text.select),
             prepare(session, table, &text.upsert),
             prepare(session, table, &text.delete),
+            prepare(session, table, &text.insert_if_absent),
+            prepare(session, table, &text.update_if),
         )?;
+        // A lightweight transaction retried after a timeout may answer
+        // "not applied" for its own earlier write: callers read again and
+        // decide, the driver must not repeat it on its own.
+        insert_if_absent.set_is_idempotent(false);
+        update_if.set_is_idempotent(false);
         let statements = Arc::new(TableStatements {
             select,
             upsert,
             delete,
+            insert_if_absent,
+            update_if,
         });
         // Two callers may prepare the same table at once; either result is
         // fine.
@@ -363,6 +376,11 @@ impl ProjectionStore for CqlStore {
         self.inner.row_cache_bytes
     }
 
+    /// Every member of every consumer group writes this one store.
+    fn written_by_several_processes(&self) -> bool {
+        true
+    }
+
     async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
         let idents = tables
             .iter()
@@ -394,20 +412,19 @@ impl ProjectionStore for CqlStore {
         expected: Option<&[u8]>,
         value: &[u8],
     ) -> Result<bool, StoreError> {
-        let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
-        let text = TableCql::new(&self.inner.keyspace, &ident);
+        let statements = self.table(table).await?;
         let session = &self.inner.session;
-        // Rare (catalog changes), so not prepared. A lightweight
-        // transaction answers `[applied]` first, then the current row.
+        // A lightweight transaction answers `[applied]` first, then the
+        // current row.
         let result = match expected {
             None => {
                 session
-                    .query_unpaged(Statement::new(text.insert_if_absent), (key, value))
+                    .execute_unpaged(&statements.insert_if_absent, (key, value))
                     .await
             }
             Some(expected) => {
                 session
-                    .query_unpaged(Statement::new(text.update_if), (value, key, expected))
+                    .execute_unpaged(&statements.update_if, (value, key, expected))
                     .await
             }
         }

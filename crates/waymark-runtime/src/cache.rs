@@ -311,6 +311,10 @@ impl ProjectionStore for RowCache {
     fn runner_cache_bytes(&self) -> usize {
         0
     }
+
+    fn written_by_several_processes(&self) -> bool {
+        self.inner.written_by_several_processes()
+    }
 }
 
 #[cfg(test)]

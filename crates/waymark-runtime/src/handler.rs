@@ -46,6 +46,17 @@ pub enum HandleError {
     /// Reading state failed; retry the batch.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another member has applied `partition` past `offset`, where the
+    /// batch starts: this process lost the partition (a zombie after a
+    /// rebalance). The runner drops the batch and reads the partition again
+    /// from the stored position.
+    #[error("partition {partition} was applied past offset {offset} by another member")]
+    Fenced {
+        /// The input partition.
+        partition: u32,
+        /// Where the batch starts.
+        offset: u64,
+    },
 }
 
 impl HandleError {
@@ -53,6 +64,7 @@ impl HandleError {
     pub fn is_retryable(&self) -> bool {
         match self {
             HandleError::Store(e) => e.is_retryable(),
+            HandleError::Fenced { .. } => true,
         }
     }
 }

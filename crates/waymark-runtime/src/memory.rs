@@ -29,12 +29,24 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     failures: Arc<AtomicUsize>,
     writes: Arc<AtomicUsize>,
+    shared: bool,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that says several processes write it
+    /// ([`ProjectionStore::written_by_several_processes`]), as a CQL store
+    /// does: handlers then take the path they take on CQL, which tests can
+    /// race in one process.
+    pub fn shared() -> Self {
+        Self {
+            shared: true,
+            ..Self::default()
+        }
     }
 
     /// The next `n` writes (batches and compare-and-sets) fail with
@@ -117,6 +129,10 @@ impl ProjectionStore for MemoryStore {
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn written_by_several_processes(&self) -> bool {
+        self.shared
     }
 
     async fn compare_and_set(

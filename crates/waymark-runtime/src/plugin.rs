@@ -49,6 +49,10 @@ pub struct TableSpec {
     /// The log position a row reflects. `verify` uses it to tell a row that
     /// live processing moved past its snapshot from a wrong one.
     pub position: RowPosition,
+    /// Whether its rows are a fold of the log that `verify` recomputes and
+    /// compares; `false` for the processor's own bookkeeping, which depends
+    /// on how the log was applied (e.g. identity's resolutions).
+    pub verified: bool,
 }
 
 impl fmt::Debug for TableSpec {
@@ -68,6 +72,7 @@ impl TableSpec {
             suffix,
             key,
             position: tracked_position,
+            verified: true,
         }
     }
 
@@ -77,6 +82,19 @@ impl TableSpec {
             suffix,
             key,
             position: no_position,
+            verified: true,
+        }
+    }
+
+    /// A table of the processor's bookkeeping: not a fold of the log, so
+    /// `verify` does not compare it (it is still versioned and dropped with
+    /// its version).
+    pub const fn bookkeeping(suffix: &'static str, key: &'static str) -> Self {
+        Self {
+            suffix,
+            key,
+            position: no_position,
+            verified: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The processor loop: poll a batch → handle → produce outputs and dead
 //! letters → write rows and positions atomically → commit.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -201,6 +201,18 @@ enum Outcome {
     Stopped,
     /// Failed in a way retrying cannot mend.
     Permanent(StepError),
+    /// Another member has applied the batch's partition past it
+    /// ([`HandleError::Fenced`]): nothing of it is this process's to write.
+    Fenced,
+}
+
+/// What [`Runner::apply_isolating`] got done.
+struct Isolated {
+    /// The next offset per partition it applied (or found applied).
+    positions: Vec<(u32, u64)>,
+    /// Whether another member had applied part of it: the rest of the poll
+    /// is dropped and read again from the positions.
+    fenced: bool,
 }
 
 /// Where the batch got to, so a retry resumes instead of redoing effects.
@@ -432,7 +444,7 @@ impl Runner {
                     let mut stopped = false;
                     for batch in byte_chunks(&records, self.config.max_batch_bytes) {
                         let started = Instant::now();
-                        let Some(positions) = self
+                        let Some(Isolated { positions, fenced }) = self
                             .apply_isolating(batch, &mut consumer, &shutdown, &mut backoff)
                             .await
                         else {
@@ -443,6 +455,20 @@ impl Runner {
                             next.insert(*p, *offset);
                         }
                         lag_state(&lag).applied(&positions);
+                        if fenced {
+                            // Read every partition of the poll again from
+                            // where it stands now.
+                            let partitions: BTreeSet<u32> =
+                                records.iter().map(|r| r.partition).collect();
+                            for p in partitions {
+                                if let Some(&offset) = next.get(&p) {
+                                    if let Err(e) = consumer.seek(p, offset).await {
+                                        warn!(%processor, partition = p, error = %e, "seek failed");
+                                    }
+                                }
+                            }
+                            break;
+                        }
                         metrics::histogram!(m::BATCH_DURATION, self.labels.clone())
                             .record(started.elapsed().as_secs_f64());
                         metrics::histogram!(m::BATCH_SIZE, self.labels.clone())
@@ -500,12 +526,12 @@ impl Runner {
         consumer: &mut Box<dyn LogConsumer>,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Option<Vec<(u32, u64)>> {
+    ) -> Option<Isolated> {
         let processor = self.handler.processor();
         let mut queue: VecDeque<&[Record]> = VecDeque::from([records]);
         let mut positions: BTreeMap<u32, u64> = BTreeMap::new();
         let mut isolated = 0;
-        let mut merge = |applied: Vec<(u32, u64)>| {
+        let merge = |positions: &mut BTreeMap<u32, u64>, applied: Vec<(u32, u64)>| {
             for (p, o) in applied {
                 let e = positions.entry(p).or_insert(o);
                 *e = (*e).max(o);
@@ -517,10 +543,11 @@ impl Runner {
                 .await
             {
                 Outcome::Applied(applied) => {
-                    merge(applied);
+                    merge(&mut positions, applied);
                     continue;
                 }
                 Outcome::Stopped => return None,
+                Outcome::Fenced => return self.fenced(slice, positions, shutdown, backoff).await,
                 Outcome::Permanent(e) => e,
             };
             if slice.len() > 1 {
@@ -553,8 +580,9 @@ impl Runner {
                 .apply_batch(slice, Some(parked), consumer, shutdown, backoff)
                 .await
             {
-                Outcome::Applied(applied) => merge(applied),
+                Outcome::Applied(applied) => merge(&mut positions, applied),
                 Outcome::Stopped => return None,
+                Outcome::Fenced => return self.fenced(slice, positions, shutdown, backoff).await,
                 Outcome::Permanent(e) => {
                     // Parking it was refused too: a dead letter then.
                     warn!(%processor, partition = record.partition, offset = record.offset, error = %e, "parking refused; dead letter instead");
@@ -563,8 +591,11 @@ impl Runner {
                         .apply_batch(slice, Some(dead), consumer, shutdown, backoff)
                         .await
                     {
-                        Outcome::Applied(applied) => merge(applied),
+                        Outcome::Applied(applied) => merge(&mut positions, applied),
                         Outcome::Stopped => return None,
+                        Outcome::Fenced => {
+                            return self.fenced(slice, positions, shutdown, backoff).await
+                        }
                         Outcome::Permanent(e) => {
                             self.failed_at(slice, &e);
                             if !backoff.sleep(shutdown).await {
@@ -576,7 +607,33 @@ impl Runner {
                 }
             }
         }
-        Some(positions.into_iter().collect())
+        Some(Isolated {
+            positions: positions.into_iter().collect(),
+            fenced: false,
+        })
+    }
+
+    /// After [`Outcome::Fenced`] on `slice`: the stored positions of its
+    /// partitions, which another member moved past it, merged into
+    /// `positions`, the partitions already applied.
+    async fn fenced(
+        &self,
+        slice: &[Record],
+        mut positions: BTreeMap<u32, u64>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Option<Isolated> {
+        let stored = self.positions(shutdown, backoff).await?;
+        for r in slice {
+            if let Some(&offset) = stored.get(&r.partition) {
+                let e = positions.entry(r.partition).or_insert(offset);
+                *e = (*e).max(offset);
+            }
+        }
+        Some(Isolated {
+            positions: positions.into_iter().collect(),
+            fenced: true,
+        })
     }
 
     /// The output of a one-record batch whose record failed for good with
@@ -935,6 +992,10 @@ impl Runner {
             match self.try_apply(records, &positions, &mut progress).await {
                 Ok(()) => break,
                 Err(e) if e.is_permanent() => return Outcome::Permanent(e),
+                Err(StepError::Handle(e @ HandleError::Fenced { .. })) => {
+                    warn!(%processor, error = %e, "batch dropped: another member owns its partition now");
+                    return Outcome::Fenced;
+                }
                 // A hand-off in progress: wait for the other version, it is
                 // not a failure.
                 Err(StepError::Gate(GateError::Waiting { .. })) => {

@@ -199,4 +199,14 @@ pub trait ProjectionStore: Send + Sync + 'static {
     fn runner_cache_bytes(&self) -> usize {
         0
     }
+
+    /// Whether several processes may write the same rows at once (CQL,
+    /// where every member of a consumer group writes the one store): a
+    /// handler whose rows are not owned by one input partition must then
+    /// change them by [`ProjectionStore::compare_and_set`]. `false`, the
+    /// default, for a store only this process writes (`waymark dev`), where
+    /// one atomic [`ProjectionStore::write`] per batch is enough.
+    fn written_by_several_processes(&self) -> bool {
+        false
+    }
 }

@@ -5,25 +5,25 @@
 //!
 //! Unlike the projection processors this is not a [`Fold`](waymark_core::Fold)
 //! over one person's state: resolving an event reads and writes rows of
-//! several keys (the source identity, the linked identity, two persons). It
-//! works against an [`IdentityView`] of two tables:
+//! several keys (the source identity, the linked identity, two persons), and
+//! those keys are not owned by one input partition. It works on two tables:
 //!
 //! | table | key | row |
 //! |---|---|---|
-//! | identities | [`Identity::key`] (`<platform>:<platform_id>`) | [`IdentityRow`] |
+//! | links | [`Identity::key`] (`<platform>:<platform_id>`) | [`IdentityRow`] |
 //! | persons | person uuid | [`PersonLinks`] |
 //!
 //! # Layout
-//! - [`resolve`]: the rules, applied to one event.
-//! - [`IdentityView`]: what [`resolve`] reads and writes.
-//! - [`MemoryView`]: an in-memory view over `HashMap`s: the whole state in
-//!   tests, or the runtime's per-batch overlay (load rows, resolve the
-//!   batch, [`MemoryView::take_changes`], write them with the batch's
-//!   offsets).
-//! - [`needed_identities`], [`needed_persons`]: what the runtime must load
-//!   into the overlay before a batch.
+//! - [`resolve`]: the rules, applied to one event, against an
+//!   [`IdentityView`] of the identity rows. It returns the identity rows it
+//!   wrote; what they mean for the person rows is [`person_changes`].
+//! - [`MemoryView`]: an in-memory view over `HashMap`s that also keeps the
+//!   person rows: the whole state in tests, or the runtime's per-batch
+//!   overlay on a store with one writer.
 //! - `handler.rs`: the processor as a plugin ([`IdentityProcessor`]) and
-//!   its batch handler ([`IdentityHandler`]), which does exactly that.
+//!   its batch handler ([`IdentityHandler`]).
+//! - `shared.rs`: how a batch is applied when several processes write the
+//!   tables at once (a CQL store with several members).
 //!
 //! # Rules
 //! 1. If `event.person_id` is set, resolution is skipped: the person is that
@@ -40,21 +40,31 @@
 //! 4. Finally `event.person_id` is set to the person.
 //!
 //! Only the linked identity moves: other identities of `q` keep resolving to
-//! `q`, whose `merged_into` tells readers where it went.
+//! `q`, whose `merged_into` tells readers where it went. When several links
+//! moved identities away from `q`, `merged_into` is the person of the one
+//! with the latest [`Stamp`] (event time, then input partition and offset).
 //!
-//! # Preloading (closing the view over a batch)
-//! [`resolve`] never asks for a row that was not loaded when, before a
-//! batch, the runtime loads into the [`MemoryView`]:
-//! 1. the identity rows of [`needed_identities`] of every event in the batch
-//!    (absent rows simply stay absent), then
-//! 2. the person rows of [`needed_persons`] of every event, given those
-//!    identity rows: the persons the loaded identities point to, the default
-//!    persons of those identities, and the events' own `person_id`s.
+//! # Rows that several writers can share
+//! Every change of an identity row is a *transition* to a new
+//! [`IdentityRow::version`] (1 when first written, then + 1 per move), and
+//! the row says what the transition was: the person before it
+//! ([`IdentityRow::previous`]), the input record that made it
+//! ([`IdentityRow::stamp`]), and per input partition the highest offset
+//! that ever moved it ([`IdentityRow::sources`]).
 //!
-//! Every other row [`resolve`] touches during the batch was written earlier
-//! in the same batch, so it is in the overlay. A row missing from the view
-//! reads as "unknown" (no person, or a person without links), so a row that
-//! exists in the store but was not loaded would be overwritten: load first.
+//! A person row is not read, changed and written back by the rules: it is
+//! the merge of the [`PersonChange`]s of every transition
+//! ([`person_changes`]). For each identity it keeps the membership of the
+//! highest version it has seen ([`Member`]), and for `merged_into` the merge
+//! with the latest stamp ([`Merge`]). Merging is commutative, associative
+//! and idempotent, so person rows need no ordering between writers, survive
+//! any redelivery and can be completed by anyone who reads the transition.
+//!
+//! An identity row only changes by a compare-and-set against the version
+//! read, so transitions of one identity are totally ordered; a record whose
+//! partition and offset are already in [`IdentityRow::sources`] moved the
+//! row before (a redelivery) and does not move it again, which makes every
+//! transition happen once, whoever applies the record.
 //!
 //! # Guarantees
 //! Pure and synchronous: no IO, no clock, no randomness; default person ids
@@ -65,59 +75,237 @@
 //! affects events resolved after it.
 
 mod handler;
+mod shared;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub use handler::{
-    IdentityHandler, IdentityProcessor, IdentityTables, LINKS, NAME, PERSONS, STATE_ENCODING,
+    IdentityHandler, IdentityProcessor, IdentityTables, LINKS, NAME, PERSONS, RESOLUTIONS,
+    STATE_ENCODING,
 };
 use serde::{Deserialize, Serialize};
+pub use shared::Resolutions;
 use uuid::Uuid;
 use waymark_core::{Event, EventData, Identity, RejectKind, Rejection};
 
-/// A row of the identities table (key: [`Identity::key`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Where and when an input record is: the order of [`Merge`]s, and the
+/// record a transition came from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Stamp {
+    /// The event time, in microseconds since the epoch.
+    pub time_micros: i64,
+    /// The partition of the input topic.
+    pub partition: u32,
+    /// The offset in that partition.
+    pub offset: u64,
+}
+
+impl Stamp {
+    /// The stamp of `event` read at `partition`/`offset`.
+    pub fn of(event: &Event, partition: u32, offset: u64) -> Self {
+        Self {
+            time_micros: event.time.timestamp_micros(),
+            partition,
+            offset,
+        }
+    }
+}
+
+/// A row of the links table (key: [`Identity::key`]): the person an
+/// identity resolves to, and the transition that made it so.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct IdentityRow {
     /// The person the identity resolves to.
     pub person_id: Uuid,
+    /// 1 when the row was first written, + 1 with every move.
+    pub version: u64,
+    /// The person it resolved to before this version, if any.
+    pub previous: Option<Uuid>,
+    /// The input record that wrote this version.
+    pub stamp: Stamp,
+    /// Per input partition, the highest offset that wrote the row.
+    pub sources: BTreeMap<u32, u64>,
+}
+
+impl IdentityRow {
+    /// The row after `at` points the identity to `person` (`from`: the row
+    /// before, if any).
+    pub fn moved(from: Option<&IdentityRow>, person: Uuid, at: Stamp) -> Self {
+        let mut sources = from.map(|r| r.sources.clone()).unwrap_or_default();
+        let offset = sources.entry(at.partition).or_insert(at.offset);
+        *offset = (*offset).max(at.offset);
+        Self {
+            person_id: person,
+            version: from.map_or(1, |r| r.version + 1),
+            previous: from.map(|r| r.person_id),
+            stamp: at,
+            sources,
+        }
+    }
+
+    /// Whether the record at `at` (or a later one of its partition) wrote
+    /// this row.
+    pub fn written_by(&self, at: Stamp) -> bool {
+        self.sources
+            .get(&at.partition)
+            .is_some_and(|&offset| offset >= at.offset)
+    }
+}
+
+/// One identity in a person row: whether it belongs to the person, as of
+/// which version of its identity row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Member {
+    /// Whether the identity resolves to the person.
+    pub present: bool,
+    /// The [`IdentityRow::version`] this says it of.
+    pub version: u64,
+}
+
+/// The person a person was merged into, and by which link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merge {
+    /// The person it was merged into.
+    pub into: Uuid,
+    /// The link's input record.
+    pub stamp: Stamp,
 }
 
 /// A row of the persons table (key: the person uuid): the identity side of
-/// a person (contract §4 "Person": `identities`, `merged_into`).
+/// a person (contract §4 "Person": `identities`, `merged_into`), as the
+/// merge of [`PersonChange`]s.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PersonLinks {
-    /// Every identity that resolves to this person, sorted by platform then
-    /// platform id.
-    pub identities: BTreeSet<Identity>,
-    /// The person this one was merged into by an `identity.linked`, if any.
-    pub merged_into: Option<Uuid>,
+    /// Every identity that ever belonged to the person, with its latest
+    /// known membership.
+    pub members: BTreeMap<Identity, Member>,
+    /// The latest merge into another person, if any.
+    pub merged: Option<Merge>,
 }
 
-/// The rows [`resolve`] reads and writes.
+impl PersonLinks {
+    /// Every identity that resolves to this person, sorted by platform then
+    /// platform id.
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.present)
+            .map(|(id, _)| id)
+    }
+
+    /// The person this one was merged into by an `identity.linked`, if any.
+    pub fn merged_into(&self) -> Option<Uuid> {
+        self.merged.map(|m| m.into)
+    }
+
+    /// Merges `change` into the row; returns whether anything changed.
+    pub fn apply(&mut self, change: &PersonChange) -> bool {
+        let mut changed = false;
+        match self.members.get_mut(&change.identity) {
+            Some(member) if member.version >= change.member.version => {}
+            Some(member) => {
+                *member = change.member;
+                changed = true;
+            }
+            None => {
+                self.members.insert(change.identity.clone(), change.member);
+                changed = true;
+            }
+        }
+        if let Some(merge) = change.merged {
+            if self.merged.is_none_or(|m| m.stamp < merge.stamp) {
+                self.merged = Some(merge);
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// What a transition of an identity row means for one person row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonChange {
+    /// The person row it changes.
+    pub person: Uuid,
+    /// The identity.
+    pub identity: Identity,
+    /// Its membership in the person, as of the transition's version.
+    pub member: Member,
+    /// The merge it records, for the person the identity moved away from.
+    pub merged: Option<Merge>,
+}
+
+/// The person-row changes of the transition that wrote `row` of `identity`
+/// (its current version): the identity joins its person, and leaves the
+/// previous one, which records the merge.
+pub fn person_changes(identity: &Identity, row: &IdentityRow) -> Vec<PersonChange> {
+    let mut changes = vec![PersonChange {
+        person: row.person_id,
+        identity: identity.clone(),
+        member: Member {
+            present: true,
+            version: row.version,
+        },
+        merged: None,
+    }];
+    if let Some(previous) = row.previous.filter(|p| *p != row.person_id) {
+        changes.push(PersonChange {
+            person: previous,
+            identity: identity.clone(),
+            member: Member {
+                present: false,
+                version: row.version,
+            },
+            merged: Some(Merge {
+                into: row.person_id,
+                stamp: row.stamp,
+            }),
+        });
+    }
+    changes
+}
+
+/// The identity rows [`resolve`] reads and writes.
 ///
 /// Reads of rows that do not exist return `None`; writes replace the row.
 pub trait IdentityView {
-    /// The person `id` resolves to, if it was seen before.
-    fn identity(&self, id: &Identity) -> Option<Uuid>;
-    /// Points `id` to `person`.
-    fn set_identity(&mut self, id: &Identity, person: Uuid);
-    /// The links of `person`, if it has a row.
-    fn person(&self, person: Uuid) -> Option<PersonLinks>;
-    /// Replaces the links of `person`.
-    fn put_person(&mut self, person: Uuid, links: PersonLinks);
+    /// The row of `id`, if it was seen before.
+    fn identity(&self, id: &Identity) -> Option<IdentityRow>;
+    /// Replaces the row of `id`.
+    fn set_identity(&mut self, id: &Identity, row: IdentityRow);
 }
 
-/// An [`IdentityView`] over `HashMap`s that remembers which rows changed.
+/// What [`resolve`] decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The event's person.
+    pub person: Uuid,
+    /// The identities whose rows it wrote, in order.
+    pub moved: Vec<Identity>,
+    /// The identities it read whose rows this record wrote before (a
+    /// redelivery): their current transition may still have to be carried
+    /// into the person rows.
+    pub written_before: Vec<Identity>,
+}
+
+/// An [`IdentityView`] over `HashMap`s that also keeps person rows,
+/// applying each transition's [`person_changes`] to them, and remembers
+/// what changed.
 ///
 /// Rows put in with [`MemoryView::load_identity`] / [`MemoryView::load_person`]
 /// are not changes; rows written through [`IdentityView`] are, until
-/// [`MemoryView::take_changes`] hands them out.
+/// [`MemoryView::take_changes`] hands them out. A person row that was not
+/// loaded starts empty, so load the person rows a batch changes before
+/// taking its changes to a store, or merge the changes instead
+/// ([`IdentityChanges::person_changes`]).
 #[derive(Debug, Clone, Default)]
 pub struct MemoryView {
-    identities: HashMap<Identity, Uuid>,
+    identities: HashMap<Identity, IdentityRow>,
     persons: HashMap<Uuid, PersonLinks>,
     changed_identities: BTreeSet<Identity>,
-    changed_persons: BTreeSet<Uuid>,
+    person_changes: Vec<PersonChange>,
 }
 
 /// The rows a batch changed, as [`MemoryView::take_changes`] returns them.
@@ -125,14 +313,19 @@ pub struct MemoryView {
 pub struct IdentityChanges {
     /// Changed identity rows, sorted by identity (store key: [`Identity::key`]).
     pub identities: Vec<(Identity, IdentityRow)>,
-    /// Changed person rows, sorted by person id.
-    pub persons: Vec<(Uuid, PersonLinks)>,
+    /// The person-row changes of those transitions, in order.
+    pub person_changes: Vec<PersonChange>,
 }
 
 impl IdentityChanges {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.identities.is_empty() && self.persons.is_empty()
+        self.identities.is_empty() && self.person_changes.is_empty()
+    }
+
+    /// The person rows the changes touch, sorted.
+    pub fn persons(&self) -> BTreeSet<Uuid> {
+        self.person_changes.iter().map(|c| c.person).collect()
     }
 }
 
@@ -144,12 +337,22 @@ impl MemoryView {
 
     /// Loads a stored identity row (not a change).
     pub fn load_identity(&mut self, id: Identity, row: IdentityRow) {
-        self.identities.insert(id, row.person_id);
+        self.identities.insert(id, row);
     }
 
     /// Loads a stored person row (not a change).
     pub fn load_person(&mut self, person: Uuid, links: PersonLinks) {
         self.persons.insert(person, links);
+    }
+
+    /// The person row of `person`, with every change applied, if it has one.
+    pub fn person(&self, person: Uuid) -> Option<&PersonLinks> {
+        self.persons.get(&person)
+    }
+
+    /// The person `id` resolves to, if it was seen.
+    pub fn person_of(&self, id: &Identity) -> Option<Uuid> {
+        self.identities.get(id).map(|r| r.person_id)
     }
 
     /// The rows written since the last call, with their current values.
@@ -158,38 +361,32 @@ impl MemoryView {
         let identities = std::mem::take(&mut self.changed_identities)
             .into_iter()
             .filter_map(|id| {
-                let person_id = *self.identities.get(&id)?;
-                Some((id, IdentityRow { person_id }))
+                let row = self.identities.get(&id)?.clone();
+                Some((id, row))
             })
-            .collect();
-        let persons = std::mem::take(&mut self.changed_persons)
-            .into_iter()
-            .filter_map(|p| Some((p, self.persons.get(&p)?.clone())))
             .collect();
         IdentityChanges {
             identities,
-            persons,
+            person_changes: std::mem::take(&mut self.person_changes),
         }
     }
 }
 
 impl IdentityView for MemoryView {
-    fn identity(&self, id: &Identity) -> Option<Uuid> {
-        self.identities.get(id).copied()
+    fn identity(&self, id: &Identity) -> Option<IdentityRow> {
+        self.identities.get(id).cloned()
     }
 
-    fn set_identity(&mut self, id: &Identity, person: Uuid) {
-        self.identities.insert(id.clone(), person);
+    fn set_identity(&mut self, id: &Identity, row: IdentityRow) {
+        for change in person_changes(id, &row) {
+            self.persons
+                .entry(change.person)
+                .or_default()
+                .apply(&change);
+            self.person_changes.push(change);
+        }
+        self.identities.insert(id.clone(), row);
         self.changed_identities.insert(id.clone());
-    }
-
-    fn person(&self, person: Uuid) -> Option<PersonLinks> {
-        self.persons.get(&person).cloned()
-    }
-
-    fn put_person(&mut self, person: Uuid, links: PersonLinks) {
-        self.persons.insert(person, links);
-        self.changed_persons.insert(person);
     }
 }
 
@@ -208,37 +405,33 @@ pub fn needed_identities(event: &Event) -> Vec<Identity> {
     ids
 }
 
-/// The person rows [`resolve`] may read for `event`, given `stored`, the
-/// stored person of an identity (the rows loaded for
-/// [`needed_identities`]): the event's `person_id`, and for each needed
-/// identity its stored person and its default person.
-pub fn needed_persons(event: &Event, stored: impl Fn(&Identity) -> Option<Uuid>) -> Vec<Uuid> {
-    let mut persons: Vec<Uuid> = event.person_id.into_iter().collect();
-    for id in needed_identities(event) {
-        persons.extend(stored(&id));
-        persons.push(id.default_person_id());
-    }
-    persons.sort_unstable();
-    persons.dedup();
-    persons
-}
-
-/// Resolves `event` to its person through `view` (see the crate docs for
-/// the rules), sets `event.person_id` and returns the person.
+/// Resolves `event`, the input record at `at`, to its person through
+/// `view` (see the crate docs for the rules) and sets `event.person_id`.
 ///
 /// # Errors
 /// An event with neither `person_id` nor `source` breaks contract §2 and
 /// cannot be resolved: [`RejectKind::InvalidEnvelope`], and nothing changes.
 /// Validated input never has that shape.
-pub fn resolve(view: &mut impl IdentityView, event: &mut Event) -> Result<Uuid, Rejection> {
+pub fn resolve(
+    view: &mut impl IdentityView,
+    event: &mut Event,
+    at: Stamp,
+) -> Result<Resolved, Rejection> {
+    let mut moved = Vec::new();
+    let mut written_before = Vec::new();
     let person = match (event.person_id, &event.source) {
         (Some(person), _) => person,
         (None, Some(source)) => match view.identity(source) {
-            Some(person) => person,
+            Some(row) => {
+                if row.written_by(at) {
+                    written_before.push(source.clone());
+                }
+                row.person_id
+            }
             None => {
                 let person = source.default_person_id();
-                view.set_identity(source, person);
-                add_identity(view, person, source);
+                view.set_identity(source, IdentityRow::moved(None, person, at));
+                moved.push(source.clone());
                 person
             }
         },
@@ -251,32 +444,37 @@ pub fn resolve(view: &mut impl IdentityView, event: &mut Event) -> Result<Uuid, 
     };
 
     if let EventData::IdentityLinked(linked) = &event.data {
-        let previous = view.identity(linked);
-        if previous != Some(person) {
-            view.set_identity(linked, person);
-            add_identity(view, person, linked);
-            if let Some(previous) = previous {
-                let mut links = view.person(previous).unwrap_or_default();
-                links.identities.remove(linked);
-                links.merged_into = Some(person);
-                view.put_person(previous, links);
+        if !moved.contains(linked) {
+            let row = view.identity(linked);
+            match &row {
+                Some(row) if row.written_by(at) => {
+                    // This record moved it before (a redelivery); whatever
+                    // moved it since came later.
+                    if !written_before.contains(linked) {
+                        written_before.push(linked.clone());
+                    }
+                }
+                Some(row) if row.person_id == person => {}
+                _ => {
+                    view.set_identity(linked, IdentityRow::moved(row.as_ref(), person, at));
+                    moved.push(linked.clone());
+                }
             }
         }
     }
 
     event.person_id = Some(person);
-    Ok(person)
-}
-
-fn add_identity(view: &mut impl IdentityView, person: Uuid, id: &Identity) {
-    let mut links = view.person(person).unwrap_or_default();
-    if links.identities.insert(id.clone()) {
-        view.put_person(person, links);
-    }
+    Ok(Resolved {
+        person,
+        moved,
+        written_before,
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
 
     fn id(s: &str) -> Identity {
@@ -304,17 +502,31 @@ mod tests {
         EventData::IdentityLinked(id(to))
     }
 
-    fn run(view: &mut MemoryView, mut e: Event) -> Uuid {
-        let person = resolve(view, &mut e).unwrap();
-        assert_eq!(e.person_id, Some(person));
-        person
+    thread_local! {
+        static OFFSET: Cell<u64> = const { Cell::new(0) };
     }
 
-    fn links(ids: &[&str], merged_into: Option<Uuid>) -> PersonLinks {
-        PersonLinks {
-            identities: ids.iter().map(|s| id(s)).collect(),
-            merged_into,
-        }
+    /// Resolves `e` as the next record of partition 0.
+    fn run(view: &mut MemoryView, e: Event) -> Uuid {
+        let offset = OFFSET.with(|o| {
+            o.set(o.get() + 1);
+            o.get()
+        });
+        let mut e = e;
+        let at = Stamp::of(&e, 0, offset);
+        let resolved = resolve(view, &mut e, at).unwrap();
+        assert_eq!(e.person_id, Some(resolved.person));
+        resolved.person
+    }
+
+    /// A person row as contract §4 shows it: identities and merged_into.
+    fn shown(view: &MemoryView, p: Uuid) -> Option<(Vec<Identity>, Option<Uuid>)> {
+        view.person(p)
+            .map(|l| (l.identities().cloned().collect(), l.merged_into()))
+    }
+
+    fn links(ids: &[&str], merged_into: Option<Uuid>) -> Option<(Vec<Identity>, Option<Uuid>)> {
+        Some((ids.iter().map(|s| id(s)).collect(), merged_into))
     }
 
     #[test]
@@ -322,21 +534,20 @@ mod tests {
         let mut view = MemoryView::new();
         let p = run(&mut view, event(Some("tg:1"), None, other()));
         assert_eq!(p, id("tg:1").default_person_id());
-        assert_eq!(
-            view.take_changes(),
-            IdentityChanges {
-                identities: vec![(id("tg:1"), IdentityRow { person_id: p })],
-                persons: vec![(p, links(&["tg:1"], None))],
-            }
-        );
+        let changes = view.take_changes();
+        assert_eq!(changes.identities.len(), 1);
+        let (identity, row) = &changes.identities[0];
+        assert_eq!(identity, &id("tg:1"));
+        assert_eq!((row.person_id, row.version, row.previous), (p, 1, None));
+        assert_eq!(changes.persons(), BTreeSet::from([p]));
+        assert_eq!(shown(&view, p), links(&["tg:1"], None));
     }
 
     #[test]
     fn a_known_identity_resolves_to_its_person_without_writes() {
         let mut view = MemoryView::new();
         let q = Uuid::from_u128(7);
-        view.load_identity(id("tg:1"), IdentityRow { person_id: q });
-        view.load_person(q, links(&["tg:1"], None));
+        view.load_identity(id("tg:1"), IdentityRow::moved(None, q, Stamp::default()));
         assert_eq!(run(&mut view, event(Some("tg:1"), None, other())), q);
         assert!(view.take_changes().is_empty());
     }
@@ -354,9 +565,9 @@ mod tests {
     fn linking_an_unseen_identity_adds_it_without_a_merge() {
         let mut view = MemoryView::new();
         let p = run(&mut view, event(Some("tg:1"), None, link("web:a")));
-        assert_eq!(view.identity(&id("web:a")), Some(p));
-        assert_eq!(view.person(p), Some(links(&["tg:1", "web:a"], None)));
-        assert_eq!(view.person(id("web:a").default_person_id()), None);
+        assert_eq!(view.person_of(&id("web:a")), Some(p));
+        assert_eq!(shown(&view, p), links(&["tg:1", "web:a"], None));
+        assert_eq!(shown(&view, id("web:a").default_person_id()), None);
     }
 
     #[test]
@@ -366,13 +577,15 @@ mod tests {
         run(&mut view, event(Some("web:a"), None, link("email:x")));
         let p = run(&mut view, event(Some("tg:1"), None, link("web:a")));
         assert_ne!(p, q);
-        assert_eq!(view.person(p), Some(links(&["tg:1", "web:a"], None)));
-        assert_eq!(view.person(q), Some(links(&["email:x"], Some(p))));
+        assert_eq!(shown(&view, p), links(&["tg:1", "web:a"], None));
+        assert_eq!(shown(&view, q), links(&["email:x"], Some(p)));
         // resolving either identity afterwards gives the source's person
         assert_eq!(run(&mut view, event(Some("web:a"), None, other())), p);
         assert_eq!(run(&mut view, event(Some("tg:1"), None, other())), p);
         // only the linked identity moved
         assert_eq!(run(&mut view, event(Some("email:x"), None, other())), q);
+        let row = view.identity(&id("web:a")).unwrap();
+        assert_eq!((row.version, row.previous), (2, Some(q)));
     }
 
     #[test]
@@ -389,7 +602,7 @@ mod tests {
     fn a_self_link_on_first_sight_only_records_the_source() {
         let mut view = MemoryView::new();
         let p = run(&mut view, event(Some("tg:1"), None, link("tg:1")));
-        assert_eq!(view.person(p), Some(links(&["tg:1"], None)));
+        assert_eq!(shown(&view, p), links(&["tg:1"], None));
     }
 
     #[test]
@@ -398,28 +611,106 @@ mod tests {
         let q = run(&mut view, event(Some("tg:1"), None, other()));
         let c = Uuid::from_u128(42);
         assert_eq!(run(&mut view, event(None, Some(c), link("tg:1"))), c);
-        assert_eq!(view.identity(&id("tg:1")), Some(c));
-        assert_eq!(view.person(c), Some(links(&["tg:1"], None)));
-        assert_eq!(view.person(q), Some(links(&[], Some(c))));
+        assert_eq!(view.person_of(&id("tg:1")), Some(c));
+        assert_eq!(shown(&view, c), links(&["tg:1"], None));
+        assert_eq!(shown(&view, q), links(&[], Some(c)));
     }
 
     #[test]
     fn first_sight_keeps_existing_links_of_the_default_person() {
         let mut view = MemoryView::new();
         let d = id("tg:1").default_person_id();
-        view.load_person(d, links(&["web:z"], None));
+        let mut row = PersonLinks::default();
+        row.apply(&PersonChange {
+            person: d,
+            identity: id("web:z"),
+            member: Member {
+                present: true,
+                version: 1,
+            },
+            merged: None,
+        });
+        view.load_person(d, row);
         run(&mut view, event(Some("tg:1"), None, other()));
-        assert_eq!(view.person(d), Some(links(&["tg:1", "web:z"], None)));
+        assert_eq!(shown(&view, d), links(&["tg:1", "web:z"], None));
     }
 
     #[test]
     fn an_event_without_person_and_source_is_rejected_unchanged() {
         let mut view = MemoryView::new();
         let mut e = event(None, None, link("tg:1"));
-        let err = resolve(&mut view, &mut e).unwrap_err();
+        let err = resolve(&mut view, &mut e, Stamp::default()).unwrap_err();
         assert_eq!(err.kind, RejectKind::InvalidEnvelope);
         assert_eq!(e.person_id, None);
         assert!(view.take_changes().is_empty());
+    }
+
+    #[test]
+    fn a_redelivered_link_does_not_move_the_identity_again() {
+        let mut view = MemoryView::new();
+        let p = run(&mut view, event(Some("tg:1"), None, other()));
+        let mut e = event(Some("web:a"), None, link("tg:1"));
+        let at = Stamp::of(&e, 3, 10);
+        let q = resolve(&mut view, &mut e.clone(), at).unwrap().person;
+        // Moved on by a later link of another partition...
+        let mut back = event(Some("tg:2"), None, link("tg:1"));
+        let at_back = Stamp::of(&back, 1, 5);
+        resolve(&mut view, &mut back, at_back).unwrap();
+        view.take_changes();
+        // ...the first link, delivered again, leaves it there.
+        let again = resolve(&mut view, &mut e, at).unwrap();
+        assert_eq!(again.person, q);
+        assert!(again.moved.is_empty());
+        assert_eq!(again.written_before, vec![id("web:a"), id("tg:1")]);
+        assert!(view.take_changes().is_empty());
+        assert_ne!(view.person_of(&id("tg:1")), Some(p));
+    }
+
+    #[test]
+    fn person_changes_merge_in_any_order_and_any_number_of_times() {
+        let a = id("tg:1");
+        let (p, q, r) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let v1 = IdentityRow::moved(None, p, Stamp::default());
+        let v2 = IdentityRow::moved(
+            Some(&v1),
+            q,
+            Stamp {
+                offset: 1,
+                ..Stamp::default()
+            },
+        );
+        let v3 = IdentityRow::moved(
+            Some(&v2),
+            r,
+            Stamp {
+                offset: 2,
+                ..Stamp::default()
+            },
+        );
+        let changes: Vec<PersonChange> = [&v1, &v2, &v3]
+            .into_iter()
+            .flat_map(|row| person_changes(&a, row))
+            .collect();
+        let fold = |order: &[usize]| {
+            let mut rows: BTreeMap<Uuid, PersonLinks> = BTreeMap::new();
+            for &i in order {
+                rows.entry(changes[i].person)
+                    .or_default()
+                    .apply(&changes[i]);
+            }
+            rows
+        };
+        let forward: Vec<usize> = (0..changes.len()).collect();
+        let want = fold(&forward);
+        assert_eq!(fold(&[4, 3, 2, 1, 0]), want);
+        assert_eq!(fold(&[2, 0, 4, 4, 1, 3, 0]), want);
+        let shown = |p: Uuid| {
+            let l = &want[&p];
+            (l.identities().cloned().collect::<Vec<_>>(), l.merged_into())
+        };
+        assert_eq!(shown(p), (vec![], Some(q)));
+        assert_eq!(shown(q), (vec![], Some(r)));
+        assert_eq!(shown(r), (vec![a], None));
     }
 
     #[test]
@@ -442,12 +733,6 @@ mod tests {
             needed_identities(&event(Some("tg:1"), Some(p), link("web:a"))),
             [id("web:a")]
         );
-
-        let e = event(Some("tg:1"), Some(p), link("web:a"));
-        let q = Uuid::from_u128(3);
-        let mut want = vec![p, q, id("web:a").default_person_id()];
-        want.sort_unstable();
-        assert_eq!(needed_persons(&e, |_| Some(q)), want);
     }
 
     #[test]
@@ -456,9 +741,12 @@ mod tests {
         view.load_identity(id("tg:1"), IdentityRow::default());
         view.load_person(Uuid::nil(), PersonLinks::default());
         assert!(view.take_changes().is_empty());
-        view.set_identity(&id("tg:2"), Uuid::nil());
+        view.set_identity(
+            &id("tg:2"),
+            IdentityRow::moved(None, Uuid::nil(), Stamp::default()),
+        );
         assert_eq!(view.take_changes().identities.len(), 1);
         assert!(view.take_changes().is_empty());
-        assert_eq!(view.identity(&id("tg:2")), Some(Uuid::nil()));
+        assert_eq!(view.person_of(&id("tg:2")), Some(Uuid::nil()));
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use proptest::prelude::*;
 use waymark_core::EventData;
-use waymark_identity::{resolve, IdentityView, MemoryView};
+use waymark_identity::{resolve, MemoryView};
 
 proptest! {
     /// Resolving an event again right after it (a redelivery) gives the same
@@ -16,10 +16,11 @@ proptest! {
         events in proptest::collection::vec(common::arb_event(), 0..40),
     ) {
         let mut view = MemoryView::new();
-        for e in &events {
-            let first = resolve(&mut view, &mut e.clone()).expect("valid");
+        for (i, e) in events.iter().enumerate() {
+            let at = common::stamp(&events, i);
+            let first = resolve(&mut view, &mut e.clone(), at).expect("valid").person;
             view.take_changes();
-            let again = resolve(&mut view, &mut e.clone()).expect("valid");
+            let again = resolve(&mut view, &mut e.clone(), at).expect("valid").person;
             prop_assert_eq!(first, again);
             prop_assert!(view.take_changes().is_empty());
         }
@@ -45,13 +46,14 @@ proptest! {
         events in proptest::collection::vec(common::arb_event(), 0..40),
     ) {
         let mut view = MemoryView::new();
-        for e in &events {
-            let person = resolve(&mut view, &mut e.clone()).expect("valid");
+        for (i, e) in events.iter().enumerate() {
+            let at = common::stamp(&events, i);
+            let person = resolve(&mut view, &mut e.clone(), at).expect("valid").person;
             if let EventData::IdentityLinked(linked) = &e.data {
-                prop_assert_eq!(view.identity(linked), Some(person));
+                prop_assert_eq!(view.person_of(linked), Some(person));
                 if e.person_id.is_none() {
                     let source = e.source.as_ref().expect("valid events have a source");
-                    prop_assert_eq!(view.identity(source), Some(person));
+                    prop_assert_eq!(view.person_of(source), Some(person));
                 }
             }
         }

@@ -58,6 +58,7 @@ impl ProcessorFactory for PersonProcessor {
                 suffix: history::HISTORY,
                 key: "person id (head) or `<person id>/<chunk>`",
                 position: history::row_position,
+                verified: true,
             },
         ];
         TABLES

@@ -174,10 +174,20 @@ pub async fn projections(addr: &str) -> Vec<pb::Projection> {
         .projections
 }
 
-/// Waits until every live version has applied everything on the log.
+/// Waits until every live version has applied everything on the log
+/// (an `UNAVAILABLE` answer, e.g. right after a broker restart, is asked
+/// again).
 pub async fn caught_up(addr: &str) {
     eventually("every live version has caught up", || async {
-        let all = projections(addr).await;
+        let all = match admin(addr)
+            .await
+            .list_projections(pb::ListProjectionsRequest {})
+            .await
+        {
+            Ok(r) => r.into_inner().projections,
+            Err(s) if s.code() == tonic::Code::Unavailable => return None,
+            Err(s) => panic!("ListProjections: {s}"),
+        };
         all.iter()
             .all(|p| {
                 p.versions

@@ -19,14 +19,14 @@ fn person(id: Uuid, state: Option<&PersonState>, links: Option<&PersonLinks>) ->
     pb::Person {
         person_id: id.to_string(),
         identities: links
-            .map(|l| l.identities.iter().map(identity).collect())
+            .map(|l| l.identities().map(identity).collect())
             .unwrap_or_default(),
         first_seen: state.and_then(|s| s.first_seen.as_ref()).map(timestamp),
         last_seen: state.and_then(|s| s.last_seen.as_ref()).map(timestamp),
         event_count: state.map_or(0, |s| s.event_count),
         interaction_count: state.map_or(0, |s| s.interaction_count),
         merged_into: links
-            .and_then(|l| l.merged_into)
+            .and_then(PersonLinks::merged_into)
             .map(|m| m.to_string())
             .unwrap_or_default(),
     }

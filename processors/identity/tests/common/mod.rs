@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use serde::Serialize;
 use uuid::Uuid;
 use waymark_core::{Event, EventData, Identity};
 use waymark_identity::{
-    needed_identities, needed_persons, resolve, IdentityChanges, IdentityRow, IdentityView,
-    MemoryView, PersonLinks,
+    needed_identities, resolve, IdentityChanges, IdentityRow, IdentityView, MemoryView,
+    PersonLinks, Stamp,
 };
 
 /// The fixture cases of this crate: every directory under `tests/fixtures`.
@@ -57,6 +58,19 @@ pub struct Store {
     pub persons: BTreeMap<Uuid, Vec<u8>>,
 }
 
+/// An identity row as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShownIdentity {
+    pub person_id: Uuid,
+}
+
+/// A person row as a reader sees it (contract §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShownPerson {
+    pub identities: Vec<Identity>,
+    pub merged_into: Option<Uuid>,
+}
+
 impl Store {
     pub fn identity(&self, id: &Identity) -> Option<IdentityRow> {
         let bytes = self.identities.get(&id.key())?;
@@ -68,30 +82,53 @@ impl Store {
         Some(postcard::from_bytes(bytes).expect("person row decodes"))
     }
 
+    /// Writes the changed identity rows and merges the person changes into
+    /// the stored person rows.
     pub fn write(&mut self, changes: IdentityChanges) {
         for (id, row) in changes.identities {
             let bytes = postcard::to_allocvec(&row).expect("identity row encodes");
             self.identities.insert(id.key(), bytes);
         }
-        for (person, links) in changes.persons {
+        for change in &changes.person_changes {
+            let mut links = self.person(change.person).unwrap_or_default();
+            links.apply(change);
             let bytes = postcard::to_allocvec(&links).expect("person row encodes");
-            self.persons.insert(person, bytes);
+            self.persons.insert(change.person, bytes);
         }
     }
 
-    /// The decoded tables, as JSON-friendly maps.
-    pub fn tables(&self) -> (BTreeMap<String, IdentityRow>, BTreeMap<Uuid, PersonLinks>) {
+    /// The decoded tables as readers see them.
+    pub fn tables(&self) -> (BTreeMap<String, ShownIdentity>, BTreeMap<Uuid, ShownPerson>) {
         let identities = self
             .identities
             .iter()
-            .map(|(k, v)| (k.clone(), postcard::from_bytes(v).expect("decodes")))
+            .map(|(k, v)| {
+                let row: IdentityRow = postcard::from_bytes(v).expect("decodes");
+                (
+                    k.clone(),
+                    ShownIdentity {
+                        person_id: row.person_id,
+                    },
+                )
+            })
             .collect();
         let persons = self
             .persons
             .iter()
-            .map(|(k, v)| (*k, postcard::from_bytes(v).expect("decodes")))
+            .map(|(k, v)| {
+                let links: PersonLinks = postcard::from_bytes(v).expect("decodes");
+                (*k, shown_person(&links))
+            })
             .collect();
         (identities, persons)
+    }
+}
+
+/// How a person row reads.
+pub fn shown_person(links: &PersonLinks) -> ShownPerson {
+    ShownPerson {
+        identities: links.identities().cloned().collect(),
+        merged_into: links.merged_into(),
     }
 }
 
@@ -101,7 +138,6 @@ impl Store {
 pub struct StrictView {
     pub inner: MemoryView,
     identities: RefCell<BTreeSet<Identity>>,
-    persons: RefCell<BTreeSet<Uuid>>,
 }
 
 impl StrictView {
@@ -116,19 +152,13 @@ impl StrictView {
                 }
                 view.identities.borrow_mut().insert(id);
             }
-            for p in needed_persons(e, |id| store.identity(id).map(|r| r.person_id)) {
-                if let Some(links) = store.person(p) {
-                    inner.load_person(p, links);
-                }
-                view.persons.borrow_mut().insert(p);
-            }
         }
         StrictView { inner, ..view }
     }
 }
 
 impl IdentityView for StrictView {
-    fn identity(&self, id: &Identity) -> Option<Uuid> {
+    fn identity(&self, id: &Identity) -> Option<IdentityRow> {
         assert!(
             self.identities.borrow().contains(id),
             "read of identity {id} that was not preloaded"
@@ -136,23 +166,15 @@ impl IdentityView for StrictView {
         self.inner.identity(id)
     }
 
-    fn set_identity(&mut self, id: &Identity, person: Uuid) {
+    fn set_identity(&mut self, id: &Identity, row: IdentityRow) {
         self.identities.borrow_mut().insert(id.clone());
-        self.inner.set_identity(id, person);
+        self.inner.set_identity(id, row);
     }
+}
 
-    fn person(&self, person: Uuid) -> Option<PersonLinks> {
-        assert!(
-            self.persons.borrow().contains(&person),
-            "read of person {person} that was not preloaded"
-        );
-        self.inner.person(person)
-    }
-
-    fn put_person(&mut self, person: Uuid, links: PersonLinks) {
-        self.persons.borrow_mut().insert(person);
-        self.inner.put_person(person, links);
-    }
+/// The stamp of event `i` of a test log: partition 0, offset `i`.
+pub fn stamp(events: &[Event], i: usize) -> Stamp {
+    Stamp::of(&events[i], 0, i as u64)
 }
 
 /// Resolves `events` in batches as the runtime does: preload, resolve,
@@ -165,11 +187,11 @@ pub fn run_batches(store: &mut Store, events: &[Event], cuts: &[usize]) -> Vec<U
     bounds.dedup();
     let mut persons = Vec::new();
     for w in bounds.windows(2) {
-        let batch = &events[w[0]..w[1]];
-        let mut view = StrictView::preload(store, batch);
-        for e in batch {
-            let mut e = e.clone();
-            persons.push(resolve(&mut view, &mut e).expect("valid event"));
+        let mut view = StrictView::preload(store, &events[w[0]..w[1]]);
+        for i in w[0]..w[1] {
+            let mut e = events[i].clone();
+            let resolved = resolve(&mut view, &mut e, stamp(events, i)).expect("valid event");
+            persons.push(resolved.person);
         }
         store.write(view.inner.take_changes());
     }
@@ -179,9 +201,12 @@ pub fn run_batches(store: &mut Store, events: &[Event], cuts: &[usize]) -> Vec<U
 /// One live pass over a single view that holds everything.
 pub fn live(events: &[Event]) -> (Vec<Uuid>, Store) {
     let mut view = MemoryView::new();
-    let persons = events
-        .iter()
-        .map(|e| resolve(&mut view, &mut e.clone()).expect("valid event"))
+    let persons = (0..events.len())
+        .map(|i| {
+            resolve(&mut view, &mut events[i].clone(), stamp(events, i))
+                .expect("valid event")
+                .person
+        })
         .collect();
     let mut store = Store::default();
     store.write(view.take_changes());
