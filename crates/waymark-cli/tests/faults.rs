@@ -16,7 +16,8 @@
 //!
 //! Cases on `waymark dev`: kill -9 at random points; poison records of
 //! every kind through the Kafka endpoint; duplicate replays; a rebuild under
-//! live traffic; a full disk. Cases on real Kafka + Cassandra (`scripts/dev-services`):
+//! live traffic; a full disk (a file-size limit, recovery by a restart);
+//! a full disk whose space returns while `waymark dev` runs (a tmpfs). Cases on real Kafka + Cassandra (`scripts/dev-services`):
 //! processor kill -9; a zombie member (SIGSTOP past the session timeout,
 //! then SIGCONT); a rebalance storm; a consumer-group offset reset; broker
 //! SIGSTOP and SIGKILL; Cassandra SIGSTOP; Cassandra SIGKILL and restart;
@@ -635,6 +636,170 @@ async fn dev_full_disk() {
     terminate(&mut child);
     eprintln!(
         "fault case {case}: refused with {:?}: {}",
+        status.code(),
+        status.message()
+    );
+    done(case, started, &ledger);
+}
+
+/// A small filesystem of its own for a data directory (a tmpfs, mounted
+/// as root): filled up and freed again while `waymark dev` runs on it.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+    fillers: Vec<PathBuf>,
+}
+
+impl SmallDisk {
+    /// `None` (with a SKIPPED line) where mounting is not allowed, which
+    /// fails under `CI=true`.
+    fn mount(mib: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !waymark_testenv::in_ci(),
+                "mounting a tmpfs needs root, which CI has"
+            );
+            waymark_testenv::skip("mounting a tmpfs needs root");
+            return None;
+        }
+        Some(Self {
+            dir,
+            fillers: Vec::new(),
+        })
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Fills the disk with 4 MiB files until it is full, then frees
+    /// `free_mib` of them again.
+    fn fill_leaving(&mut self, free_mib: usize) {
+        use std::io::Write;
+        let chunk = vec![0u8; 4 << 20];
+        for i in 0.. {
+            let path = self.dir.path().join(format!("filler-{i}"));
+            let mut f = std::fs::File::create(&path).unwrap();
+            let full = f.write_all(&chunk).and_then(|()| f.sync_all()).is_err();
+            self.fillers.push(path);
+            if full {
+                break;
+            }
+        }
+        for _ in 0..free_mib.div_ceil(4) {
+            if let Some(path) = self.fillers.pop() {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
+    /// Frees every filler.
+    fn free(&mut self) {
+        for path in self.fillers.drain(..) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_disk_full_then_space_returns() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_disk_full_then_space_returns";
+    let started = Instant::now();
+    let Some(mut disk) = SmallDisk::mount(1024) else {
+        return;
+    };
+    std::fs::create_dir_all(disk.data()).unwrap();
+    let (mut child, info) = spawn_dev(&disk.data(), "127.0.0.1:0");
+    disk.fill_leaving(24);
+    let big = "x".repeat(60_000);
+    let events: Vec<Planned> = (0..scale(3000, 6000))
+        .map(|i| {
+            let who = format!("sr-{}", i % 10);
+            let id = format!("sr-{i}");
+            let json = event(
+                &id,
+                "interaction.recorded",
+                "2026-06-01T00:00:00Z",
+                ("web", &who),
+                json!({"kind": "message", "content_type": "text", "content": big}),
+            );
+            Planned { who, id, json }
+        })
+        .collect();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", info.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut ingest = waymark_proto::v1::ingest_client::IngestClient::new(channel);
+    let mut ledger = Ledger::default();
+    let mut refused = None;
+    let mut at = 0;
+    while at < events.len() && refused.is_none() {
+        let chunk = &events[at..(at + 20).min(events.len())];
+        let result = ingest
+            .publish(pb::PublishRequest {
+                events: chunk.iter().map(|e| e.json.clone()).collect(),
+            })
+            .await;
+        for (i, e) in chunk.iter().enumerate() {
+            let acked = match &result {
+                Ok(r) => matches!(r.get_ref().results[i].outcome, Some(Outcome::Accepted(_))),
+                Err(_) => false,
+            };
+            let book = if acked {
+                &mut ledger.acked
+            } else {
+                &mut ledger.maybe
+            };
+            book.entry(e.who.clone()).or_default().insert(e.id.clone());
+        }
+        if let Err(status) = result {
+            refused = Some(status);
+        }
+        at += chunk.len();
+    }
+    let status = refused.expect("the space ran out before the events did");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(child.try_wait().unwrap().is_none(), "waymark dev exited");
+    let refused_at = ledger.acked_count();
+
+    // Space returns; the same process takes events again.
+    disk.free();
+    let rest: SharedLedger = Arc::new(Mutex::new(ledger));
+    let more = (at + scale(300, 1000)).min(events.len());
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        publish_retrying(&info.grpc_addr, &events[at..more], &rest),
+    )
+    .await
+    .expect("waymark dev takes events again within 2 minutes of space returning");
+    let ledger = std::mem::take(&mut *rest.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+
+    // And what is on the disk is sound: killed and started again, the same.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, info) = spawn_dev(&disk.data(), "127.0.0.1:0");
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    terminate(&mut child);
+    eprintln!(
+        "fault case {case}: refused after {refused_at} events with {:?}: {}",
         status.code(),
         status.message()
     );

@@ -34,11 +34,19 @@
 //!   [`CORRUPT_HEADER`] header, which processors dead-letter.
 //! - A store batch (rows + positions) is one atomic fjall write batch (one
 //!   checksummed journal entry): after a crash the store holds either the
-//!   whole batch or none of it, and the positions always match the rows. A batch that wrote outputs or dead
-//!   letters is durable before the runner goes on; a replayable one (all of
+//!   whole batch or none of it, and the positions always match the rows.
+//!   A batch that wrote outputs or dead letters is durable before the
+//!   runner goes on; a replayable one (all of
 //!   its effects are in the store) is made durable within 250 ms or on
 //!   close, so a crash can roll the store back by at most that much, rows
 //!   and positions together, and the records are applied again.
+//! - A full disk is an error, never a stop: a log commit that fails (no
+//!   space, any I/O error) answers `LogError::Unavailable` to everything
+//!   it carried and publishes nothing of it; redb then refuses every
+//!   transaction, so the log drops the database and opens the file again
+//!   (redb repairs it), at most once a second until that works. When space
+//!   returns the same process takes appends again (fault case
+//!   `dev_disk_full_then_space_returns`).
 //! - Embedded consumer groups have exactly one member (one process); it is
 //!   assigned every partition.
 

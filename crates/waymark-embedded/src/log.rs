@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use waymark_runtime::log::ConsumerEvent;
 use waymark_runtime::{
     partition_for, Appended, Log, LogConsumer, LogError, OutRecord, Record, TopicConfig,
@@ -84,9 +84,34 @@ impl Topic {
     }
 }
 
+/// The database, as the log holds it.
+enum Db {
+    Open(Database),
+    /// Closed for good: dropping the database released its file lock.
+    Closed,
+    /// A commit failed (e.g. the disk is full); redb then refuses every
+    /// transaction until the file is opened again, which is tried at most
+    /// once per [`REOPEN_EVERY`].
+    Failed {
+        reason: String,
+        since: std::time::Instant,
+    },
+}
+
+/// How often a failed database is opened again.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn open_database(path: &Path) -> Result<Database, LogError> {
+    Database::builder()
+        .set_cache_size(LOG_CACHE_BYTES)
+        .create(path)
+        .map_err(unavailable)
+}
+
 struct Inner {
-    /// `None` once closed: dropping the database releases its file lock.
-    db: RwLock<Option<Database>>,
+    db: RwLock<Db>,
+    /// The file, to open it again after a failure.
+    path: std::path::PathBuf,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Woken after every commit that appended anything (fetch long polls).
     any_appended: Notify,
@@ -95,11 +120,66 @@ struct Inner {
 }
 
 impl Inner {
-    /// Runs `f` on the open database.
+    /// Runs `f` on the open database, opening it again first if a commit
+    /// failed before.
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, LogError>) -> Result<T, LogError> {
+        {
+            let guard = self.db.read().map_err(|_| LogError::Closed)?;
+            match &*guard {
+                Db::Open(db) => return f(db),
+                Db::Closed => return Err(LogError::Closed),
+                Db::Failed { .. } => {}
+            }
+        }
+        self.reopen(None);
         let guard = self.db.read().map_err(|_| LogError::Closed)?;
-        let db = guard.as_ref().ok_or(LogError::Closed)?;
-        f(db)
+        match &*guard {
+            Db::Open(db) => f(db),
+            Db::Closed => Err(LogError::Closed),
+            Db::Failed { reason, .. } => Err(LogError::Unavailable(format!(
+                "the embedded log failed and cannot be opened again yet: {reason}"
+            ))),
+        }
+    }
+
+    /// After `failure` (a failed commit), or for a database that failed
+    /// before: drops the database and opens its file again, which redb
+    /// repairs if it has to. Nothing of a failed transaction was published
+    /// (offsets and producer state change only after a commit), so the
+    /// in-memory state stays as it is.
+    fn reopen(&self, failure: Option<&LogError>) {
+        let Ok(mut guard) = self.db.write() else {
+            return;
+        };
+        match &*guard {
+            Db::Closed => return,
+            Db::Open(_) if failure.is_none() => return,
+            Db::Failed { since, .. } if since.elapsed() < REOPEN_EVERY => return,
+            _ => {}
+        }
+        let reason = match (&*guard, failure) {
+            (_, Some(e)) => e.to_string(),
+            (Db::Failed { reason, .. }, None) => reason.clone(),
+            _ => String::new(),
+        };
+        // Release the file before opening it again.
+        *guard = Db::Failed {
+            reason: reason.clone(),
+            since: std::time::Instant::now(),
+        };
+        match open_database(&self.path) {
+            Ok(db) => {
+                info!(path = %self.path.display(), after = %reason, "embedded log opened again");
+                *guard = Db::Open(db);
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "opening the embedded log again failed; retrying");
+                *guard = Db::Failed {
+                    reason: format!("{reason}; opening it again: {e}"),
+                    since: std::time::Instant::now(),
+                };
+            }
+        }
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
@@ -194,10 +274,7 @@ pub struct EmbeddedLog {
 impl EmbeddedLog {
     /// Opens (or creates) the log in file `path`.
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let db = Database::builder()
-            .set_cache_size(LOG_CACHE_BYTES)
-            .create(path)
-            .map_err(unavailable)?;
+        let db = open_database(path)?;
         let mut topics = HashMap::new();
         {
             let txn = db.begin_write().map_err(unavailable)?;
@@ -239,7 +316,8 @@ impl EmbeddedLog {
         }
         let writer = Writer::load(&db)?;
         let inner = Arc::new(Inner {
-            db: RwLock::new(Some(db)),
+            db: RwLock::new(Db::Open(db)),
+            path: path.to_owned(),
             topics: RwLock::new(topics),
             any_appended: Notify::new(),
             members: Mutex::new(HashMap::new()),
@@ -332,7 +410,7 @@ impl EmbeddedLog {
     /// the file. Every clone answers [`LogError::Closed`] afterwards.
     pub fn close(&self) {
         if let Ok(mut db) = self.inner.db.write() {
-            db.take();
+            *db = Db::Closed;
         }
     }
 
@@ -767,10 +845,12 @@ impl Writer {
                     tracing::debug!("embedded log closed; requests refused");
                 } else {
                     error!(error = %e, "embedded log commit failed");
+                    inner.reopen(Some(&e));
                 }
                 for request in requests {
                     let e = match &e {
                         LogError::Closed => LogError::Closed,
+                        LogError::Unavailable(message) => LogError::Unavailable(message.clone()),
                         other => LogError::Unavailable(other.to_string()),
                     };
                     Answer::Failed(e).send(request);
