@@ -575,36 +575,39 @@ impl Runner {
                 continue;
             }
             isolated += 1;
-            let parked = self.isolate(record, &error, true);
-            match self
-                .apply_batch(slice, Some(parked), consumer, shutdown, backoff)
-                .await
-            {
-                Outcome::Applied(applied) => merge(&mut positions, applied),
-                Outcome::Stopped => return None,
-                Outcome::Fenced => return self.fenced(slice, positions, shutdown, backoff).await,
-                Outcome::Permanent(e) => {
-                    // Parking it was refused too: a dead letter then.
-                    warn!(%processor, partition = record.partition, offset = record.offset, error = %e, "parking refused; dead letter instead");
-                    let dead = self.isolate(record, &error, false);
-                    match self
-                        .apply_batch(slice, Some(dead), consumer, shutdown, backoff)
-                        .await
-                    {
-                        Outcome::Applied(applied) => merge(&mut positions, applied),
-                        Outcome::Stopped => return None,
-                        Outcome::Fenced => {
-                            return self.fenced(slice, positions, shutdown, backoff).await
+            // Parked (when the handler's rows follow the partitioning), or
+            // a dead letter when parking is refused too; if even that
+            // fails, the record is retried like a transient error.
+            let mut last = None;
+            for park in [true, false] {
+                let output = self.isolate(record, &error, park);
+                match self
+                    .apply_batch(slice, Some(output), consumer, shutdown, backoff)
+                    .await
+                {
+                    Outcome::Applied(applied) => {
+                        merge(&mut positions, applied);
+                        last = None;
+                        break;
+                    }
+                    Outcome::Stopped => return None,
+                    Outcome::Fenced => {
+                        return self.fenced(slice, positions, shutdown, backoff).await
+                    }
+                    Outcome::Permanent(e) => {
+                        if park {
+                            warn!(%processor, partition = record.partition, offset = record.offset, error = %e, "parking refused; dead letter instead");
                         }
-                        Outcome::Permanent(e) => {
-                            self.failed_at(slice, &e);
-                            if !backoff.sleep(shutdown).await {
-                                return None;
-                            }
-                            queue.push_front(slice);
-                        }
+                        last = Some(e);
                     }
                 }
+            }
+            if let Some(e) = last {
+                self.failed_at(slice, &e);
+                if !backoff.sleep(shutdown).await {
+                    return None;
+                }
+                queue.push_front(slice);
             }
         }
         Some(Isolated {
