@@ -64,6 +64,14 @@
 //!   (decision 0008, `waymark-identity`'s `shared.rs`); the store says so
 //!   with `written_by_several_processes`. A key written this way is never
 //!   written with `USING TIMESTAMP`.
+//! - **Heads after their sub rows.** A batch is not atomic here: its rows
+//!   are separate statements. Sub rows (`<head>/<sub>`, decision 0006) are
+//!   written before every head, and heads before positions, so a crash
+//!   leaves at worst sub rows written past their head, which the handlers
+//!   treat as not there (the head is the commit point: `person`'s history
+//!   test `processors/person/tests/torn.rs`). The interactions timeline
+//!   does not yet survive such a torn batch (it edits chunks in place); see
+//!   `docs/operations/faults.md`.
 //! - **Positions never move back (fencing).** A position is written
 //!   `USING TIMESTAMP 2^53 + next_offset`, so the larger position wins
 //!   whatever the order of arrival: a member that lost its partitions

@@ -477,17 +477,22 @@ impl ProjectionStore for CqlStore {
         let rows = plan_rows(&batch.rows, &self.inner.clock)?;
         let statements = self.tables_of(&rows).await?;
         // Rows first, all of them; a failure stops here, before any position.
-        let mut writes = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let table = statements
-                .get(row.table)
-                .ok_or_else(|| StoreError::UnknownTable(row.table.to_owned()))?;
-            writes.push(self.write_row(table, row));
+        // Sub rows (`<head>/<sub>`) go before every head, so that a head,
+        // the commit point of its sub rows, is never stored without them.
+        let (subs, heads): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.key.contains('/'));
+        for phase in [subs, heads] {
+            let mut writes = Vec::with_capacity(phase.len());
+            for row in phase {
+                let table = statements
+                    .get(row.table)
+                    .ok_or_else(|| StoreError::UnknownTable(row.table.to_owned()))?;
+                writes.push(self.write_row(table, row));
+            }
+            futures::stream::iter(writes)
+                .buffer_unordered(self.inner.concurrency)
+                .try_for_each(|()| futures::future::ready(Ok(())))
+                .await?;
         }
-        futures::stream::iter(writes)
-            .buffer_unordered(self.inner.concurrency)
-            .try_for_each(|()| futures::future::ready(Ok(())))
-            .await?;
         // Then the positions the rows reflect, each written at a timestamp
         // that grows with it: a position never moves back, even when a
         // member that lost its partitions (paused past its session, stuck in

@@ -12,6 +12,12 @@
 //! most one small row per person and batch, and a page of history is a few
 //! key reads. Duplicates (same id within the dedupe window) and redelivered
 //! records are not appended, exactly as the folds ignore them.
+//!
+//! The head is the commit point: readers and writers use only the first
+//! `count` entries. On a store that writes a batch's rows one by one (CQL),
+//! a crash can store a chunk without its head; the batch applied again
+//! replaces what that torn write left past the count (test
+//! `a_torn_write_applied_again_leaves_no_duplicate`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -183,7 +189,12 @@ impl WithHistory {
                 let chunk = match touched.get_mut(&key) {
                     Some(chunk) => chunk,
                     None => {
-                        let existing = chunks.remove(&key).unwrap_or_default();
+                        let mut existing = chunks.remove(&key).unwrap_or_default();
+                        // The head is the truth: entries past its count
+                        // are what a torn write (a chunk stored, its head
+                        // not, on a store without atomic batches) left,
+                        // and are appended again now.
+                        existing.truncate((index % CHUNK) as usize);
                         touched.entry(key).or_insert(existing)
                     }
                 };
