@@ -58,12 +58,15 @@
 //!   (`journey_v2`) rather than reusing the old one. Keep time-window
 //!   compaction and Cassandra 5's `minimum_timestamp_*` guardrails (off by
 //!   default) away from these tables.
-//! - **Rows without an order** are written by compare-and-set only
-//!   (lightweight transactions): the identity processor's rows, which no
-//!   input partition owns, change by transitions against the row read
-//!   (decision 0008, `waymark-identity`'s `shared.rs`); the store says so
-//!   with `written_by_several_processes`. A key written this way is never
-//!   written with `USING TIMESTAMP`.
+//! - **Rows without an order.** The identity processor's rows, which no
+//!   input partition owns, are written by compare-and-set only
+//!   (lightweight transactions): they change by transitions against the
+//!   row read (decision 0008, `waymark-identity`'s `shared.rs`), because
+//!   the store says several processes write it
+//!   (`written_by_several_processes`); a key written this way is never
+//!   written with `USING TIMESTAMP`. The other rows without an order (the
+//!   parked records of a partition) are written by the partition's owner
+//!   only, last writer wins by its clock.
 //! - **Heads after their sub rows.** A batch is not atomic here: its rows
 //!   are separate statements. Sub rows (`<head>/<sub>`, decision 0006) are
 //!   written before every head, and heads before positions, so a crash
