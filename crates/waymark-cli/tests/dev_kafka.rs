@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::kafka::{idempotent_producer, ids, produce_all, read_all};
-use common::{assert_counts, free_port, spawn_dev, start_dev, terminate, workload};
+use common::{assert_counts, free_port, metrics_text, spawn_dev, start_dev, terminate, workload};
 
 const INPUTS: &str = "waymark.inputs";
 
@@ -287,18 +287,6 @@ async fn big_records_are_dead_letters_or_refused_and_nothing_else_is_lost() {
     assert!(metrics.contains("waymark_kafka_records_in_total{topic=\"waymark.inputs\"}"));
     assert!(metrics.contains("waymark_kafka_request_duration_seconds"));
     dev.stop().await.unwrap();
-}
-
-/// `GET /metrics` with a plain TCP request (no HTTP client needed).
-async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,9 @@
 //! Cases on `waymark dev`: kill -9 at random points; poison records of
 //! every kind through the Kafka endpoint; duplicate replays; a rebuild under
 //! live traffic; a full disk (a file-size limit, recovery by a restart);
-//! a full disk whose space returns while `waymark dev` runs (a tmpfs). Cases on real Kafka + Cassandra (`scripts/dev-services`):
+//! a full disk whose space returns while `waymark dev` runs (a tmpfs);
+//! the same for the projection store alone. Cases on real Kafka +
+//! Cassandra (`scripts/dev-services`):
 //! processor kill -9; a zombie member (SIGSTOP past the session timeout,
 //! then SIGCONT); a rebalance storm; a consumer-group offset reset; broker
 //! SIGSTOP and SIGKILL; Cassandra SIGSTOP; Cassandra SIGKILL and restart;
@@ -803,6 +805,73 @@ async fn dev_disk_full_then_space_returns() {
         status.code(),
         status.message()
     );
+    done(case, started, &ledger);
+}
+
+/// The sum of `waymark_processor_retries_total` over the series whose
+/// stage is `stage`.
+fn retries(metrics: &str, stage: &str) -> f64 {
+    let label = format!("stage=\"{stage}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("waymark_processor_retries_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_store_disk_full_then_space_returns() {
+    let _serial = SERIAL.lock().await;
+    let case = "dev_store_disk_full_then_space_returns";
+    let started = Instant::now();
+    // Only the projection store is on the small disk: the log keeps taking
+    // events while the store's writes fail.
+    let Some(mut disk) = SmallDisk::mount(256) else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let store = disk.dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::os::unix::fs::symlink(&store, data.path().join("store")).unwrap();
+    let (mut child, info) = spawn_dev(data.path(), "127.0.0.1:0");
+    disk.fill_leaving(16);
+    let big = "x".repeat(60_000);
+    let events: Vec<Planned> = (0..scale(600, 1500))
+        .map(|i| {
+            let who = format!("ss-{}", i % 10);
+            let id = format!("ss-{i}");
+            let json = event(
+                &id,
+                "interaction.recorded",
+                "2026-06-01T00:00:00Z",
+                ("web", &who),
+                json!({"kind": "message", "content_type": "text", "content": big}),
+            );
+            Planned { who, id, json }
+        })
+        .collect();
+    let ledger: SharedLedger = Arc::default();
+    publish_retrying(&info.grpc_addr, &events, &ledger).await;
+    // Failing for a while: opened again (once a second) and failing again.
+    let failed = eventually("the store's writes failing for want of space", || async {
+        let failed = retries(&common::metrics_text(&info.metrics_addr).await, "write");
+        (failed >= 4.0).then_some(failed)
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "waymark dev exited");
+
+    // Space returns; the same process applies everything.
+    disk.free();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+
+    // And what is on the disk is sound: killed and started again, the same.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, info) = spawn_dev(data.path(), "127.0.0.1:0");
+    assert_exactly_once(&info.grpc_addr, &ledger).await;
+    terminate(&mut child);
+    eprintln!("fault case {case}: {failed} store writes failed before space returned");
     done(case, started, &ledger);
 }
 

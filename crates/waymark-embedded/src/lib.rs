@@ -44,9 +44,13 @@
 //!   space, any I/O error) answers `LogError::Unavailable` to everything
 //!   it carried and publishes nothing of it; redb then refuses every
 //!   transaction, so the log drops the database and opens the file again
-//!   (redb repairs it), at most once a second until that works. When space
-//!   returns the same process takes appends again (fault case
-//!   `dev_disk_full_then_space_returns`).
+//!   (redb repairs it), at most once a second until that works. The store
+//!   does the same with fjall, which refuses every write once a write or a
+//!   background flush failed; each store commit reaches the OS before it is
+//!   acknowledged, so opening it again loses nothing acknowledged. When
+//!   space returns the same process takes appends and applies them again
+//!   (fault cases `dev_disk_full_then_space_returns`,
+//!   `dev_store_disk_full_then_space_returns`).
 //! - Embedded consumer groups have exactly one member (one process); it is
 //!   assigned every partition.
 

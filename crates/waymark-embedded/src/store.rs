@@ -17,13 +17,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use tracing::info;
+use tracing::{info, warn};
 use waymark_runtime::{ProjectionStore, StoreError, WriteBatch};
 
 /// Block cache of the store. With the log's 16 MiB page cache and the
@@ -43,6 +43,9 @@ const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Replayable batches are made durable at least this often.
 const DURABLE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often a failed database is opened again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// The keyspace of consumer positions (table names are `[a-z0-9_]+`, so no
 /// table can be called this).
@@ -69,9 +72,44 @@ struct Open {
     db: Database,
     positions: Keyspace,
     tables: Mutex<HashMap<String, Keyspace>>,
+    /// Why a write failed, once one has: fjall then refuses every write,
+    /// and the database is opened again.
+    failure: Mutex<Option<String>>,
+}
+
+/// Opens the database in `path` with the store's settings.
+fn open_database(path: &Path) -> Result<Open, StoreError> {
+    let db = Database::builder(path)
+        .cache_size(CACHE_BYTES)
+        .max_journaling_size(JOURNAL_BYTES)
+        .open()
+        .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+    let positions = db
+        .keyspace(POSITIONS, keyspace_options)
+        .map_err(unavailable)?;
+    Ok(Open {
+        db,
+        positions,
+        tables: Mutex::new(HashMap::new()),
+        failure: Mutex::new(None),
+    })
 }
 
 impl Open {
+    /// Records that a write failed with `e` and returns the error for it.
+    fn failed(&self, e: impl std::fmt::Display) -> StoreError {
+        let reason = e.to_string();
+        *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
+        StoreError::Unavailable(reason)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The keyspace of `table`, created when `create`; `UnknownTable` when
     /// it does not exist and may not be created.
     fn table(&self, table: &str, create: bool) -> Result<Keyspace, StoreError> {
@@ -88,17 +126,119 @@ impl Open {
         let ks = self
             .db
             .keyspace(table, keyspace_options)
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         tables.insert(table.to_owned(), ks.clone());
         Ok(ks)
     }
 }
 
+/// The database, as the store holds it.
+enum Db {
+    Open(Open),
+    /// Closed for good: dropping the database released its lock.
+    Closed,
+    /// A write failed and opening the directory again has not worked yet
+    /// (tried at most once per [`REOPEN_EVERY`]).
+    Failed {
+        reason: String,
+        since: Instant,
+    },
+}
+
+/// The database and where it lives.
+struct Shared {
+    db: RwLock<Db>,
+    path: PathBuf,
+}
+
+impl Shared {
+    /// Runs `f` on the open database: first opening it again if a write
+    /// failed before, and afterwards if `f` made a write fail.
+    fn with_open<T>(
+        &self,
+        f: impl FnOnce(&Open) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.failed()? {
+            self.reopen();
+        }
+        let result = {
+            let guard = self.db.read().map_err(|_| closed())?;
+            match &*guard {
+                Db::Open(open) => match open.failure() {
+                    None => f(open),
+                    Some(reason) => return Err(failed_yet(&reason)),
+                },
+                Db::Closed => return Err(closed()),
+                Db::Failed { reason, .. } => return Err(failed_yet(reason)),
+            }
+        };
+        if result.is_err() {
+            // Open it again right away if this write failed, so that the
+            // next batch finds a database that takes writes.
+            self.reopen();
+        }
+        result
+    }
+
+    /// Whether a write failed (and the database is to be opened again).
+    fn failed(&self) -> Result<bool, StoreError> {
+        let guard = self.db.read().map_err(|_| closed())?;
+        Ok(match &*guard {
+            Db::Open(open) => open.failure().is_some(),
+            Db::Closed => false,
+            Db::Failed { .. } => true,
+        })
+    }
+
+    /// Drops a database whose write failed, or that failed to open again
+    /// before, and opens the directory again; at most once per
+    /// [`REOPEN_EVERY`]. Every batch the database acknowledged reached
+    /// the journal file, so nothing committed is lost; the failed batch
+    /// was never acknowledged.
+    fn reopen(&self) {
+        let Ok(mut guard) = self.db.write() else {
+            return;
+        };
+        let reason = match &*guard {
+            Db::Closed => return,
+            Db::Open(open) => match open.failure() {
+                None => return,
+                Some(reason) => reason,
+            },
+            Db::Failed { since, .. } if since.elapsed() < REOPEN_EVERY => return,
+            Db::Failed { reason, .. } => reason.clone(),
+        };
+        // Release the directory before opening it again.
+        *guard = Db::Failed {
+            reason: reason.clone(),
+            since: Instant::now(),
+        };
+        match open_database(&self.path) {
+            Ok(open) => {
+                info!(path = %self.path.display(), after = %reason, "embedded store opened again");
+                *guard = Db::Open(open);
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "opening the embedded store again failed; retrying");
+                *guard = Db::Failed {
+                    reason: format!("{reason}; opening it again: {e}"),
+                    since: Instant::now(),
+                };
+            }
+        }
+    }
+}
+
+fn failed_yet(reason: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the embedded store failed and cannot be opened again yet: {reason}"
+    ))
+}
+
 /// The embedded projection store of `waymark dev`. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    /// `None` once closed: dropping the database releases its lock.
-    open: Arc<RwLock<Option<Open>>>,
+    shared: Arc<Shared>,
     /// When the last durable commit was made.
     last_durable: Arc<Mutex<Instant>>,
     /// Serializes [`ProjectionStore::compare_and_set`] (one process owns
@@ -110,21 +250,13 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in directory `path`, replaying its
     /// journal.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder(path)
-            .cache_size(CACHE_BYTES)
-            .max_journaling_size(JOURNAL_BYTES)
-            .open()
-            .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
-        let positions = db
-            .keyspace(POSITIONS, keyspace_options)
-            .map_err(unavailable)?;
+        let open = open_database(path)?;
         info!(path = %path.display(), "embedded store open");
         Ok(Self {
-            open: Arc::new(RwLock::new(Some(Open {
-                db,
-                positions,
-                tables: Mutex::new(HashMap::new()),
-            }))),
+            shared: Arc::new(Shared {
+                db: RwLock::new(Db::Open(open)),
+                path: path.to_owned(),
+            }),
             last_durable: Arc::new(Mutex::new(Instant::now())),
             cas: Arc::new(Mutex::new(())),
         })
@@ -139,51 +271,53 @@ impl EmbeddedStore {
         const CHUNK: usize = 10_000;
         let old = redb::Database::open(path).map_err(unavailable)?;
         let txn = old.begin_read().map_err(unavailable)?;
-        let guard = self.open.read().map_err(|_| closed())?;
-        let open = guard.as_ref().ok_or_else(closed)?;
-        let mut copied = 0u64;
-        for handle in txn.list_tables().map_err(unavailable)? {
-            let name = handle.name().to_owned();
-            let mut batch = open.db.batch();
-            if name == OLD_POSITIONS {
-                let t = txn
-                    .open_table(TableDefinition::<&str, u64>::new(OLD_POSITIONS))
-                    .map_err(unavailable)?;
-                for entry in t.iter().map_err(unavailable)? {
-                    let (k, v) = entry.map_err(unavailable)?;
-                    batch.insert(&open.positions, k.value(), v.value().to_be_bytes());
-                }
-            } else {
-                let ks = open.table(&name, true)?;
-                let t = txn
-                    .open_table(TableDefinition::<&str, &[u8]>::new(&name))
-                    .map_err(unavailable)?;
-                for entry in t.iter().map_err(unavailable)? {
-                    let (k, v) = entry.map_err(unavailable)?;
-                    batch.insert(&ks, k.value(), v.value());
-                    copied += 1;
-                    if batch.len() >= CHUNK {
-                        let full = std::mem::replace(&mut batch, open.db.batch());
-                        full.commit().map_err(unavailable)?;
+        self.shared.with_open(|open| {
+            let mut copied = 0u64;
+            for handle in txn.list_tables().map_err(unavailable)? {
+                let name = handle.name().to_owned();
+                let mut batch = open.db.batch();
+                if name == OLD_POSITIONS {
+                    let t = txn
+                        .open_table(TableDefinition::<&str, u64>::new(OLD_POSITIONS))
+                        .map_err(unavailable)?;
+                    for entry in t.iter().map_err(unavailable)? {
+                        let (k, v) = entry.map_err(unavailable)?;
+                        batch.insert(&open.positions, k.value(), v.value().to_be_bytes());
+                    }
+                } else {
+                    let ks = open.table(&name, true)?;
+                    let t = txn
+                        .open_table(TableDefinition::<&str, &[u8]>::new(&name))
+                        .map_err(unavailable)?;
+                    for entry in t.iter().map_err(unavailable)? {
+                        let (k, v) = entry.map_err(unavailable)?;
+                        batch.insert(&ks, k.value(), v.value());
+                        copied += 1;
+                        if batch.len() >= CHUNK {
+                            let full = std::mem::replace(&mut batch, open.db.batch());
+                            full.commit().map_err(|e| open.failed(e))?;
+                        }
                     }
                 }
+                batch.commit().map_err(|e| open.failed(e))?;
             }
-            batch.commit().map_err(unavailable)?;
-        }
-        open.db.persist(PersistMode::SyncAll).map_err(unavailable)?;
-        Ok(copied)
+            open.db
+                .persist(PersistMode::SyncAll)
+                .map_err(|e| open.failed(e))?;
+            Ok(copied)
+        })
     }
 
     /// Closes the store: makes everything durable, then releases the
     /// directory. Every clone answers `Unavailable` afterwards.
     pub fn close(&self) {
-        if let Ok(mut open) = self.open.write() {
-            if let Some(o) = open.as_ref() {
-                if let Err(e) = o.db.persist(PersistMode::SyncAll) {
-                    tracing::warn!(error = %e, "final durable commit of the store failed");
+        if let Ok(mut db) = self.shared.db.write() {
+            if let Db::Open(open) = &*db {
+                if let Err(e) = open.db.persist(PersistMode::SyncAll) {
+                    warn!(error = %e, "final durable commit of the store failed");
                 }
             }
-            open.take();
+            *db = Db::Closed;
         }
     }
 
@@ -202,10 +336,13 @@ impl EmbeddedStore {
         };
         let last_durable = self.last_durable.clone();
         self.blocking(move |open| {
-            let mut out = open.db.batch();
-            if durable {
-                out = out.durability(Some(PersistMode::SyncAll));
-            }
+            // At least to the OS: a later failed commit, after which the
+            // database is opened again, must not lose this one.
+            let mut out = open.db.batch().durability(Some(if durable {
+                PersistMode::SyncAll
+            } else {
+                PersistMode::Buffer
+            }));
             let mut keyspaces: HashMap<&str, Keyspace> = HashMap::new();
             for row in &batch.rows {
                 if !keyspaces.contains_key(row.table.as_str()) {
@@ -224,7 +361,7 @@ impl EmbeddedStore {
                     p.next_offset.to_be_bytes(),
                 );
             }
-            out.commit().map_err(unavailable)?;
+            out.commit().map_err(|e| open.failed(e))?;
             if durable {
                 *last_durable.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
             }
@@ -238,13 +375,10 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Open) -> Result<T, StoreError> + Send + 'static,
     {
-        let open = self.open.clone();
-        tokio::task::spawn_blocking(move || {
-            let guard = open.read().map_err(|_| closed())?;
-            f(guard.as_ref().ok_or_else(closed)?)
-        })
-        .await
-        .map_err(unavailable)?
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.with_open(f))
+            .await
+            .map_err(unavailable)?
     }
 }
 
@@ -325,7 +459,7 @@ impl ProjectionStore for EmbeddedStore {
             }
             let mut batch = open.db.batch().durability(Some(PersistMode::SyncAll));
             batch.insert(&ks, key.as_str(), value.as_slice());
-            batch.commit().map_err(unavailable)?;
+            batch.commit().map_err(|e| open.failed(e))?;
             Ok(true)
         })
         .await
@@ -394,7 +528,7 @@ impl ProjectionStore for EmbeddedStore {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(t);
-                open.db.delete_keyspace(ks).map_err(unavailable)?;
+                open.db.delete_keyspace(ks).map_err(|e| open.failed(e))?;
             }
             Ok(())
         })
@@ -409,7 +543,7 @@ impl ProjectionStore for EmbeddedStore {
                 let k = entry.key().map_err(unavailable)?;
                 batch.remove(&open.positions, k);
             }
-            batch.commit().map_err(unavailable)
+            batch.commit().map_err(|e| open.failed(e))
         })
         .await
     }

@@ -62,6 +62,18 @@ pub async fn clients(grpc_addr: &str) -> Clients {
     }
 }
 
+/// `GET /metrics` with a plain TCP request (no HTTP client needed).
+pub async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// Polls `check` until it returns `Some`, for at most 120 s.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
