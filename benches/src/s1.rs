@@ -85,9 +85,9 @@ struct RawCql {
 
 /// The CQL baseline: the rows the rebuild left in `store` (every table of
 /// the four folds) written again by a plain scylla session into tables of
-/// the same schema (`key text PRIMARY KEY, value blob`, `USING TIMESTAMP`
-/// as Waymark writes), one writer per processor with the store's
-/// concurrency. Reading the rows back is not timed.
+/// the same schema (`PRIMARY KEY (head, sub)`, the key split at its first
+/// `/`; `USING TIMESTAMP` as Waymark writes), one row per statement, one
+/// writer per processor with the store's concurrency. Reading the rows back is not timed.
 /// Rows of every table of each fold, as (table, rows).
 type FoldRows = Vec<Vec<(String, Vec<(String, Vec<u8>)>)>>;
 
@@ -140,7 +140,7 @@ async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow
             session
                 .query_unpaged(
                     format!(
-                        "CREATE TABLE IF NOT EXISTS {keyspace}.raw_{table} (key text PRIMARY KEY, value blob)"
+                        "CREATE TABLE IF NOT EXISTS {keyspace}.raw_{table} (head text, sub text, value blob, PRIMARY KEY (head, sub))"
                     ),
                     (),
                 )
@@ -148,7 +148,7 @@ async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow
             statements.push(
                 session
                     .prepare(format!(
-                        "INSERT INTO {keyspace}.raw_{table} (key, value) VALUES (?, ?) USING TIMESTAMP ?"
+                        "INSERT INTO {keyspace}.raw_{table} (head, sub, value) VALUES (?, ?, ?) USING TIMESTAMP ?"
                     ))
                     .await?,
             );
@@ -170,8 +170,9 @@ async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow
                 .map(|(statement, key, value)| {
                     let session = session.clone();
                     async move {
+                        let (head, sub) = key.split_at(key.find('/').unwrap_or(key.len()));
                         session
-                            .execute_unpaged(&statement, (key, value, 1i64))
+                            .execute_unpaged(&statement, (head, sub, value, 1i64))
                             .await
                             .map(|_| ())
                     }

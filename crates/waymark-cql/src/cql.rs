@@ -257,38 +257,107 @@ pub(crate) fn projection_table_ddl(keyspace: &Ident, table: &Ident) -> Vec<Strin
     )
 }
 
+/// How a projection table stores its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// `PRIMARY KEY (head, sub)` (`schema/projection_table.cql`): a key is
+    /// split by [`split_key`], so a head and its sub rows are one
+    /// partition.
+    Partitioned,
+    /// `key text PRIMARY KEY`: every key its own partition. Tables created
+    /// by Waymark before the partitioned layout keep it; their rows are
+    /// written one statement each (sub rows before heads).
+    KeyPerPartition,
+}
+
+/// Splits a row key at its first `/` into its partition (`head`) and the
+/// rest (`sub`, starting with the `/`; empty for a key without one), so
+/// that `head + sub` is the key again and no two keys share a pair.
+pub(crate) fn split_key(key: &str) -> (&str, &str) {
+    match key.find('/') {
+        Some(at) => key.split_at(at),
+        None => (key, ""),
+    }
+}
+
+/// Reads the columns of a table, to tell its [`Layout`]:
+/// `(keyspace_name, table_name) -> (column_name)*`. `system_schema` has
+/// the same shape on ScyllaDB and Cassandra.
+pub(crate) const SELECT_COLUMNS: &str =
+    "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?";
+
 /// The statements prepared for one projection table. Every write carries
 /// its own timestamp (`USING TIMESTAMP ?`), so a retried statement writes
-/// exactly the same cell again.
+/// exactly the same cell again. `K` below is the key: `head, sub` in the
+/// partitioned layout, `key` in the other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TableCql {
-    /// `(key) -> value`.
+    /// `(K) -> value`.
     pub(crate) select: String,
-    /// `(key, value, timestamp)`.
+    /// `(K, value, timestamp)`.
     pub(crate) upsert: String,
-    /// `(timestamp, key)`.
+    /// `(timestamp, K)`.
     pub(crate) delete: String,
-    /// `(key, value)`, a lightweight transaction: writes only when absent.
+    /// `(K, value)`, a lightweight transaction: writes only when absent.
     pub(crate) insert_if_absent: String,
-    /// `(value, key, expected)`, a lightweight transaction: writes only
+    /// `(value, K, expected)`, a lightweight transaction: writes only
     /// over `expected`.
     pub(crate) update_if: String,
+    /// `(limit) -> (K, value)*`: the first rows in token order.
+    pub(crate) scan_first: String,
+    /// `(key or head, limit) -> (K, value)*`: the rows of the partitions
+    /// after that one, in token order.
+    pub(crate) scan_after: String,
+    /// `(head, sub, limit) -> (head, sub, value)*`: the rest of one
+    /// partition after `sub` (partitioned layout only).
+    pub(crate) scan_within: Option<String>,
 }
 
 impl TableCql {
-    pub(crate) fn new(keyspace: &Ident, table: &Ident) -> Self {
-        Self {
-            insert_if_absent: format!(
-                "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) IF NOT EXISTS"
-            ),
-            update_if: format!(
-                "UPDATE {keyspace}.{table} SET value = ? WHERE key = ? IF value = ?"
-            ),
-            select: format!("SELECT value FROM {keyspace}.{table} WHERE key = ?"),
-            upsert: format!(
-                "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) USING TIMESTAMP ?"
-            ),
-            delete: format!("DELETE FROM {keyspace}.{table} USING TIMESTAMP ? WHERE key = ?"),
+    pub(crate) fn new(keyspace: &Ident, table: &Ident, layout: Layout) -> Self {
+        match layout {
+            Layout::Partitioned => Self {
+                insert_if_absent: format!(
+                    "INSERT INTO {keyspace}.{table} (head, sub, value) VALUES (?, ?, ?) IF NOT EXISTS"
+                ),
+                update_if: format!(
+                    "UPDATE {keyspace}.{table} SET value = ? WHERE head = ? AND sub = ? IF value = ?"
+                ),
+                select: format!(
+                    "SELECT value FROM {keyspace}.{table} WHERE head = ? AND sub = ?"
+                ),
+                upsert: format!(
+                    "INSERT INTO {keyspace}.{table} (head, sub, value) VALUES (?, ?, ?) USING TIMESTAMP ?"
+                ),
+                delete: format!(
+                    "DELETE FROM {keyspace}.{table} USING TIMESTAMP ? WHERE head = ? AND sub = ?"
+                ),
+                scan_first: format!("SELECT head, sub, value FROM {keyspace}.{table} LIMIT ?"),
+                scan_after: format!(
+                    "SELECT head, sub, value FROM {keyspace}.{table} WHERE token(head) > token(?) LIMIT ?"
+                ),
+                scan_within: Some(format!(
+                    "SELECT head, sub, value FROM {keyspace}.{table} WHERE head = ? AND sub > ? LIMIT ?"
+                )),
+            },
+            Layout::KeyPerPartition => Self {
+                insert_if_absent: format!(
+                    "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) IF NOT EXISTS"
+                ),
+                update_if: format!(
+                    "UPDATE {keyspace}.{table} SET value = ? WHERE key = ? IF value = ?"
+                ),
+                select: format!("SELECT value FROM {keyspace}.{table} WHERE key = ?"),
+                upsert: format!(
+                    "INSERT INTO {keyspace}.{table} (key, value) VALUES (?, ?) USING TIMESTAMP ?"
+                ),
+                delete: format!("DELETE FROM {keyspace}.{table} USING TIMESTAMP ? WHERE key = ?"),
+                scan_first: format!("SELECT key, value FROM {keyspace}.{table} LIMIT ?"),
+                scan_after: format!(
+                    "SELECT key, value FROM {keyspace}.{table} WHERE token(key) > token(?) LIMIT ?"
+                ),
+                scan_within: None,
+            },
         }
     }
 }
@@ -428,7 +497,7 @@ mod tests {
         assert_eq!(ddl.len(), 1);
         assert_eq!(
             one_line(&ddl[0]),
-            "CREATE TABLE IF NOT EXISTS \"wm\".\"journey_v1\" ( key text PRIMARY KEY, value blob )"
+            "CREATE TABLE IF NOT EXISTS \"wm\".\"journey_v1\" ( head text, sub text, value blob, PRIMARY KEY (head, sub) )"
         );
     }
 
@@ -498,10 +567,38 @@ mod tests {
     }
 
     #[test]
+    fn keys_split_at_their_first_slash_and_back() {
+        for (key, head, sub) in [
+            ("p", "p", ""),
+            ("p/c/000000000001", "p", "/c/000000000001"),
+            ("p/", "p", "/"),
+            ("/x", "", "/x"),
+            ("", "", ""),
+            ("web:a/b/c", "web:a", "/b/c"),
+        ] {
+            assert_eq!(split_key(key), (head, sub), "{key}");
+            assert_eq!(format!("{head}{sub}"), key);
+        }
+    }
+
+    #[test]
     fn statement_text() {
         let ks = Ident::keyspace("wm").unwrap();
         let t = Ident::table("journey_v1").unwrap();
-        let cql = TableCql::new(&ks, &t);
+        let cql = TableCql::new(&ks, &t, Layout::Partitioned);
+        assert_eq!(
+            cql.select,
+            "SELECT value FROM \"wm\".\"journey_v1\" WHERE head = ? AND sub = ?"
+        );
+        assert_eq!(
+            cql.upsert,
+            "INSERT INTO \"wm\".\"journey_v1\" (head, sub, value) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        );
+        assert_eq!(
+            cql.delete,
+            "DELETE FROM \"wm\".\"journey_v1\" USING TIMESTAMP ? WHERE head = ? AND sub = ?"
+        );
+        let cql = TableCql::new(&ks, &t, Layout::KeyPerPartition);
         assert_eq!(
             cql.select,
             "SELECT value FROM \"wm\".\"journey_v1\" WHERE key = ?"
@@ -514,6 +611,7 @@ mod tests {
             cql.delete,
             "DELETE FROM \"wm\".\"journey_v1\" USING TIMESTAMP ? WHERE key = ?"
         );
+        assert_eq!(cql.scan_within, None);
         let cql = InternalCql::new(&ks);
         assert_eq!(
             cql.select_positions,

@@ -18,11 +18,16 @@
 //!   [`cql::MIGRATIONS`]; `0001_positions.cql` is the positions table
 //!   `PRIMARY KEY ((consumer, topic), partition)`) and
 //!   `projection_table.cql`, the template of one projection table
-//!   (`key text PRIMARY KEY, value blob`) created by `ensure_tables`.
+//!   (`head text, sub text, value blob, PRIMARY KEY (head, sub)`) created
+//!   by `ensure_tables`: a row key is split at its first `/`, so a head row
+//!   (`<person>`) and its sub rows (`<person>/<sub>`, decision 0006) are
+//!   one CQL partition. A table an older Waymark created with `key text
+//!   PRIMARY KEY` is recognised by its columns and used as it is.
 //!
 //! # Guarantees
-//! A batch is not written atomically (that would need a logged batch across
-//! partitions, which is slow and still not isolated). Instead:
+//! A batch as a whole is not written atomically (that would need a logged
+//! batch across partitions, which is slow, limited in size and still not
+//! isolated); each head with its sub rows is. Beyond that:
 //!
 //! - **Row cache.** The store asks each fold runner to keep
 //!   [`CqlConfig::row_cache_bytes`] (64 MiB by default) of rows cached in
@@ -67,14 +72,21 @@
 //!   written with `USING TIMESTAMP`. The other rows without an order (the
 //!   parked records of a partition) are written by the partition's owner
 //!   only, last writer wins by its clock.
-//! - **Heads after their sub rows.** A batch is not atomic here: its rows
-//!   are separate statements. Sub rows (`<head>/<sub>`, decision 0006) are
-//!   written before every head, and heads before positions, so a crash
-//!   leaves at worst sub rows written past their head, which the handlers
-//!   treat as not there (the head is the commit point: `person`'s history
-//!   test `processors/person/tests/torn.rs`). The interactions timeline
-//!   does not yet survive such a torn batch (it edits chunks in place); see
-//!   `docs/operations/faults.md`.
+//! - **A head and its sub rows are one write.** A batch's rows of one head
+//!   in one table (a person's timeline head, its chunks and id rows) are
+//!   one unlogged single-partition `BATCH`, which ScyllaDB and Cassandra
+//!   apply atomically and in isolation (and which no batch size guardrail
+//!   refuses: those count multi-partition batches only). So a crash never
+//!   leaves a head with part of its sub rows, and a reader never sees half
+//!   of an update. Two cases keep the older order instead, sub rows before
+//!   every head, heads before positions (the head is the commit point, and
+//!   the handlers treat sub rows written past their head as not there:
+//!   `processors/person/tests/torn.rs`): a head whose rows in one batch
+//!   count more than 12 MiB (a single-partition batch is one mutation,
+//!   which may not exceed half a commit log segment), and tables of the
+//!   older key-per-partition layout. Rows of different tables (`person`'s
+//!   fold row and its history) are separate writes; the handlers order
+//!   and check them (see `waymark-person`).
 //! - **Positions never move back (fencing).** A position is written
 //!   `USING TIMESTAMP 2^53 + next_offset`, so the larger position wins
 //!   whatever the order of arrival: a member that lost its partitions
@@ -110,8 +122,8 @@
 //!   each statement sent to the shard that owns its token. List nodes with
 //!   the shard-aware port 19042 where it is reachable (behind NAT the
 //!   driver then still reaches the right shard).
-//! - Every projection key is its own partition, so load spreads with the
-//!   number of people. `get_many` issues concurrent single-partition
+//! - Every head (a person, an identity key) is its own partition, with its
+//!   sub rows, so load spreads with the number of people. `get_many` issues concurrent single-partition
 //!   SELECTs rather than one `IN` query, so no coordinator fans out.
 //! - Tablets (ScyllaDB 6+) split and move a hot table's data across shards
 //!   and nodes; create the keyspace yourself with `AND tablets = {...}` and
@@ -130,8 +142,12 @@
 //! `SELECT`s and `toTimestamp(now())`, and lightweight transactions (`IF
 //! NOT EXISTS`, `IF value = ?`) only for compare-and-set: the projection
 //! catalog, the recorded partition counts and the identity rows (prepared,
-//! like every statement on a projection table). No batches, materialized
-//! views, secondary indexes or vendor table options.
+//! like every statement on a projection table), unlogged single-partition
+//! `BATCH`es of statements that each carry `USING TIMESTAMP`, and
+//! `system_schema.columns` (to tell a table's layout). No logged or
+//! multi-partition batches, materialized views, secondary indexes or vendor
+//! table options. A row key may not start with `/` (its partition key
+//! would be empty, which both refuse).
 
 pub mod config;
 pub mod cql;

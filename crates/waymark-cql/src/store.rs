@@ -11,14 +11,17 @@ use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Statement;
+use scylla::value::CqlValue;
 use tracing::{debug, info};
 use waymark_runtime::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};
 
 use crate::config::CqlConfig;
 use crate::cql::{
-    self, Ident, InternalCql, Replication, TableCql, MIGRATIONS, MIGRATIONS_TABLE, POSITIONS_TABLE,
+    self, split_key, Ident, InternalCql, Layout, Replication, TableCql, MIGRATIONS,
+    MIGRATIONS_TABLE, POSITIONS_TABLE,
 };
 use crate::error::{
     execution_to_connect, execution_to_store, name_to_store, prepare_to_connect, prepare_to_store,
@@ -43,7 +46,17 @@ struct Inner {
     clock: Clock,
 }
 
+/// The largest value bytes of one head's rows written as one batch. A
+/// single-partition batch is one mutation, and a mutation may not exceed
+/// half a commit log segment (16 MiB by default on ScyllaDB and
+/// Cassandra, and a request frame 16 MiB on Cassandra); a head's rows over
+/// this are written one statement each, sub rows before the head. The
+/// runner's batches are bounded to 16 MiB of records, so it takes one
+/// person with most of a full batch to get there.
+const MAX_GROUP_BYTES: usize = 12 << 20;
+
 struct TableStatements {
+    layout: Layout,
     select: PreparedStatement,
     upsert: PreparedStatement,
     delete: PreparedStatement,
@@ -51,6 +64,41 @@ struct TableStatements {
     insert_if_absent: PreparedStatement,
     /// Compare-and-set over a row.
     update_if: PreparedStatement,
+    text: TableCql,
+}
+
+impl TableStatements {
+    /// The key's bind values in this table's layout.
+    fn key(&self, key: &str) -> Vec<CqlValue> {
+        match self.layout {
+            Layout::Partitioned => {
+                let (head, sub) = split_key(key);
+                vec![
+                    CqlValue::Text(head.to_owned()),
+                    CqlValue::Text(sub.to_owned()),
+                ]
+            }
+            Layout::KeyPerPartition => vec![CqlValue::Text(key.to_owned())],
+        }
+    }
+
+    /// The statement writing `row` and its bind values.
+    fn write(&self, row: &PlannedRow<'_>) -> (&PreparedStatement, Vec<CqlValue>) {
+        let timestamp = CqlValue::BigInt(row.timestamp);
+        match row.value {
+            Some(value) => {
+                let mut values = self.key(row.key);
+                values.push(CqlValue::Blob(value.to_vec()));
+                values.push(timestamp);
+                (&self.upsert, values)
+            }
+            None => {
+                let mut values = vec![timestamp];
+                values.extend(self.key(row.key));
+                (&self.delete, values)
+            }
+        }
+    }
 }
 
 struct PositionStatements {
@@ -156,7 +204,8 @@ impl CqlStore {
             return Ok(found);
         }
         let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
-        let text = TableCql::new(&self.inner.keyspace, &ident);
+        let layout = self.layout(&ident).await?;
+        let text = TableCql::new(&self.inner.keyspace, &ident, layout);
         let session = &self.inner.session;
         let (select, upsert, delete, mut insert_if_absent, mut update_if) = futures::try_join!(
             prepare(session, table, &text.select),
@@ -171,6 +220,8 @@ impl CqlStore {
         insert_if_absent.set_is_idempotent(false);
         update_if.set_is_idempotent(false);
         let statements = Arc::new(TableStatements {
+            layout,
+            text,
             select,
             upsert,
             delete,
@@ -185,6 +236,43 @@ impl CqlStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(table.to_owned(), statements.clone());
         Ok(statements)
+    }
+
+    /// The layout of an existing table, from its columns: a table created
+    /// before the partitioned layout has a `key` column. A table without
+    /// columns does not exist.
+    async fn layout(&self, table: &Ident) -> Result<Layout, StoreError> {
+        let mut statement = Statement::new(cql::SELECT_COLUMNS);
+        statement.set_is_idempotent(true);
+        let result = self
+            .inner
+            .session
+            .query_unpaged(statement, (self.inner.keyspace.as_str(), table.as_str()))
+            .await
+            .map_err(|e| execution_to_store(table.as_str(), &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: table.as_str().to_owned(),
+            key: String::new(),
+            reason: format!("reading its columns: {reason}"),
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut columns = Vec::new();
+        for row in rows
+            .rows::<(String,)>()
+            .map_err(|e| corrupt(e.to_string()))?
+        {
+            columns.push(row.map_err(|e| corrupt(e.to_string()))?.0);
+        }
+        if columns.is_empty() {
+            return Err(StoreError::UnknownTable(table.as_str().to_owned()));
+        }
+        Ok(if columns.iter().any(|c| c == "key") {
+            Layout::KeyPerPartition
+        } else {
+            Layout::Partitioned
+        })
     }
 
     fn cached(&self, table: &str) -> Option<Arc<TableStatements>> {
@@ -219,7 +307,7 @@ impl CqlStore {
         let result = self
             .inner
             .session
-            .execute_unpaged(&statements.select, (key,))
+            .execute_unpaged(&statements.select, statements.key(key))
             .await
             .map_err(|e| execution_to_store(table, &e))?;
         let corrupt = |reason: String| StoreError::Corrupt {
@@ -241,22 +329,45 @@ impl CqlStore {
         statements: &TableStatements,
         row: &PlannedRow<'_>,
     ) -> Result<(), StoreError> {
-        let session = &self.inner.session;
-        let result = match row.value {
-            Some(value) => {
-                session
-                    .execute_unpaged(&statements.upsert, (row.key, value, row.timestamp))
-                    .await
-            }
-            None => {
-                session
-                    .execute_unpaged(&statements.delete, (row.timestamp, row.key))
-                    .await
-            }
-        };
-        result
+        let (statement, values) = statements.write(row);
+        self.inner
+            .session
+            .execute_unpaged(statement, values)
+            .await
             .map(|_| ())
             .map_err(|e| execution_to_store(row.table, &e))
+    }
+
+    /// Writes the rows of one head of a partitioned table as one unlogged
+    /// single-partition batch: all of them or none, and no reader sees a
+    /// part.
+    async fn write_group(
+        &self,
+        statements: &TableStatements,
+        rows: &[&PlannedRow<'_>],
+    ) -> Result<(), StoreError> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        if rows.len() == 1 {
+            return self.write_row(statements, first).await;
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        // Every statement binds its own timestamp: repeating the batch
+        // writes the same cells again.
+        batch.set_is_idempotent(true);
+        let mut values = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (statement, row_values) = statements.write(row);
+            batch.append_statement(statement.clone());
+            values.push(row_values);
+        }
+        self.inner
+            .session
+            .batch(&batch, values)
+            .await
+            .map(|_| ())
+            .map_err(|e| execution_to_store(first.table, &e))
     }
 
     async fn write_position(&self, p: &PositionWrite, timestamp: i64) -> Result<(), StoreError> {
@@ -329,6 +440,57 @@ fn plan_rows<'a>(rows: &'a [RowWrite], clock: &Clock) -> Result<Vec<PlannedRow<'
         });
     }
     Ok(planned)
+}
+
+/// How the rows of a batch are written.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct WritePlan<'r, 'a> {
+    /// The rows of one head of a partitioned table, each group written as
+    /// one single-partition batch.
+    groups: Vec<Vec<&'r PlannedRow<'a>>>,
+    /// Sub rows written one statement each, with the groups.
+    subs: Vec<&'r PlannedRow<'a>>,
+    /// Heads written one statement each, after every sub row and group.
+    heads: Vec<&'r PlannedRow<'a>>,
+}
+
+/// Groups the rows of partitioned tables by head (one group per table and
+/// head, at most [`MAX_GROUP_BYTES`] of keys and values; a larger one is
+/// written row by row), and splits the rest into sub rows and heads.
+fn plan_writes<'r, 'a>(
+    rows: &'r [PlannedRow<'a>],
+    layout: impl Fn(&str) -> Result<Layout, StoreError>,
+) -> Result<WritePlan<'r, 'a>, StoreError> {
+    type Group<'r, 'a> = (Vec<&'r PlannedRow<'a>>, usize);
+    fn one_by_one<'r, 'a>(plan: &mut WritePlan<'r, 'a>, row: &'r PlannedRow<'a>) {
+        if row.key.contains('/') {
+            plan.subs.push(row);
+        } else {
+            plan.heads.push(row);
+        }
+    }
+    let mut groups: BTreeMap<(&'a str, &'a str), Group<'r, 'a>> = BTreeMap::new();
+    let mut plan = WritePlan::default();
+    for row in rows {
+        match layout(row.table)? {
+            Layout::Partitioned => {
+                let (group, bytes) = groups.entry((row.table, split_key(row.key).0)).or_default();
+                *bytes += row.key.len() + row.value.map_or(0, <[u8]>::len);
+                group.push(row);
+            }
+            Layout::KeyPerPartition => one_by_one(&mut plan, row),
+        }
+    }
+    for (group, bytes) in groups.into_values() {
+        if bytes > MAX_GROUP_BYTES && group.len() > 1 {
+            for row in group {
+                one_by_one(&mut plan, row);
+            }
+        } else {
+            plan.groups.push(group);
+        }
+    }
+    Ok(plan)
 }
 
 /// The base of position write timestamps: 2^53 µs (the year 2255), above
@@ -418,14 +580,17 @@ impl ProjectionStore for CqlStore {
         // current row.
         let result = match expected {
             None => {
+                let mut values = statements.key(key);
+                values.push(CqlValue::Blob(value.to_vec()));
                 session
-                    .execute_unpaged(&statements.insert_if_absent, (key, value))
+                    .execute_unpaged(&statements.insert_if_absent, values)
                     .await
             }
             Some(expected) => {
-                session
-                    .execute_unpaged(&statements.update_if, (value, key, expected))
-                    .await
+                let mut values = vec![CqlValue::Blob(value.to_vec())];
+                values.extend(statements.key(key));
+                values.push(CqlValue::Blob(expected.to_vec()));
+                session.execute_unpaged(&statements.update_if, values).await
             }
         }
         .map_err(|e| execution_to_store(table, &e))?;
@@ -477,22 +642,41 @@ impl ProjectionStore for CqlStore {
         let rows = plan_rows(&batch.rows, &self.inner.clock)?;
         let statements = self.tables_of(&rows).await?;
         // Rows first, all of them; a failure stops here, before any position.
-        // Sub rows (`<head>/<sub>`) go before every head, so that a head,
-        // the commit point of its sub rows, is never stored without them.
-        let (subs, heads): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.key.contains('/'));
-        for phase in [subs, heads] {
-            let mut writes = Vec::with_capacity(phase.len());
-            for row in phase {
-                let table = statements
-                    .get(row.table)
-                    .ok_or_else(|| StoreError::UnknownTable(row.table.to_owned()))?;
-                writes.push(self.write_row(table, row));
-            }
-            futures::stream::iter(writes)
-                .buffer_unordered(self.inner.concurrency)
-                .try_for_each(|()| futures::future::ready(Ok(())))
-                .await?;
+        // In a partitioned table a head and its sub rows are one atomic
+        // batch. Elsewhere (a table of the older layout, a head's rows
+        // past `MAX_GROUP_BYTES`) sub rows (`<head>/<sub>`) go before every
+        // head, so that a head, the commit point of its sub rows, is never
+        // stored without them.
+        let plan = plan_writes(&rows, |table| {
+            statements
+                .get(table)
+                .map(|s| s.layout)
+                .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))
+        })?;
+        let statements_of = |table: &str| {
+            statements
+                .get(table)
+                .ok_or_else(|| StoreError::UnknownTable(table.to_owned()))
+        };
+        let mut first = Vec::with_capacity(plan.groups.len() + plan.subs.len());
+        for group in &plan.groups {
+            first.push(self.write_group(statements_of(group[0].table)?, group));
         }
+        for row in &plan.subs {
+            first.push(self.write_group(statements_of(row.table)?, std::slice::from_ref(row)));
+        }
+        futures::stream::iter(first)
+            .buffer_unordered(self.inner.concurrency)
+            .try_for_each(|()| futures::future::ready(Ok(())))
+            .await?;
+        let mut heads = Vec::with_capacity(plan.heads.len());
+        for row in &plan.heads {
+            heads.push(self.write_row(statements_of(row.table)?, row));
+        }
+        futures::stream::iter(heads)
+            .buffer_unordered(self.inner.concurrency)
+            .try_for_each(|()| futures::future::ready(Ok(())))
+            .await?;
         // Then the positions the rows reflect, each written at a timestamp
         // that grows with it: a position never moves back, even when a
         // member that lost its partitions (paused past its session, stuck in
@@ -546,38 +730,39 @@ impl ProjectionStore for CqlStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let ident = Ident::table(table).map_err(|e| name_to_store(table, &e))?;
-        let ks = &self.inner.keyspace;
+        let statements = self.table(table).await?;
+        let text = &statements.text;
         let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
-        let session = &self.inner.session;
-        let result = match after {
-            Some(after) => {
-                let text = format!(
-                    "SELECT key, value FROM {ks}.{ident} WHERE token(key) > token(?) LIMIT ?"
-                );
-                session.query_unpaged(text, (after, limit)).await
-            }
-            None => {
-                let text = format!("SELECT key, value FROM {ks}.{ident} LIMIT ?");
-                session.query_unpaged(text, (limit,)).await
-            }
-        }
-        .map_err(|e| execution_to_store(table, &e))?;
-        let corrupt = |reason: String| StoreError::Corrupt {
-            table: table.to_owned(),
-            key: String::new(),
-            reason,
-        };
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| corrupt(e.to_string()))?;
         let mut out = Vec::new();
-        for row in rows
-            .rows::<(String, Option<Vec<u8>>)>()
-            .map_err(|e| corrupt(e.to_string()))?
-        {
-            let (key, value) = row.map_err(|e| corrupt(e.to_string()))?;
-            out.push((key, value.unwrap_or_default()));
+        match (after, &text.scan_within) {
+            (None, _) => {
+                let values = vec![CqlValue::Int(limit)];
+                self.scan_page(&statements, table, &text.scan_first, values, &mut out)
+                    .await?;
+            }
+            (Some(after), None) => {
+                let values = vec![CqlValue::Text(after.to_owned()), CqlValue::Int(limit)];
+                self.scan_page(&statements, table, &text.scan_after, values, &mut out)
+                    .await?;
+            }
+            // Partitioned: the rest of `after`'s partition, then the
+            // partitions after it in token order.
+            (Some(after), Some(within)) => {
+                let (head, sub) = split_key(after);
+                let values = vec![
+                    CqlValue::Text(head.to_owned()),
+                    CqlValue::Text(sub.to_owned()),
+                    CqlValue::Int(limit),
+                ];
+                self.scan_page(&statements, table, within, values, &mut out)
+                    .await?;
+                let left = limit.saturating_sub(i32::try_from(out.len()).unwrap_or(limit));
+                if left > 0 {
+                    let values = vec![CqlValue::Text(head.to_owned()), CqlValue::Int(left)];
+                    self.scan_page(&statements, table, &text.scan_after, values, &mut out)
+                        .await?;
+                }
+            }
         }
         Ok(out)
     }
@@ -618,6 +803,56 @@ impl ProjectionStore for CqlStore {
             .query_unpaged(statement, (POSITIONS_DELETED, consumer, topic))
             .await
             .map_err(|e| execution_to_store(POSITIONS_TABLE, &e))?;
+        Ok(())
+    }
+}
+
+impl CqlStore {
+    /// Runs one scan statement and appends its rows (key, value) to `out`.
+    async fn scan_page(
+        &self,
+        statements: &TableStatements,
+        table: &str,
+        text: &str,
+        values: Vec<CqlValue>,
+        out: &mut Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let mut statement = Statement::new(text.to_owned());
+        statement.set_is_idempotent(true);
+        let result = self
+            .inner
+            .session
+            .query_unpaged(statement, values)
+            .await
+            .map_err(|e| execution_to_store(table, &e))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: table.to_owned(),
+            key: String::new(),
+            reason,
+        };
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| corrupt(e.to_string()))?;
+        match statements.layout {
+            Layout::Partitioned => {
+                for row in rows
+                    .rows::<(String, String, Option<Vec<u8>>)>()
+                    .map_err(|e| corrupt(e.to_string()))?
+                {
+                    let (head, sub, value) = row.map_err(|e| corrupt(e.to_string()))?;
+                    out.push((head + &sub, value.unwrap_or_default()));
+                }
+            }
+            Layout::KeyPerPartition => {
+                for row in rows
+                    .rows::<(String, Option<Vec<u8>>)>()
+                    .map_err(|e| corrupt(e.to_string()))?
+                {
+                    let (key, value) = row.map_err(|e| corrupt(e.to_string()))?;
+                    out.push((key, value.unwrap_or_default()));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -825,6 +1060,54 @@ mod tests {
             plan_rows(&rows, &clock),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_heads_rows_are_one_group_in_a_partitioned_table() {
+        let clock = Clock::default();
+        let big = vec![0u8; MAX_GROUP_BYTES];
+        let rows = [
+            row("new_v1", "p1/c/1", Some(b"chunk"), Some(3)),
+            row("new_v1", "p2", Some(b"head"), Some(3)),
+            row("new_v1", "p1", Some(b"head"), Some(3)),
+            row("new_v1", "p1/i/e1", None, Some(3)),
+            row("old_v1", "p1/c/1", Some(b"chunk"), Some(3)),
+            row("old_v1", "p1", Some(b"head"), Some(3)),
+            row("new_v1", "hot/c/1", Some(&big), Some(3)),
+            row("new_v1", "hot", Some(b"head"), Some(3)),
+            row("new_v1", "alone/c/1", Some(&big), Some(3)),
+        ];
+        let planned = plan_rows(&rows, &clock).unwrap();
+        let plan = plan_writes(&planned, |table| {
+            Ok(if table == "old_v1" {
+                Layout::KeyPerPartition
+            } else {
+                Layout::Partitioned
+            })
+        })
+        .unwrap();
+        let keys = |rows: &[&PlannedRow<'_>]| {
+            rows.iter()
+                .map(|r| format!("{}:{}", r.table, r.key))
+                .collect::<Vec<_>>()
+        };
+        let groups: Vec<Vec<String>> = plan.groups.iter().map(|g| keys(g)).collect();
+        assert_eq!(
+            groups,
+            [
+                vec!["new_v1:alone/c/1".to_owned()],
+                vec![
+                    "new_v1:p1/c/1".to_owned(),
+                    "new_v1:p1".to_owned(),
+                    "new_v1:p1/i/e1".to_owned()
+                ],
+                vec!["new_v1:p2".to_owned()],
+            ]
+        );
+        // The older layout, and a head's rows too large for one mutation:
+        // sub rows first, heads after.
+        assert_eq!(keys(&plan.subs), ["old_v1:p1/c/1", "new_v1:hot/c/1"]);
+        assert_eq!(keys(&plan.heads), ["old_v1:p1", "new_v1:hot"]);
     }
 
     #[test]

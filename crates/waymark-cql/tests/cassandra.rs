@@ -496,3 +496,190 @@ async fn a_batch_of_2000_rows() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Every row of `table`, through `scan` in pages of `page`.
+async fn scan_all(
+    store: &CqlStore,
+    table: &str,
+    page: usize,
+) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut all = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let rows = store.scan(table, after.as_deref(), page).await?;
+        ensure!(rows.len() <= page, "a page of {} over {page}", rows.len());
+        let done = rows.len() < page;
+        after = rows.last().map(|(k, _)| k.clone());
+        for (k, v) in rows {
+            ensure!(all.insert(k.clone(), v).is_none(), "{k} scanned twice");
+        }
+        if done {
+            return Ok(all);
+        }
+    }
+}
+
+#[tokio::test]
+async fn heads_and_sub_rows_share_a_partition_and_scan_in_pages() -> anyhow::Result<()> {
+    with_store("partitioned", |nodes, store| async move {
+        store.ensure_tables(&keys(&["interactions_v1"])).await?;
+        // Heads, sub rows, a key ending in '/', and sub keys that sort
+        // around each other; several heads in one batch.
+        let mut expected = BTreeMap::new();
+        let mut batch = Vec::new();
+        for p in 0..7 {
+            let head = format!("p{p}");
+            for key in [
+                head.clone(),
+                format!("{head}/"),
+                format!("{head}/c/000000000001"),
+                format!("{head}/c/000000000002"),
+                format!("{head}/i/e-{p}"),
+            ] {
+                let value = format!("{key} v1").into_bytes();
+                batch.push(put("interactions_v1", &key, &value, Some(10)));
+                expected.insert(key, value);
+            }
+        }
+        store.write(rows(batch)).await?;
+        for page in [1, 2, 3, 5, 100] {
+            let all = scan_all(&store, "interactions_v1", page).await?;
+            ensure!(all == expected, "page {page}: {all:?}");
+        }
+        ensure!(
+            store.get("interactions_v1", "p3/").await?.as_deref() == Some(&b"p3/ v1"[..]),
+            "a key ending in '/' is its own row"
+        );
+
+        // A head's deletes and puts in one batch; a late, older write of
+        // the same rows loses.
+        store
+            .write(rows(vec![
+                delete("interactions_v1", "p1/c/000000000001", Some(20)),
+                put("interactions_v1", "p1/c/000000000003", b"new", Some(20)),
+                put("interactions_v1", "p1", b"p1 v2", Some(20)),
+            ]))
+            .await?;
+        store
+            .write(rows(vec![
+                put("interactions_v1", "p1/c/000000000001", b"late", Some(15)),
+                put("interactions_v1", "p1", b"late", Some(15)),
+            ]))
+            .await?;
+        let got = store
+            .get_many(
+                "interactions_v1",
+                &keys(&["p1", "p1/c/000000000001", "p1/c/000000000003"]),
+            )
+            .await?;
+        ensure!(
+            got == vec![Some(b"p1 v2".to_vec()), None, Some(b"new".to_vec())],
+            "{got:?}"
+        );
+
+        // Compare-and-set on a sub row.
+        ensure!(
+            store
+                .compare_and_set("interactions_v1", "q/x", None, b"1")
+                .await?,
+            "absent: set"
+        );
+        ensure!(
+            !store
+                .compare_and_set("interactions_v1", "q/x", None, b"2")
+                .await?,
+            "present: not set"
+        );
+        ensure!(
+            store
+                .compare_and_set("interactions_v1", "q/x", Some(b"1"), b"2")
+                .await?,
+            "over the expected value: set"
+        );
+        ensure!(
+            store.get("interactions_v1", "q/x").await?.as_deref() == Some(&b"2"[..]),
+            "cas value"
+        );
+
+        // The table's CQL layout: one partition per head.
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_nodes(&nodes)
+            .build()
+            .await?;
+        let result = session
+            .query_unpaged(
+                format!(
+                    "SELECT head, sub FROM \"{}\".interactions_v1 WHERE head = 'p2'",
+                    store.keyspace()
+                ),
+                (),
+            )
+            .await?
+            .into_rows_result()?;
+        let subs: Vec<String> = result
+            .rows::<(String, String)>()?
+            .map(|r| r.map(|(_, sub)| sub))
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            subs == ["", "/", "/c/000000000001", "/c/000000000002", "/i/e-2"],
+            "{subs:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_table_of_the_older_layout_is_used_as_it_is() -> anyhow::Result<()> {
+    with_store("older", |nodes, store| async move {
+        // Created as an earlier Waymark did: every key its own partition.
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_nodes(&nodes)
+            .build()
+            .await?;
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE \"{}\".journey_v1 (key text PRIMARY KEY, value blob)",
+                    store.keyspace()
+                ),
+                (),
+            )
+            .await?;
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO \"{}\".journey_v1 (key, value) VALUES ('old', 0x6f6c64)",
+                    store.keyspace()
+                ),
+                (),
+            )
+            .await?;
+        store.ensure_tables(&keys(&["journey_v1"])).await?;
+        ensure!(
+            store.get("journey_v1", "old").await?.as_deref() == Some(&b"old"[..]),
+            "a row written before is read"
+        );
+        store
+            .write(rows(vec![
+                put("journey_v1", "p/c/1", b"sub", Some(3)),
+                put("journey_v1", "p", b"head", Some(3)),
+                delete("journey_v1", "old", Some(i64::MAX as u64)),
+            ]))
+            .await?;
+        let all = scan_all(&store, "journey_v1", 1).await?;
+        ensure!(
+            all == BTreeMap::from([
+                ("p".to_owned(), b"head".to_vec()),
+                ("p/c/1".to_owned(), b"sub".to_vec()),
+            ]),
+            "{all:?}"
+        );
+        ensure!(
+            store.compare_and_set("journey_v1", "k", None, b"1").await?,
+            "compare-and-set"
+        );
+        Ok(())
+    })
+    .await
+}

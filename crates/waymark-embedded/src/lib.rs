@@ -46,8 +46,10 @@
 //!   transaction, so the log drops the database and opens the file again
 //!   (redb repairs it), at most once a second until that works. The store
 //!   does the same with fjall, which refuses every write once a write or a
-//!   background flush failed; each store commit reaches the OS before it is
-//!   acknowledged, so opening it again loses nothing acknowledged. When
+//!   background flush failed (at once, then after waits doubling from 1 s
+//!   to 30 s while it keeps failing: an open replays the journal); each
+//!   store commit reaches the OS before it is acknowledged, so opening it
+//!   again loses nothing acknowledged. When
 //!   space returns the same process takes appends and applies them again
 //!   (fault cases `dev_disk_full_then_space_returns`,
 //!   `dev_store_disk_full_then_space_returns`).

@@ -13,7 +13,17 @@
 //! without an fsync and made durable at least every `DURABLE_EVERY`
 //! (250 ms) and on [`EmbeddedStore::close`]: a power loss may roll the store
 //! back by that much, rows and positions together, and the runners apply
-//! the same records again.
+//! the same records again. Every commit hands its journal entry to the OS
+//! (`PersistMode::Buffer` at least), so what was committed survives the
+//! process, and a failed commit never takes earlier commits with it.
+//!
+//! A failed commit (the disk is full, any I/O error) or a failed
+//! background flush poisons a fjall database: it refuses every write from
+//! then on. The store then drops the database and opens the directory
+//! again (fjall replays its journal and drops a torn tail): at once, then,
+//! while it keeps failing, after waits doubling from 1 s to 30 s. So a
+//! store whose disk filled up takes batches again once space returns,
+//! without a restart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -44,8 +54,18 @@ const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// Replayable batches are made durable at least this often.
 const DURABLE_EVERY: Duration = Duration::from_millis(250);
 
-/// How often a failed database is opened again.
-const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// The first wait before a failed database is opened again; it doubles
+/// while the database keeps failing soon after being opened again, up to
+/// [`REOPEN_MAX`] (an open replays up to [`JOURNAL_BYTES`] of journal, not
+/// to be repeated every moment while a disk stays full).
+const REOPEN_MIN: Duration = Duration::from_secs(1);
+
+/// The longest wait between two opens of a failing database.
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+
+/// A database that worked this long after being opened again starts over
+/// at [`REOPEN_MIN`] when it fails.
+const REOPEN_RECOVERED: Duration = Duration::from_secs(60);
 
 /// The keyspace of consumer positions (table names are `[a-z0-9_]+`, so no
 /// table can be called this).
@@ -137,18 +157,40 @@ enum Db {
     Open(Open),
     /// Closed for good: dropping the database released its lock.
     Closed,
-    /// A write failed and opening the directory again has not worked yet
-    /// (tried at most once per [`REOPEN_EVERY`]).
+    /// A write failed and opening the directory again has not worked yet.
     Failed {
         reason: String,
-        since: Instant,
     },
+}
+
+/// When the database was last opened again, and the wait before the next.
+#[derive(Debug, Default)]
+struct Reopens {
+    last: Option<Instant>,
+    wait: Duration,
+}
+
+impl Reopens {
+    /// Whether to open the database again now; if so, the wait before the
+    /// next time: doubled when it failed again soon after this one.
+    fn due(&mut self, now: Instant) -> bool {
+        self.wait = match self.last {
+            Some(last) if now.duration_since(last) < self.wait => return false,
+            Some(last) if now.duration_since(last) < REOPEN_RECOVERED => {
+                (self.wait * 2).clamp(REOPEN_MIN, REOPEN_MAX)
+            }
+            _ => REOPEN_MIN,
+        };
+        self.last = Some(now);
+        true
+    }
 }
 
 /// The database and where it lives.
 struct Shared {
     db: RwLock<Db>,
     path: PathBuf,
+    reopens: Mutex<Reopens>,
 }
 
 impl Shared {
@@ -191,8 +233,10 @@ impl Shared {
     }
 
     /// Drops a database whose write failed, or that failed to open again
-    /// before, and opens the directory again; at most once per
-    /// [`REOPEN_EVERY`]. Every batch the database acknowledged reached
+    /// before, and opens the directory again: at once after a failure
+    /// following a healthy minute, then after waits from [`REOPEN_MIN`]
+    /// doubling to [`REOPEN_MAX`] while it keeps failing. Every batch the
+    /// database acknowledged reached
     /// the journal file, so nothing committed is lost; the failed batch
     /// was never acknowledged.
     fn reopen(&self) {
@@ -205,13 +249,19 @@ impl Shared {
                 None => return,
                 Some(reason) => reason,
             },
-            Db::Failed { since, .. } if since.elapsed() < REOPEN_EVERY => return,
-            Db::Failed { reason, .. } => reason.clone(),
+            Db::Failed { reason } => reason.clone(),
         };
+        if !self
+            .reopens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .due(Instant::now())
+        {
+            return;
+        }
         // Release the directory before opening it again.
         *guard = Db::Failed {
             reason: reason.clone(),
-            since: Instant::now(),
         };
         match open_database(&self.path) {
             Ok(open) => {
@@ -222,7 +272,6 @@ impl Shared {
                 warn!(path = %self.path.display(), error = %e, "opening the embedded store again failed; retrying");
                 *guard = Db::Failed {
                     reason: format!("{reason}; opening it again: {e}"),
-                    since: Instant::now(),
                 };
             }
         }
@@ -256,6 +305,7 @@ impl EmbeddedStore {
             shared: Arc::new(Shared {
                 db: RwLock::new(Db::Open(open)),
                 path: path.to_owned(),
+                reopens: Mutex::new(Reopens::default()),
             }),
             last_durable: Arc::new(Mutex::new(Instant::now())),
             cas: Arc::new(Mutex::new(())),
@@ -556,5 +606,34 @@ impl ProjectionStore for EmbeddedStore {
             Err(e) => Err(e),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_database_is_opened_again_ever_less_often() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut r = Reopens::default();
+        // The first failure: at once; failing again within the wait: not.
+        assert!(r.due(at(0)));
+        assert!(!r.due(at(0)));
+        // Failing on: waits of 2, 4, 8, 16, 30, 30 s.
+        let mut t = 1;
+        assert!(r.due(at(t)));
+        for wait in [2, 4, 8, 16, 30, 30] {
+            assert!(!r.due(at(t + wait - 1)), "before {wait} s");
+            t += wait;
+            assert!(r.due(at(t)), "after {wait} s");
+        }
+        // Healthy for a minute: the next failure is met at once, and the
+        // wait starts over.
+        t += 61;
+        assert!(r.due(at(t)));
+        assert!(!r.due(at(t)));
+        assert!(r.due(at(t + 1)));
     }
 }
