@@ -51,6 +51,14 @@ const MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 /// an open replays (fjall's minimum; its default is 512 MiB).
 const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Bytes of rows each fold's runner keeps in its row cache in front of
+/// this store (`waymark_runtime::cache`): what it read, and what it
+/// deferred (half of it at most) until its next flush, so a row changed by
+/// many batches is read once and written once per flush. With the block
+/// cache and the memtables it bounds the resident size of `waymark dev`
+/// (S5 in docs/performance.md).
+pub(crate) const RUNNER_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Replayable batches are made durable at least this often.
 const DURABLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -446,6 +454,10 @@ fn key_text(table: &str, key: &[u8]) -> Result<String, StoreError> {
 
 #[async_trait]
 impl ProjectionStore for EmbeddedStore {
+    fn runner_cache_bytes(&self) -> usize {
+        RUNNER_CACHE_BYTES
+    }
+
     async fn ensure_tables(&self, tables: &[String]) -> Result<(), StoreError> {
         let tables = tables.to_vec();
         self.blocking(move |open| {

@@ -86,6 +86,14 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_SLICE: Duration = Duration::from_millis(100);
 /// How long a member waits for more records once it has one.
 const LINGER: Duration = Duration::from_millis(10);
+/// How long a produce waits for a topic's `max.message.bytes` the first
+/// time it writes to it (a cluster that does not answer DescribeConfigs,
+/// such as librdkafka's mock cluster, would otherwise hold the produce for
+/// the admin client's 60 s request timeout).
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A topic whose limit could not be learned is asked again after this long;
+/// meanwhile the brokers' own refusals apply.
+const DESCRIBE_RETRY: Duration = Duration::from_secs(60);
 /// How long a seek of a fetching partition is retried.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands a member thread can have queued.
@@ -260,7 +268,16 @@ struct Inner {
     partitions: RwLock<HashMap<String, u32>>,
     /// Each topic's `max.message.bytes`, as the brokers report it (`None`:
     /// they did not say; the brokers' refusals still apply).
-    record_limits: RwLock<HashMap<String, Option<usize>>>,
+    record_limits: RwLock<HashMap<String, RecordLimit>>,
+}
+
+/// What is known of a topic's `max.message.bytes`.
+#[derive(Debug, Clone, Copy)]
+enum RecordLimit {
+    /// The brokers answered (with the limit, or without one).
+    Known(Option<usize>),
+    /// Asking failed at this instant; asked again after [`DESCRIBE_RETRY`].
+    Failed(Instant),
 }
 
 impl fmt::Debug for KafkaLog {
@@ -300,38 +317,49 @@ impl KafkaLog {
     /// The largest record `topic` accepts (`max.message.bytes`, cached);
     /// `None` when the cluster does not say.
     async fn record_limit(&self, topic: &str) -> Option<usize> {
-        if let Some(limit) = self
+        let cached = self
             .inner
             .record_limits
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(topic)
-        {
-            return *limit;
+            .copied();
+        match cached {
+            Some(RecordLimit::Known(limit)) => return limit,
+            Some(RecordLimit::Failed(at)) if at.elapsed() < DESCRIBE_RETRY => return None,
+            _ => {}
         }
         let resource = ResourceSpecifier::Topic(topic);
-        let described = self
+        let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
+        let known = match self
             .inner
             .admin
-            .describe_configs([&resource], &AdminOptions::new())
-            .await;
-        let limit = described.ok().and_then(|described| {
-            described
-                .first()?
-                .as_ref()
-                .ok()?
-                .get("max.message.bytes")?
-                .value
-                .as_deref()?
-                .parse()
-                .ok()
-        });
+            .describe_configs([&resource], &options)
+            .await
+        {
+            Ok(described) => RecordLimit::Known(described.first().and_then(|d| {
+                d.as_ref()
+                    .ok()?
+                    .get("max.message.bytes")?
+                    .value
+                    .as_deref()?
+                    .parse()
+                    .ok()
+            })),
+            Err(e) => {
+                debug!(%topic, error = %e, "max.message.bytes unknown; the brokers' refusals apply");
+                RecordLimit::Failed(Instant::now())
+            }
+        };
         self.inner
             .record_limits
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(topic.to_owned(), limit);
-        limit
+            .insert(topic.to_owned(), known);
+        match known {
+            RecordLimit::Known(limit) => limit,
+            RecordLimit::Failed(_) => None,
+        }
     }
 
     /// The configuration this log was created with.

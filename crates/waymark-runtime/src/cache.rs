@@ -1,6 +1,8 @@
 //! A runner's row cache: the rows of the partitions a runner owns, kept in
-//! memory in front of a remote projection store (CQL), so that folding a
-//! batch reads only the rows it has not seen yet.
+//! memory in front of the projection store, so that folding a batch reads
+//! only the rows it has not seen yet, and (write-back) so that a row
+//! changed by many batches is written once per flush instead of once per
+//! batch — Kafka Streams' record cache and `commit.interval.ms`.
 //!
 //! # Why it is correct
 //! A [`RowCache`] is only put in front of the store for a handler whose
@@ -10,10 +12,31 @@
 //! row is written only by the runner that owns its partition, so what the
 //! runner last wrote or read is what the store holds, until the partition
 //! moves. The runner therefore:
-//! - clears the cache on every assignment change (a partition it gets back
-//!   may have been written by another member meanwhile);
-//! - caches a row only after the store acknowledged its write, and clears
-//!   the cache when a write fails (the store may hold part of the batch).
+//! - writes what it deferred and clears the cache on every assignment
+//!   change (a partition it gets back may have been written by another
+//!   member meanwhile);
+//! - caches a written-through row only after the store acknowledged its
+//!   write, and clears the cache when such a write fails (the store may
+//!   hold part of the batch).
+//!
+//! # Write-back
+//! A batch whose effects are all in the store (no output, no dead letter:
+//! what [`crate::ProjectionStore::write_replayable`] is for) may be
+//! *deferred* ([`RowCache::defer`]): its rows become dirty entries of the
+//! cache, which later batches read, and its positions are kept with them.
+//! [`RowCache::flush`] writes every dirty row and the positions they
+//! reflect in one store batch, so rows and positions still reach the store
+//! together and a crash before a flush only means the same records are
+//! applied again from the stored positions, as after a crash before a
+//! replayable write. Dirty entries are never evicted; a failed flush keeps
+//! them (they are what the store must end up holding, and every row write
+//! carries its order) and a later flush writes them again. The runner
+//! flushes when it has nothing more to read, when the oldest deferred
+//! batch is older than its commit interval, when the dirty bytes reach
+//! their budget, before anything else is written, before an assignment
+//! change and on shutdown; a flush the store refuses for good makes it
+//! discard the deferred rows and read its partitions again from the
+//! stored positions, writing through ([`crate::runner`]).
 //!
 //! Only the handler's own tables are cached; everything else read through
 //! the cache (the projection catalog, hand-off markers), which other
@@ -21,14 +44,16 @@
 //!
 //! Absent rows are cached too (a rebuild into empty tables reads each key
 //! once). Rows are kept as the stored bytes; the cache is bounded in bytes
-//! and evicts the least recently used quarter when it is full.
+//! and evicts the least recently used quarter of its clean entries when it
+//! is full.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::store::{ProjectionStore, StoreError, WriteBatch};
+use crate::store::{PositionWrite, ProjectionStore, RowWrite, StoreError, WriteBatch};
 
 /// Bytes an entry costs besides its key and value (map slots, strings).
 const ENTRY_OVERHEAD: usize = 64;
@@ -36,6 +61,9 @@ const ENTRY_OVERHEAD: usize = 64;
 struct Entry {
     value: Option<Vec<u8>>,
     last_used: u64,
+    /// `Some(order)` while the entry is a deferred write not yet in the
+    /// store ([`RowWrite::order`]).
+    dirty: Option<Option<u64>>,
 }
 
 impl Entry {
@@ -44,6 +72,9 @@ impl Entry {
     }
 }
 
+/// A deferred position: (consumer, topic, partition) → next offset.
+type PositionKey = (String, String, u32);
+
 #[derive(Default)]
 struct State {
     tables: HashMap<String, HashMap<String, Entry>>,
@@ -51,34 +82,73 @@ struct State {
     clock: u64,
     hits: u64,
     misses: u64,
+    /// Bytes of the dirty entries.
+    dirty_bytes: usize,
+    /// Dirty entries.
+    dirty_rows: usize,
+    /// When the oldest deferred batch not yet flushed was deferred.
+    dirty_since: Option<Instant>,
+    /// Positions of the deferred batches.
+    positions: BTreeMap<PositionKey, u64>,
 }
 
 impl State {
-    fn insert(&mut self, table: &str, key: String, value: Option<Vec<u8>>) {
+    fn insert(
+        &mut self,
+        table: &str,
+        key: String,
+        value: Option<Vec<u8>>,
+        dirty: Option<Option<u64>>,
+    ) {
         self.clock += 1;
         let entry = Entry {
             value,
             last_used: self.clock,
+            dirty,
         };
-        self.bytes += entry.cost(&key);
+        let cost = entry.cost(&key);
+        self.bytes += cost;
+        if entry.dirty.is_some() {
+            self.dirty_bytes += cost;
+            self.dirty_rows += 1;
+        }
         let rows = self.tables.entry(table.to_owned()).or_default();
         if let Some(old) = rows.insert(key.clone(), entry) {
-            self.bytes -= old.cost(&key);
+            let old_cost = old.cost(&key);
+            self.bytes -= old_cost;
+            if old.dirty.is_some() {
+                self.dirty_bytes -= old_cost;
+                self.dirty_rows -= 1;
+            }
         }
     }
 
-    /// Evicts the least recently used entries until at most 3/4 of
-    /// `budget` is used.
+    fn has_deferred(&self) -> bool {
+        self.dirty_rows > 0 || !self.positions.is_empty()
+    }
+
+    /// Forgets every entry, dirty ones too.
+    fn clear(&mut self) {
+        self.tables.clear();
+        self.bytes = 0;
+        self.dirty_bytes = 0;
+        self.dirty_rows = 0;
+        self.dirty_since = None;
+        self.positions.clear();
+    }
+
+    /// Evicts the least recently used clean entries until at most 3/4 of
+    /// `budget` is used (or only dirty entries are left).
     fn shrink(&mut self, budget: usize) {
         if self.bytes <= budget {
             return;
         }
-        // Drop the oldest entries until under 3/4 of the budget: find the
-        // age threshold by walking the entries oldest first.
+        // Drop the oldest clean entries until under 3/4 of the budget:
+        // find the age threshold by walking them oldest first.
         let goal = budget / 4 * 3;
         let mut costs: BTreeMap<u64, usize> = BTreeMap::new();
         for rows in self.tables.values() {
-            for (key, e) in rows {
+            for (key, e) in rows.iter().filter(|(_, e)| e.dirty.is_none()) {
                 *costs.entry(e.last_used).or_default() += e.cost(key);
             }
         }
@@ -92,7 +162,7 @@ impl State {
             threshold = age;
         }
         for rows in self.tables.values_mut() {
-            rows.retain(|_, e| e.last_used > threshold);
+            rows.retain(|_, e| e.dirty.is_some() || e.last_used > threshold);
         }
         self.bytes = bytes;
     }
@@ -111,8 +181,9 @@ pub struct RowCache {
 }
 
 impl RowCache {
-    /// A cache of at most about `budget` bytes of rows of `tables` in front
-    /// of `inner`.
+    /// A cache of at most about `budget` bytes of clean rows of `tables`
+    /// in front of `inner` (dirty rows are bounded by the runner, which
+    /// flushes them at its own budget).
     pub fn new(inner: Arc<dyn ProjectionStore>, tables: Vec<String>, budget: usize) -> Self {
         Self {
             inner,
@@ -126,11 +197,30 @@ impl RowCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forgets every row (on an assignment change).
+    /// Forgets every row, deferred ones too (on an assignment change, after
+    /// a [`RowCache::flush`]; or to give up what a refused flush held).
     pub fn clear(&self) {
+        self.state().clear();
+    }
+
+    /// Forgets the clean rows of `head` (rows keyed `head` or
+    /// `head/...`), so they are read from the store again: before the
+    /// records of a parked key are applied again, the store may hold rows
+    /// an operator mended. Deferred rows stay until they are written.
+    pub fn forget(&self, head: &str) {
         let mut s = self.state();
-        s.tables.clear();
-        s.bytes = 0;
+        let prefix = format!("{head}/");
+        let mut freed = 0;
+        for rows in s.tables.values_mut() {
+            rows.retain(|key, e| {
+                let keep = e.dirty.is_some() || (key != head && !key.starts_with(&prefix));
+                if !keep {
+                    freed += e.cost(key);
+                }
+                keep
+            });
+        }
+        s.bytes -= freed;
     }
 
     /// (hits, misses) of reads so far.
@@ -144,7 +234,117 @@ impl RowCache {
         self.state().bytes
     }
 
+    /// Bytes of the deferred rows not yet flushed.
+    pub fn dirty_bytes(&self) -> usize {
+        self.state().dirty_bytes
+    }
+
+    /// When the oldest batch not yet flushed was deferred; `None` when
+    /// nothing is deferred.
+    pub fn dirty_since(&self) -> Option<Instant> {
+        let s = self.state();
+        if s.has_deferred() {
+            s.dirty_since
+        } else {
+            None
+        }
+    }
+
+    /// Whether deferred rows or positions wait for a flush.
+    pub fn has_deferred(&self) -> bool {
+        self.state().has_deferred()
+    }
+
+    /// Takes `batch` as a deferred write: its rows become dirty entries that
+    /// reads see at once, its positions are kept with them, and both reach
+    /// the store with the next [`RowCache::flush`]. Only for a batch whose
+    /// effects are all in the store (see
+    /// [`ProjectionStore::write_replayable`]); a batch with a row of a
+    /// table the cache does not hold is handed back, to be written through.
+    pub fn defer(&self, batch: WriteBatch) -> Result<(), WriteBatch> {
+        if batch.rows.iter().any(|r| !self.tables.contains(&r.table)) {
+            return Err(batch);
+        }
+        let mut s = self.state();
+        if !s.has_deferred() {
+            s.dirty_since = Some(Instant::now());
+        }
+        for row in batch.rows {
+            s.insert(&row.table, row.key, row.value, Some(row.order));
+        }
+        for p in batch.positions {
+            let e = s
+                .positions
+                .entry((p.consumer, p.topic, p.partition))
+                .or_insert(p.next_offset);
+            *e = (*e).max(p.next_offset);
+        }
+        s.shrink(self.budget);
+        Ok(())
+    }
+
+    /// Writes every deferred row and the positions they reflect in one
+    /// (replayable) store batch; returns how many rows and the positions
+    /// it wrote. On failure everything deferred stays deferred: a later
+    /// flush writes it again (the caller decides, for an error that is not
+    /// retryable, to [`RowCache::clear`] it and apply its records again).
+    pub async fn flush(&self) -> Result<(usize, Vec<PositionWrite>), StoreError> {
+        let batch = {
+            let s = self.state();
+            if !s.has_deferred() {
+                return Ok((0, Vec::new()));
+            }
+            let mut rows = Vec::with_capacity(s.dirty_rows);
+            for (table, entries) in &s.tables {
+                for (key, e) in entries {
+                    if let Some(order) = e.dirty {
+                        rows.push(RowWrite {
+                            table: table.clone(),
+                            key: key.clone(),
+                            value: e.value.clone(),
+                            order,
+                        });
+                    }
+                }
+            }
+            WriteBatch {
+                rows,
+                positions: s
+                    .positions
+                    .iter()
+                    .map(|((consumer, topic, partition), next)| PositionWrite {
+                        consumer: consumer.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                        next_offset: *next,
+                    })
+                    .collect(),
+            }
+        };
+        let rows = batch.rows.len();
+        let positions = batch.positions.clone();
+        self.inner.write_replayable(batch).await?;
+        // The runner defers nothing while a flush is in flight, so what was
+        // written is exactly what is dirty now.
+        let mut s = self.state();
+        for entries in s.tables.values_mut() {
+            for e in entries.values_mut() {
+                e.dirty = None;
+            }
+        }
+        s.dirty_bytes = 0;
+        s.dirty_rows = 0;
+        s.dirty_since = None;
+        s.positions.clear();
+        let budget = self.budget;
+        s.shrink(budget);
+        Ok((rows, positions))
+    }
+
     async fn write_through(&self, batch: WriteBatch, replayable: bool) -> Result<(), StoreError> {
+        // What was deferred reaches the store before anything written
+        // after it.
+        self.flush().await?;
         // The written values, cached once the store has them.
         let rows: Vec<(String, String, Option<Vec<u8>>)> = batch
             .rows
@@ -161,15 +361,15 @@ impl RowCache {
         match written {
             Ok(()) => {
                 for (table, key, value) in rows {
-                    s.insert(&table, key, value);
+                    s.insert(&table, key, value, None);
                 }
                 s.shrink(self.budget);
                 Ok(())
             }
             Err(e) => {
-                // The store may hold any part of the batch now.
-                s.tables.clear();
-                s.bytes = 0;
+                // The store may hold any part of the batch now (nothing is
+                // deferred: the flush above wrote it).
+                s.clear();
                 Err(e)
             }
         }
@@ -226,7 +426,7 @@ impl ProjectionStore for RowCache {
         {
             let mut s = self.state();
             for (key, value) in missing.iter().zip(loaded) {
-                s.insert(table, key.clone(), value.clone());
+                s.insert(table, key.clone(), value.clone(), None);
                 loaded_by_key.insert(key.as_str(), value);
             }
             s.shrink(self.budget);
@@ -259,9 +459,8 @@ impl ProjectionStore for RowCache {
         // Never a cached table (the runner writes those only by batch);
         // forget the row anyway should it be one.
         if self.tables.contains(table) {
-            let mut s = self.state();
-            s.tables.clear();
-            s.bytes = 0;
+            self.flush().await?;
+            self.state().clear();
         }
         self.inner
             .compare_and_set(table, key, expected, value)
@@ -296,6 +495,14 @@ impl ProjectionStore for RowCache {
                 .values()
                 .flat_map(|rows| rows.iter().map(|(k, e)| e.cost(k)))
                 .sum();
+            let dirty: Vec<usize> = s
+                .tables
+                .values()
+                .flat_map(|rows| rows.iter().filter(|(_, e)| e.dirty.is_some()))
+                .map(|(k, e)| e.cost(k))
+                .collect();
+            s.dirty_rows = dirty.len();
+            s.dirty_bytes = dirty.iter().sum();
         }
         self.inner.drop_tables(tables).await
     }
@@ -401,5 +608,113 @@ mod tests {
         assert!(cache.bytes() > budget / 2);
         // Evicted rows are read again from the store, unchanged.
         assert_eq!(cache.get("mine", "k0").await.unwrap(), Some(vec![0u8; 512]));
+    }
+
+    fn position(next_offset: u64) -> PositionWrite {
+        PositionWrite {
+            consumer: "c".into(),
+            topic: "t".into(),
+            partition: 0,
+            next_offset,
+        }
+    }
+
+    fn deferred(key: &str, value: &[u8], next_offset: u64) -> WriteBatch {
+        let mut batch = put("mine", key, value);
+        batch.rows[0].order = Some(next_offset);
+        batch.positions.push(position(next_offset));
+        batch
+    }
+
+    #[tokio::test]
+    async fn deferred_rows_are_read_back_and_written_once_with_their_positions() {
+        let (store, cache) = setup(1 << 20).await;
+        for (i, value) in [b"1", b"2", b"3"].iter().enumerate() {
+            cache.defer(deferred("a", *value, i as u64 + 1)).unwrap();
+        }
+        cache.defer(deferred("b", b"x", 4)).unwrap();
+        assert_eq!(store.writes(), 0);
+        assert!(cache.has_deferred() && cache.dirty_since().is_some());
+        assert_eq!(cache.get("mine", "a").await.unwrap(), Some(b"3".to_vec()));
+        let (rows, positions) = cache.flush().await.unwrap();
+        assert_eq!((rows, positions), (2, vec![position(4)]));
+        assert_eq!(store.writes(), 1);
+        assert_eq!(store.get("mine", "a").await.unwrap(), Some(b"3".to_vec()));
+        assert_eq!(store.positions("c", "t").await.unwrap(), [(0, 4)].into());
+        assert!(!cache.has_deferred() && cache.dirty_bytes() == 0);
+        // Nothing left to write: no store write at all.
+        assert_eq!(cache.flush().await.unwrap(), (0, Vec::new()));
+        assert_eq!(store.writes(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_keeps_what_was_deferred() {
+        let (store, cache) = setup(1 << 20).await;
+        cache.defer(deferred("a", b"1", 1)).unwrap();
+        store.fail_next_writes(1);
+        assert!(cache.flush().await.is_err());
+        assert!(cache.has_deferred());
+        assert_eq!(cache.get("mine", "a").await.unwrap(), Some(b"1".to_vec()));
+        cache.flush().await.unwrap();
+        assert_eq!(store.get("mine", "a").await.unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.positions("c", "t").await.unwrap(), [(0, 1)].into());
+    }
+
+    #[tokio::test]
+    async fn writes_through_come_after_what_was_deferred() {
+        let (store, cache) = setup(1 << 20).await;
+        cache.defer(deferred("a", b"1", 1)).unwrap();
+        // A batch with a row of a table the cache does not hold is handed
+        // back to be written through, which writes the deferred rows first.
+        let other = put("other", "x", b"9");
+        let back = cache.defer(other.clone()).unwrap_err();
+        assert_eq!(back, other);
+        cache.write(back).await.unwrap();
+        assert_eq!(store.writes(), 2);
+        assert_eq!(store.get("mine", "a").await.unwrap(), Some(b"1".to_vec()));
+        assert!(!cache.has_deferred());
+    }
+
+    #[tokio::test]
+    async fn deferred_rows_are_never_evicted() {
+        let budget = 16 * 1024;
+        let (store, cache) = setup(budget).await;
+        for i in 0..200 {
+            cache
+                .defer(deferred(&format!("k{i}"), &[1u8; 512], i + 1))
+                .unwrap();
+        }
+        // Far over the budget, all of it still there to be written.
+        assert!(cache.dirty_bytes() > budget);
+        assert_eq!(cache.get("mine", "k0").await.unwrap(), Some(vec![1u8; 512]));
+        let (rows, _) = cache.flush().await.unwrap();
+        assert_eq!(rows, 200);
+        assert_eq!(store.rows("mine").len(), 200);
+        // Once written they are clean, and the cache shrinks to its budget.
+        assert!(cache.bytes() <= budget, "{} bytes", cache.bytes());
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_head_is_read_from_the_store_again() {
+        let (store, cache) = setup(1 << 20).await;
+        for key in ["p", "p/1", "q"] {
+            cache.write(put("mine", key, b"old")).await.unwrap();
+        }
+        cache.defer(deferred("p/2", b"mine", 1)).unwrap();
+        // An operator mends the rows of `p` in the store.
+        for key in ["p", "p/1"] {
+            store.write(put("mine", key, b"mended")).await.unwrap();
+        }
+        cache.forget("p");
+        let keys: Vec<String> = ["p", "p/1", "p/2", "q"].map(String::from).to_vec();
+        assert_eq!(
+            cache.get_many("mine", &keys).await.unwrap(),
+            [
+                Some(b"mended".to_vec()),
+                Some(b"mended".to_vec()),
+                Some(b"mine".to_vec()), // deferred: kept until written
+                Some(b"old".to_vec()),
+            ]
+        );
     }
 }

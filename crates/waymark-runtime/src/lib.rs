@@ -74,13 +74,26 @@
 //!   record).
 //! - **Shutdown.** On cancellation the runner stops polling, finishes the
 //!   batch in hand (outputs, rows, positions, commit) and returns.
-//! - **Row cache.** In front of a store that asks for it (CQL), a fold's
-//!   runner keeps the rows it read or wrote in a bounded cache
-//!   ([`cache::RowCache`]). Only rows keyed by the input's partitioning key
-//!   are cached, so the runner is their only writer while it owns the
-//!   partition; the cache is cleared on every assignment change and after
-//!   a failed write, so it changes no result (tests
-//!   `row_cache_*` in `waymark-cli/tests/runtime_guarantees.rs`).
+//! - **Row cache, write-back.** In front of a store that asks for it (both
+//!   stores do), a fold's runner keeps the rows it read or wrote in a
+//!   bounded cache ([`cache::RowCache`]). Only rows keyed by the input's
+//!   partitioning key are cached, so the runner is their only writer while
+//!   it owns the partition; the cache is cleared on every assignment change
+//!   and after a failed write-through, so it changes no result. A batch
+//!   without outputs or dead letters is *deferred* in the cache and written
+//!   with later ones, rows and positions together, by a flush: when the
+//!   runner has nothing more to read for [`RunnerConfig::linger`], at the
+//!   latest [`RunnerConfig::commit_interval`] after the oldest deferred
+//!   batch, when the deferred rows reach half the cache, before any other
+//!   write, before an assignment change and on shutdown. A crash before a
+//!   flush loses rows and positions together (the records are applied
+//!   again); a transient flush failure is retried with everything kept; a
+//!   flush refused for good discards the deferred rows and reads the
+//!   partitions again from the stored positions, written batch by batch,
+//!   so the refused record is parked like any other (tests `row_cache_*`
+//!   in `waymark-cli/tests/runtime_guarantees.rs`,
+//!   `deferred_batches_reach_the_store_in_few_writes_exactly_once` and
+//!   `a_refused_flush_is_applied_again_and_the_culprit_parked`).
 //! - **Metrics.** Every runner metric has the labels `processor` and
 //!   `version`, so a rebuild's runner and the live one never share a
 //!   series; the lag gauges (records, and seconds since the oldest record

@@ -6,7 +6,11 @@
 //! It keeps the real stores' contract: a batch is applied atomically
 //! (rows and positions together), unknown tables are an error until
 //! created, scans are in key order, and `compare_and_set` is atomic.
-//! [`MemoryStore::fail_next_writes`] injects outages.
+//! [`MemoryStore::fail_next_writes`] injects outages,
+//! [`MemoryStore::refuse_values_over`] refusals (as CQL refuses a mutation
+//! over its size limit), and [`MemoryStore::with_runner_cache`] makes
+//! runners put a row cache in front of it, as they do in front of the real
+//! stores.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,18 +28,34 @@ struct State {
 }
 
 /// An in-memory projection store. Cheap to clone; clones share the data.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     failures: Arc<AtomicUsize>,
     writes: Arc<AtomicUsize>,
+    /// A write with a row value longer than this is refused.
+    refuse_over: Arc<AtomicUsize>,
     shared: bool,
+    runner_cache: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            state: Arc::default(),
+            failures: Arc::default(),
+            writes: Arc::default(),
+            refuse_over: Arc::new(AtomicUsize::new(usize::MAX)),
+            shared: false,
+            runner_cache: 0,
+        }
     }
 
     /// An empty store that says several processes write it
@@ -45,8 +65,23 @@ impl MemoryStore {
     pub fn shared() -> Self {
         Self {
             shared: true,
-            ..Self::default()
+            ..Self::new()
         }
+    }
+
+    /// Runners cache `bytes` of rows in front of it
+    /// ([`ProjectionStore::runner_cache_bytes`]); clones share the data,
+    /// not this setting.
+    pub fn with_runner_cache(mut self, bytes: usize) -> Self {
+        self.runner_cache = bytes;
+        self
+    }
+
+    /// From now on, a batch with a row value longer than `bytes` is refused
+    /// for good ([`StoreError::Refused`]) and changes nothing; `usize::MAX`
+    /// takes everything again.
+    pub fn refuse_values_over(&self, bytes: usize) {
+        self.refuse_over.store(bytes, Ordering::SeqCst);
     }
 
     /// The next `n` writes (batches and compare-and-sets) fail with
@@ -110,6 +145,17 @@ impl ProjectionStore for MemoryStore {
 
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.injected_failure()?;
+        let limit = self.refuse_over.load(Ordering::SeqCst);
+        if let Some(row) = batch
+            .rows
+            .iter()
+            .find(|r| r.value.as_ref().is_some_and(|v| v.len() > limit))
+        {
+            return Err(StoreError::Refused {
+                table: row.table.clone(),
+                reason: format!("a value over {limit} bytes"),
+            });
+        }
         let mut s = self.state();
         if let Some(row) = batch.rows.iter().find(|r| !s.tables.contains_key(&r.table)) {
             return Err(StoreError::UnknownTable(row.table.clone()));
@@ -133,6 +179,10 @@ impl ProjectionStore for MemoryStore {
 
     fn written_by_several_processes(&self) -> bool {
         self.shared
+    }
+
+    fn runner_cache_bytes(&self) -> usize {
+        self.runner_cache
     }
 
     async fn compare_and_set(

@@ -50,6 +50,17 @@ pub struct RunnerConfig {
     /// consumer with a fresh subscription ([`RESUBSCRIBE_AFTER`] by
     /// default).
     pub resubscribe_after: Duration,
+    /// With a row cache ([`crate::cache`]): the longest a batch without
+    /// outputs may stay deferred in the cache before its rows and positions
+    /// are written, while the runner is behind ([`COMMIT_INTERVAL`] by
+    /// default; zero writes every batch at once). Like Kafka Streams'
+    /// `commit.interval.ms`, it trades how much is applied again after a
+    /// crash for how often a row changed by many batches is written.
+    pub commit_interval: Duration,
+    /// How long a runner with deferred rows waits for more records before
+    /// it writes them ([`LINGER`] by default): once it has caught up, what
+    /// it applied is in the store this much later.
+    pub linger: Duration,
 }
 
 impl RunnerConfig {
@@ -71,6 +82,8 @@ impl RunnerConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             resubscribe_after: RESUBSCRIBE_AFTER,
+            commit_interval: COMMIT_INTERVAL,
+            linger: LINGER,
         }
     }
 
@@ -110,6 +123,8 @@ pub struct Runner {
     /// The store, or the row cache in front of it.
     store: Arc<dyn ProjectionStore>,
     cache: Option<Arc<RowCache>>,
+    /// The row cache's byte budget (0 without one).
+    cache_budget: usize,
     handler: Arc<dyn Handler>,
     config: RunnerConfig,
     gate: Option<Arc<VersionGate>>,
@@ -122,10 +137,21 @@ pub struct Runner {
     park_keys: bool,
     /// The parked keys of the partitions this runner owns.
     parked: Mutex<Parked>,
+    /// Partitions read again from their stored positions after the store
+    /// refused a flush of deferred rows: up to the offset reached before,
+    /// their batches are written through, so a record the store refuses
+    /// for good is found and parked like any other.
+    replaying: Mutex<BTreeMap<u32, u64>>,
 }
 
 /// The default [`RunnerConfig::resubscribe_after`].
 pub const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(30);
+
+/// The default [`RunnerConfig::commit_interval`].
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The default [`RunnerConfig::linger`].
+pub const LINGER: Duration = Duration::from_millis(5);
 
 /// The default [`RunnerConfig::max_batch_bytes`]: 16 MiB.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
@@ -204,15 +230,42 @@ enum Outcome {
     /// Another member has applied the batch's partition past it
     /// ([`HandleError::Fenced`]): nothing of it is this process's to write.
     Fenced,
+    /// The store refused for good to write the rows deferred before the
+    /// batch: they were discarded, and the partitions must be read again
+    /// from the stored positions.
+    Rewind,
 }
 
 /// What [`Runner::apply_isolating`] got done.
 struct Isolated {
     /// The next offset per partition it applied (or found applied).
     positions: Vec<(u32, u64)>,
-    /// Whether another member had applied part of it: the rest of the poll
-    /// is dropped and read again from the positions.
-    fenced: bool,
+    /// Whether the rest of the poll is dropped, and from where the
+    /// partitions are read again.
+    interrupted: Interrupted,
+}
+
+impl Isolated {
+    /// Stopped by a refused flush, after `positions` were applied.
+    fn rewind(positions: BTreeMap<u32, u64>) -> Self {
+        Self {
+            positions: positions.into_iter().collect(),
+            interrupted: Interrupted::Rewind,
+        }
+    }
+}
+
+/// Why [`Runner::apply_isolating`] stopped before the end of its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupted {
+    /// It did not.
+    No,
+    /// Another member had applied part of it: its partitions are read again
+    /// from where they stand now.
+    Fenced,
+    /// A flush of deferred rows was refused for good: every partition is
+    /// read again from its stored position ([`Runner::rewind`]).
+    Rewind,
 }
 
 /// Where the batch got to, so a retry resumes instead of redoing effects.
@@ -225,6 +278,9 @@ struct Progress {
     /// Whether output records or dead letters were written.
     emitted: bool,
     written: bool,
+    /// Whether the rows were deferred in the row cache (written, with the
+    /// positions, by a later flush).
+    deferred: bool,
 }
 
 impl Runner {
@@ -254,6 +310,7 @@ impl Runner {
             log,
             store,
             cache,
+            cache_budget: budget,
             handler,
             config,
             gate: None,
@@ -261,6 +318,7 @@ impl Runner {
             park_table,
             park_keys,
             parked: Mutex::new(Parked::default()),
+            replaying: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -337,10 +395,29 @@ impl Runner {
         let mut idle = tokio::time::interval(Duration::from_secs(1));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%processor, topic = %self.config.input_topic, "processor started");
+        // When the rows deferred in the row cache are written next: once the
+        // runner has nothing more to read for `linger`, and at the latest
+        // `commit_interval` after the oldest of them was deferred.
+        let mut quiet_at = Instant::now();
         loop {
+            let flush_at = self
+                .cache
+                .as_ref()
+                .and_then(|c| c.dirty_since())
+                .map(|since| {
+                    let due =
+                        (quiet_at + self.config.linger).min(since + self.config.commit_interval);
+                    tokio::time::Instant::from_std(due)
+                });
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                    if !self.settle(&mut consumer, &mut next, &lag, &shutdown, &mut backoff).await {
+                        break;
+                    }
+                    continue;
+                }
                 _ = idle.tick() => {
                     self.serve_park_requests(&next).await;
                     if let Some(gate) = &self.gate {
@@ -375,6 +452,12 @@ impl Runner {
                             .await
                         {
                             Ok(fresh) => {
+                                if !self
+                                    .settle(&mut consumer, &mut next, &lag, &shutdown, &mut backoff)
+                                    .await
+                                {
+                                    break;
+                                }
                                 warn!(%processor, seconds = since.elapsed().as_secs(), "polls kept failing; subscribed again with a new consumer");
                                 let old = std::mem::replace(&mut consumer, fresh);
                                 // Closing may wait for the broker: not on an
@@ -403,6 +486,14 @@ impl Runner {
             };
             match event {
                 ConsumerEvent::Assigned(partitions) => {
+                    // What was deferred is written before anything about
+                    // the assignment changes.
+                    if !self
+                        .settle(&mut consumer, &mut next, &lag, &shutdown, &mut backoff)
+                        .await
+                    {
+                        break;
+                    }
                     self.forget_cached_rows();
                     let Some(stored) = self.positions(&shutdown, &mut backoff).await else {
                         break;
@@ -421,6 +512,16 @@ impl Runner {
                     }
                 }
                 ConsumerEvent::Revoked(partitions) => {
+                    // A member that gets these partitions may read them from
+                    // the stored positions already: a late write of ours
+                    // changes nothing of what it writes (rows and positions
+                    // carry their order).
+                    if !self
+                        .settle(&mut consumer, &mut next, &lag, &shutdown, &mut backoff)
+                        .await
+                    {
+                        break;
+                    }
                     self.forget_cached_rows();
                     self.parked().forget(&partitions);
                     for p in partitions {
@@ -444,7 +545,10 @@ impl Runner {
                     let mut stopped = false;
                     for batch in byte_chunks(&records, self.config.max_batch_bytes) {
                         let started = Instant::now();
-                        let Some(Isolated { positions, fenced }) = self
+                        let Some(Isolated {
+                            positions,
+                            interrupted,
+                        }) = self
                             .apply_isolating(batch, &mut consumer, &shutdown, &mut backoff)
                             .await
                         else {
@@ -455,7 +559,22 @@ impl Runner {
                             next.insert(*p, *offset);
                         }
                         lag_state(&lag).applied(&positions);
-                        if fenced {
+                        let deferred = self.cache.as_ref().is_some_and(|c| c.has_deferred());
+                        if interrupted == Interrupted::Rewind
+                            || (interrupted == Interrupted::Fenced && deferred)
+                        {
+                            // Deferred rows were refused (or belong to a
+                            // process that lost a partition): read every
+                            // partition again from its stored position.
+                            if !self
+                                .rewind(&mut consumer, &mut next, &lag, &shutdown, &mut backoff)
+                                .await
+                            {
+                                stopped = true;
+                            }
+                            break;
+                        }
+                        if interrupted == Interrupted::Fenced {
                             // Read every partition of the poll again from
                             // where it stands now.
                             let partitions: BTreeSet<u32> =
@@ -477,11 +596,169 @@ impl Runner {
                     if stopped {
                         break;
                     }
+                    quiet_at = Instant::now();
+                    // Deferred rows are bounded: half the cache at most.
+                    if let Some(cache) = &self.cache {
+                        if cache.dirty_bytes() >= self.max_deferred_bytes()
+                            && !self
+                                .settle(&mut consumer, &mut next, &lag, &shutdown, &mut backoff)
+                                .await
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // What was deferred is written before the runner returns (a failure
+        // loses nothing: the records are applied again from the stored
+        // positions on the next start).
+        if let Some(cache) = &self.cache {
+            match cache.flush().await {
+                Ok((rows, positions)) => self.flushed(&mut consumer, rows, &positions).await,
+                Err(e) => {
+                    warn!(%processor, error = %e, "writing the deferred rows on shutdown failed; they are applied again on the next start")
                 }
             }
         }
         info!(%processor, "processor stopped");
         Ok(())
+    }
+
+    /// The most bytes of deferred rows the row cache holds before they are
+    /// written: half its budget.
+    fn max_deferred_bytes(&self) -> usize {
+        self.cache_budget / 2
+    }
+
+    /// Writes the rows and positions deferred in the row cache, retrying a
+    /// transient failure. A refusal for good discards them and reads every
+    /// partition again from its stored position ([`Runner::rewind`]).
+    /// `false` when shut down first.
+    async fn settle(
+        &self,
+        consumer: &mut Box<dyn LogConsumer>,
+        next: &mut HashMap<u32, u64>,
+        lag: &Mutex<LagState>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> bool {
+        let Some(cache) = &self.cache else {
+            return true;
+        };
+        let processor = self.handler.processor();
+        loop {
+            let started = Instant::now();
+            match cache.flush().await {
+                Ok((rows, positions)) => {
+                    if rows > 0 || !positions.is_empty() {
+                        self.stage("flush", started);
+                    }
+                    self.flushed(consumer, rows, &positions).await;
+                    backoff.reset();
+                    return true;
+                }
+                Err(e) if !e.is_retryable() => {
+                    warn!(%processor, error = %e, "the store refused the deferred rows for good; applying their records again, written batch by batch");
+                    return self.rewind(consumer, next, lag, shutdown, backoff).await;
+                }
+                Err(e) => {
+                    warn!(%processor, error = %e, "writing the deferred rows failed, retrying");
+                    self.retried("flush");
+                    if !backoff.sleep(shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a flush of `rows` rows and `positions`: metrics, and the
+    /// positions committed to the group (lag tooling; the store is the
+    /// truth).
+    async fn flushed(
+        &self,
+        consumer: &mut Box<dyn LogConsumer>,
+        rows: usize,
+        positions: &[PositionWrite],
+    ) {
+        if rows > 0 {
+            metrics::counter!(m::ROWS_WRITTEN, self.labels.clone()).increment(rows as u64);
+        }
+        let ours: Vec<(u32, u64)> = positions
+            .iter()
+            .filter(|p| p.consumer == self.config.consumer && p.topic == self.config.input_topic)
+            .map(|p| (p.partition, p.next_offset))
+            .collect();
+        if !ours.is_empty() {
+            if let Err(e) = consumer.commit(&ours).await {
+                debug!(processor = %self.handler.processor(), error = %e, "commit failed; positions are safe in the store");
+            }
+        }
+    }
+
+    /// Discards what the row cache deferred and reads every partition again
+    /// from its stored position; up to where each had got, its batches are
+    /// written through. `false` when shut down first.
+    async fn rewind(
+        &self,
+        consumer: &mut Box<dyn LogConsumer>,
+        next: &mut HashMap<u32, u64>,
+        lag: &Mutex<LagState>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> bool {
+        self.forget_cached_rows();
+        let Some(stored) = self.positions(shutdown, backoff).await else {
+            return false;
+        };
+        let processor = self.handler.processor();
+        for (p, reached) in next.iter_mut() {
+            let from = stored.get(p).copied().unwrap_or(0);
+            if from < *reached {
+                let mut replaying = self.replaying();
+                let until = replaying.entry(*p).or_insert(*reached);
+                *until = (*until).max(*reached);
+            }
+            *reached = from;
+            if let Err(e) = consumer.seek(*p, from).await {
+                warn!(%processor, partition = *p, error = %e, "seek failed");
+            }
+            lag_state(lag).assigned(*p, from);
+        }
+        true
+    }
+
+    fn replaying(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, u64>> {
+        self.replaying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `records` may be deferred in the row cache: not while a
+    /// partition of theirs is read again after a refused flush.
+    fn may_defer(&self, records: &[Record]) -> bool {
+        let mut replaying = self.replaying();
+        if replaying.is_empty() {
+            return true;
+        }
+        let behind = records.iter().any(|r| {
+            replaying
+                .get(&r.partition)
+                .is_some_and(|until| r.offset < *until)
+        });
+        if !behind {
+            for r in records {
+                replaying.remove(&r.partition);
+            }
+        }
+        !behind
+    }
+
+    fn stage(&self, name: &'static str, started: Instant) {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("stage", name));
+        metrics::histogram!(m::STAGE_DURATION, labels).record(started.elapsed().as_secs_f64());
     }
 
     /// Clears the row cache: another member may write the rows of a
@@ -548,6 +825,7 @@ impl Runner {
                 }
                 Outcome::Stopped => return None,
                 Outcome::Fenced => return self.fenced(slice, positions, shutdown, backoff).await,
+                Outcome::Rewind => return Some(Isolated::rewind(positions)),
                 Outcome::Permanent(e) => e,
             };
             if slice.len() > 1 {
@@ -594,6 +872,7 @@ impl Runner {
                     Outcome::Fenced => {
                         return self.fenced(slice, positions, shutdown, backoff).await
                     }
+                    Outcome::Rewind => return Some(Isolated::rewind(positions)),
                     Outcome::Permanent(e) => {
                         if park {
                             warn!(%processor, partition = record.partition, offset = record.offset, error = %e, "parking refused; dead letter instead");
@@ -612,7 +891,7 @@ impl Runner {
         }
         Some(Isolated {
             positions: positions.into_iter().collect(),
-            fenced: false,
+            interrupted: Interrupted::No,
         })
     }
 
@@ -635,7 +914,7 @@ impl Runner {
         }
         Some(Isolated {
             positions: positions.into_iter().collect(),
-            fenced: true,
+            interrupted: Interrupted::Fenced,
         })
     }
 
@@ -803,6 +1082,10 @@ impl Runner {
         let Some(mut head) = self.parked().get(key).cloned() else {
             return Ok(());
         };
+        // The store may hold rows an operator mended since: read them anew.
+        if let (Some(cache), Ok(text)) = (&self.cache, std::str::from_utf8(key)) {
+            cache.forget(text);
+        }
         let first_of = |head: &park::ParkedKey| {
             BTreeMap::from([(
                 head.partition,
@@ -994,6 +1277,10 @@ impl Runner {
         loop {
             match self.try_apply(records, &positions, &mut progress).await {
                 Ok(()) => break,
+                Err(StepError::Flush(e)) if !e.is_retryable() => {
+                    warn!(%processor, error = %e, "the store refused the deferred rows for good; applying their records again, written batch by batch");
+                    return Outcome::Rewind;
+                }
                 Err(e) if e.is_permanent() => return Outcome::Permanent(e),
                 Err(StepError::Handle(e @ HandleError::Fenced { .. })) => {
                     warn!(%processor, error = %e, "batch dropped: another member owns its partition now");
@@ -1050,9 +1337,12 @@ impl Runner {
                 metrics::counter!(m::DEAD_LETTERS, self.kind_labels(rejection.kind)).increment(1);
             }
         }
-        // Kafka's committed offsets are for lag tooling; the store is the truth.
-        if let Err(e) = consumer.commit(&positions).await {
-            debug!(%processor, error = %e, "commit failed; positions are safe in the store");
+        // Kafka's committed offsets are for lag tooling; the store is the
+        // truth (a deferred batch's are committed when it is written).
+        if !progress.deferred {
+            if let Err(e) = consumer.commit(&positions).await {
+                debug!(%processor, error = %e, "commit failed; positions are safe in the store");
+            }
         }
         Outcome::Applied(positions)
     }
@@ -1304,7 +1594,36 @@ impl Runner {
             // With no output or dead letter written for it, the batch can be
             // applied again after a crash without anyone noticing, so it
             // need not be durable at once (the embedded store then skips
-            // the fsync, see `ProjectionStore::write_replayable`).
+            // the fsync, see `ProjectionStore::write_replayable`), and with
+            // a row cache it is deferred: written with later batches by a
+            // flush (see `crate::cache`).
+            let batch = match &self.cache {
+                Some(cache)
+                    if !progress.emitted
+                        && !self.config.commit_interval.is_zero()
+                        && self.may_defer(records) =>
+                {
+                    match cache.defer(batch) {
+                        Ok(()) => {
+                            progress.deferred = true;
+                            progress.written = true;
+                            return Ok(());
+                        }
+                        Err(batch) => batch,
+                    }
+                }
+                _ => batch,
+            };
+            if let Some(cache) = &self.cache {
+                // Its own step, so that a refusal of what was deferred is
+                // not blamed on this batch.
+                let started = Instant::now();
+                let (rows, _) = cache.flush().await.map_err(StepError::Flush)?;
+                if rows > 0 {
+                    stage("flush", started);
+                    metrics::counter!(m::ROWS_WRITTEN, self.labels.clone()).increment(rows as u64);
+                }
+            }
             let started = Instant::now();
             let rows = batch.rows.len() as u64;
             if progress.emitted {
@@ -1457,6 +1776,8 @@ enum StepError {
     Log(LogError),
     #[error("writing failed: {0}")]
     Store(StoreError),
+    #[error("writing the deferred rows failed: {0}")]
+    Flush(StoreError),
     #[error("{0}")]
     Gate(GateError),
     #[error("batch output missing")]
@@ -1468,7 +1789,7 @@ impl StepError {
     fn is_permanent(&self) -> bool {
         match self {
             StepError::Handle(e) => !e.is_retryable(),
-            StepError::Store(e) => !e.is_retryable(),
+            StepError::Store(e) | StepError::Flush(e) => !e.is_retryable(),
             StepError::Log(_) | StepError::Gate(_) | StepError::Internal => false,
         }
     }
@@ -1489,9 +1810,18 @@ impl StepError {
             StepError::Handle(_) => "read",
             StepError::Log(_) => "produce",
             StepError::Store(_) => "write",
+            StepError::Flush(_) => "flush",
             StepError::Gate(_) => "handoff",
             StepError::Internal => "internal",
         }
+    }
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1834,5 +2164,119 @@ mod tests {
         token.cancel();
         task.await.unwrap().unwrap();
         assert_eq!(log.group_members("waymark.count.v1").await.unwrap(), 0);
+    }
+
+    fn runner_with(log: &MemoryLog, store: &MemoryStore, max_batch: usize) -> Runner {
+        let handler = Arc::new(ProjectionHandler::new(
+            "count",
+            TABLE,
+            1,
+            Count,
+            chrono::Duration::days(7),
+        ));
+        let mut config = RunnerConfig::new("count.v1", INPUT, DLQ);
+        config.backoff_min = Duration::from_millis(1);
+        config.backoff_max = Duration::from_millis(5);
+        config.max_batch = max_batch;
+        config.linger = Duration::from_millis(20);
+        Runner::new(
+            Arc::new(log.clone()),
+            Arc::new(store.clone()),
+            handler,
+            config,
+        )
+    }
+
+    /// With a row cache, batches without outputs are deferred: rows changed
+    /// by many batches reach the store in a few writes, together with their
+    /// positions, and a restart applies nothing twice.
+    #[tokio::test]
+    async fn deferred_batches_reach_the_store_in_few_writes_exactly_once() {
+        let (log, store) = setup().await;
+        let store = store.with_runner_cache(1 << 20);
+        let records: Vec<OutRecord> = (0..300)
+            .map(|i| record(&format!("e{i}"), (i % 4) as u128))
+            .collect();
+        log.produce(records).await.unwrap();
+        store.fail_next_writes(2);
+
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner_with(&log, &store, 7).run(token.clone()));
+        caught_up(&log, &store).await;
+        // More than 40 batches of at most 7 records; the store saw a
+        // handful of writes (the first two failed and were retried).
+        assert!(store.writes() <= 5, "{} writes", store.writes());
+        token.cancel();
+        task.await.unwrap().unwrap();
+        let expected: BTreeMap<String, u64> = (0..4).map(|i| (person(i).to_string(), 75)).collect();
+        assert_eq!(counts(&store).await, expected);
+
+        // Deferred rows are written on shutdown too: a record appended now
+        // is in the store once the runner has stopped.
+        log.produce(vec![record("late", 0)]).await.unwrap();
+        let token = CancellationToken::new();
+        let mut runner = runner_with(&log, &store, 7);
+        runner.config.linger = Duration::from_secs(3600);
+        let task = tokio::spawn(runner.run(token.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(counts(&store).await[&person(0).to_string()], 76);
+        caught_up(&log, &store).await;
+    }
+
+    /// A flush the store refuses for good is not retried forever: the
+    /// deferred rows are discarded, the partitions read again from the
+    /// stored positions and written batch by batch, so the record whose row
+    /// the store refuses is found and its person parked while everyone else
+    /// is applied exactly once.
+    #[tokio::test]
+    async fn a_refused_flush_is_applied_again_and_the_culprit_parked() {
+        let (log, store) = setup().await;
+        let store = store.with_runner_cache(1 << 20);
+        // Person 0's row grows with every event id it keeps; the others
+        // stay small.
+        let mut records: Vec<OutRecord> = (0..120).map(|i| record(&format!("p0-{i}"), 0)).collect();
+        records.extend((0..30).map(|i| record(&format!("px-{i}"), 1 + (i % 3) as u128)));
+        log.produce(records).await.unwrap();
+        let small = {
+            let mut row = Tracked::<u64>::default();
+            for i in 0..60 {
+                let event = Event::from_json(&record(&format!("p0-{i}"), 0).value).unwrap();
+                row.apply(
+                    &Count,
+                    &event,
+                    waymark_core::Position::new(0, i),
+                    chrono::Duration::days(7),
+                );
+            }
+            crate::row::encode_row(1, &row).len()
+        };
+        // Person 0's row is refused from its 61st event on.
+        store.refuse_values_over(small);
+
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner_with(&log, &store, 50).run(token.clone()));
+        caught_up(&log, &store).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+
+        let counts = counts(&store).await;
+        assert_eq!(
+            counts[&person(0).to_string()],
+            60,
+            "applied up to the refused row"
+        );
+        for i in 1..4 {
+            assert_eq!(counts[&person(i).to_string()], 10, "person {i}");
+        }
+        let parked = store.rows(&park::parked_table("count", 1));
+        let head = park::head_row(person(0).to_string().as_bytes());
+        assert!(
+            parked.iter().any(|(k, _)| *k == head),
+            "person 0 is parked: {:?}",
+            parked.iter().map(|(k, _)| k).collect::<Vec<_>>()
+        );
+        assert!(log.records(DLQ).is_empty());
     }
 }

@@ -193,9 +193,11 @@ pub trait ProjectionStore: Send + Sync + 'static {
     }
 
     /// How many bytes of rows each runner should cache in front of this
-    /// store ([`crate::cache::RowCache`]); 0, the default, for none. A
-    /// remote store (CQL) answers its configured budget; a local store with
-    /// its own page cache keeps 0.
+    /// store ([`crate::cache::RowCache`]), reads and deferred writes; 0,
+    /// the default, for none (every batch read from and written to the
+    /// store). Both of Waymark's stores answer a budget: the CQL store its
+    /// configured one, the embedded store a smaller one that fits
+    /// `waymark dev`'s memory bound.
     fn runner_cache_bytes(&self) -> usize {
         0
     }

@@ -38,8 +38,9 @@ pub const NAME: &str = "person";
 /// ([`waymark_runtime::row`]): raise it whenever [`PersonState`],
 /// [`history::HistoryHead`] or [`history::HistoryEntry`] change shape.
 ///
-/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied.
-pub const STATE_ENCODING: u32 = 2;
+/// 1: the first; 2: [`waymark_core::Tracked`] records the sources applied;
+/// 3: the history stores one row per event instead of chunks of 32.
+pub const STATE_ENCODING: u32 = 3;
 
 /// The person processor: [`PersonFold`] over the events, plus each
 /// person's event history.
@@ -56,7 +57,7 @@ impl ProcessorFactory for PersonProcessor {
             TableSpec::tracked("", "person id"),
             TableSpec {
                 suffix: history::HISTORY,
-                key: "person id (head) or `<person id>/<chunk>`",
+                key: "person id (head) or `<person id>/<event index>`",
                 position: history::row_position,
                 verified: true,
             },

@@ -200,14 +200,41 @@ pub async fn assert_counts(addr: &str, expected: &BTreeMap<String, u64>) {
 /// `kafka_addr` (`127.0.0.1:0` for any port), and waits for `dev.json`.
 /// Callers own the child and always kill and wait for it.
 #[allow(clippy::zombie_processes)]
-pub fn spawn_dev(dir: &Path, kafka_addr: &str) -> (Child, DevInfo) {
+/// A `waymark dev` child process, killed when dropped: a test that fails
+/// half-way leaves no process behind (a stray one would hold the test's
+/// output open and take CPU from every test after it).
+pub struct DevProcess(Child);
+
+impl std::ops::Deref for DevProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DevProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn spawn_dev(dir: &Path, kafka_addr: &str) -> (DevProcess, DevInfo) {
     spawn_dev_in(dir, kafka_addr, None)
 }
 
 /// [`spawn_dev`], started through `bash -c SHELL` when given (e.g. to set
 /// limits with `ulimit` first; `SHELL` ends with `exec "$0" "$@"`).
 #[allow(clippy::zombie_processes)]
-pub fn spawn_dev_in(dir: &Path, kafka_addr: &str, shell: Option<&str>) -> (Child, DevInfo) {
+pub fn spawn_dev_in(dir: &Path, kafka_addr: &str, shell: Option<&str>) -> (DevProcess, DevInfo) {
     let _ = std::fs::remove_file(dir.join("dev.json"));
     let mut command = match shell {
         Some(script) => {
@@ -217,23 +244,25 @@ pub fn spawn_dev_in(dir: &Path, kafka_addr: &str, shell: Option<&str>) -> (Child
         }
         None => Command::new(env!("CARGO_BIN_EXE_waymark")),
     };
-    let child = command
-        .args([
-            "dev",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--kafka-addr",
-            kafka_addr,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn waymark dev");
+    let child = DevProcess(
+        command
+            .args([
+                "dev",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--kafka-addr",
+                kafka_addr,
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn waymark dev"),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(bytes) = std::fs::read(dir.join("dev.json")) {
