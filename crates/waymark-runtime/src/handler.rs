@@ -170,6 +170,22 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
     ) -> Result<BatchOutput, HandleError> {
         let mut out = BatchOutput::default();
         let events = decode_events(records, &mut out.rejected);
+        out.rows = self.fold_events(store, &events, &mut out.stats).await?;
+        Ok(out)
+    }
+}
+
+impl<F: Fold> ProjectionHandler<F> {
+    /// Loads the rows of the persons of `events` (decoded records of one
+    /// batch, in log order), applies the events and returns the rows to
+    /// write: [`Handler::handle`] after decoding, for handlers that decode
+    /// a batch once for several uses.
+    pub async fn fold_events(
+        &self,
+        store: &dyn ProjectionStore,
+        events: &[Decoded],
+        stats: &mut BatchStats,
+    ) -> Result<Vec<RowWrite>, HandleError> {
         let mut keys: Vec<String> = events
             .iter()
             .filter_map(|d| d.event.person_id.map(|p| p.to_string()))
@@ -186,8 +202,8 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
                 );
             }
         }
-        self.apply_all(&mut rows, &events, &mut out.stats);
-        out.rows = rows
+        self.apply_all(&mut rows, events, stats);
+        Ok(rows
             .into_iter()
             .map(|(key, row)| RowWrite {
                 table: self.table.clone(),
@@ -195,8 +211,7 @@ impl<F: Fold> Handler for ProjectionHandler<F> {
                 value: Some(encode_row(self.encoding, &row)),
                 key,
             })
-            .collect();
-        Ok(out)
+            .collect())
     }
 }
 

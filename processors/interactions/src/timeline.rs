@@ -598,12 +598,13 @@ impl Handler for TimelineHandler {
         }
         let keys: Vec<String> = by_person.keys().cloned().collect();
         let heads = store.get_many(&self.table, &keys).await?;
+        let mut persons = Vec::with_capacity(by_person.len());
         for ((key, events), head) in by_person.into_iter().zip(heads) {
             let head = match head {
                 Some(bytes) => decode_row(self.encoding, &self.table, &key, &bytes)?,
                 None => Tracked::default(),
             };
-            let mut person = Person {
+            let person = Person {
                 key,
                 table: &self.table,
                 encoding: self.encoding,
@@ -615,7 +616,10 @@ impl Handler for TimelineHandler {
                 dirty_ids: BTreeSet::new(),
                 changed: false,
             };
-            person.preload(store, &events).await?;
+            persons.push((person, events));
+        }
+        preload(store, &self.table, &mut persons).await?;
+        for (mut person, events) in persons {
             for decoded in &events {
                 match person
                     .apply(store, decoded, self.window, &self.limits)
@@ -632,54 +636,92 @@ impl Handler for TimelineHandler {
     }
 }
 
-impl Person<'_> {
-    /// Reads, in two round trips, the id rows of the batch's interactions
-    /// and the chunks they go to as the head stands: what nearly every
-    /// batch needs (the rest is read on demand).
-    async fn preload(
-        &mut self,
-        store: &dyn ProjectionStore,
-        events: &[Decoded],
-    ) -> Result<(), StoreError> {
-        let items: Vec<InteractionItem> = events
-            .iter()
-            .filter_map(|d| InteractionItem::from_event(&d.event))
-            .collect();
-        let ids: BTreeSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        let keys: Vec<String> = ids.iter().map(|id| id_key(&self.key, id)).collect();
-        let rows = store.get_many(self.table, &keys).await?;
-        let mut times = Vec::new();
-        for ((id, key), row) in ids.iter().zip(&keys).zip(rows) {
+/// Reads, in two round trips for the whole batch, the id rows of the
+/// batch's interactions and the chunks they go to as each head stands: what
+/// nearly every batch needs (the rest is read on demand). One round trip
+/// per person instead made a batch of 10 000 events over 6 000 persons
+/// wait for 12 000 store reads one after the other.
+async fn preload(
+    store: &dyn ProjectionStore,
+    table: &str,
+    persons: &mut [(Person<'_>, Vec<Decoded>)],
+) -> Result<(), StoreError> {
+    let items: Vec<Vec<InteractionItem>> = persons
+        .iter()
+        .map(|(_, events)| {
+            events
+                .iter()
+                .filter_map(|d| InteractionItem::from_event(&d.event))
+                .collect()
+        })
+        .collect();
+    // The id rows of every person's items.
+    let ids: Vec<BTreeSet<String>> = items
+        .iter()
+        .map(|items| items.iter().map(|i| i.id.clone()).collect())
+        .collect();
+    let keys: Vec<String> = persons
+        .iter()
+        .zip(&ids)
+        .flat_map(|((person, _), ids)| ids.iter().map(|id| id_key(&person.key, id)))
+        .collect();
+    let mut rows = store.get_many(table, &keys).await?.into_iter();
+    let mut keys = keys.iter();
+    let mut times: Vec<Vec<ItemKey>> = Vec::with_capacity(persons.len());
+    for ((person, _), ids) in persons.iter_mut().zip(&ids) {
+        let mut found = Vec::new();
+        for id in ids {
+            let (Some(key), Some(row)) = (keys.next(), rows.next()) else {
+                break;
+            };
             let entry: Option<IdEntry> = match row {
-                Some(bytes) => Some(decode_row(self.encoding, self.table, key, &bytes)?),
+                Some(bytes) => Some(decode_row(person.encoding, table, key, &bytes)?),
                 None => None,
             };
             if let Some(e) = &entry {
-                times.push(ItemKey {
+                found.push(ItemKey {
                     time: e.time,
-                    id: (*id).to_owned(),
+                    id: id.clone(),
                 });
             }
-            self.ids.insert((*id).to_owned(), entry);
+            person.ids.insert(id.clone(), entry);
         }
-        let chunks: BTreeSet<u64> = items
-            .iter()
-            .map(ItemKey::of)
-            .chain(times)
-            .filter_map(|k| self.head.state.chunk_for(&k))
-            .map(|i| self.head.state.chunks[i].id)
-            .collect();
-        let keys: Vec<String> = chunks.iter().map(|id| chunk_key(&self.key, *id)).collect();
-        let rows = store.get_many(self.table, &keys).await?;
-        for ((id, key), row) in chunks.iter().zip(&keys).zip(rows) {
+        times.push(found);
+    }
+    // The chunks those items go to, or are in.
+    let chunks: Vec<BTreeSet<u64>> = persons
+        .iter()
+        .zip(items.iter().zip(times))
+        .map(|((person, _), (items, times))| {
+            items
+                .iter()
+                .map(ItemKey::of)
+                .chain(times)
+                .filter_map(|k| person.head.state.chunk_for(&k))
+                .map(|i| person.head.state.chunks[i].id)
+                .collect()
+        })
+        .collect();
+    let keys: Vec<String> = persons
+        .iter()
+        .zip(&chunks)
+        .flat_map(|((person, _), ids)| ids.iter().map(|id| chunk_key(&person.key, *id)))
+        .collect();
+    let mut rows = store.get_many(table, &keys).await?.into_iter();
+    let mut keys = keys.iter();
+    for ((person, _), ids) in persons.iter_mut().zip(&chunks) {
+        for id in ids {
+            let (Some(key), Some(row)) = (keys.next(), rows.next()) else {
+                break;
+            };
             let chunk = match row {
-                Some(bytes) => decode_row(self.encoding, self.table, key, &bytes)?,
+                Some(bytes) => decode_row(person.encoding, table, key, &bytes)?,
                 None => Chunk::default(),
             };
-            self.chunks.insert(*id, chunk);
+            person.chunks.insert(*id, chunk);
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Which items a page holds, as [`crate::InteractionsState::page`] takes

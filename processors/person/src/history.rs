@@ -23,7 +23,6 @@
 //! again (test `a_torn_write_applied_again_leaves_no_duplicate`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -32,6 +31,7 @@ use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 use waymark_runtime::handler::{
     decode_event, record_source, BatchOutput, Decoded, HandleError, Handler,
 };
+use waymark_runtime::ProjectionHandler;
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
@@ -80,20 +80,21 @@ impl Fold for Count {
     }
 }
 
-/// Wraps a handler of `waymark.events` and also appends every event it
-/// applies to the person's history in `table`.
-pub struct WithHistory {
-    inner: Arc<dyn Handler>,
+/// Runs a fold's [`ProjectionHandler`] over `waymark.events` and also
+/// appends every event it applies to the person's history in `table`; each
+/// record is decoded once for both.
+pub struct WithHistory<F: Fold> {
+    inner: ProjectionHandler<F>,
     table: String,
     encoding: u32,
     window: chrono::Duration,
 }
 
-impl WithHistory {
+impl<F: Fold> WithHistory<F> {
     /// Adds history in `table` (rows of state encoding `encoding`, dedupe
     /// `window`) to `inner`.
     pub fn new(
-        inner: Arc<dyn Handler>,
+        inner: ProjectionHandler<F>,
         table: impl Into<String>,
         encoding: u32,
         window: chrono::Duration,
@@ -106,27 +107,17 @@ impl WithHistory {
         }
     }
 
+    /// The history rows of `events` (decoded records; `bytes`: each one's
+    /// record value, the canonical event, stored as it is).
     async fn history_rows(
         &self,
         store: &dyn ProjectionStore,
-        records: &[Record],
+        events: &[Decoded],
+        bytes: &[&[u8]],
     ) -> Result<Vec<RowWrite>, HandleError> {
-        // The record's bytes are the canonical event: stored as they are.
-        let events: Vec<(Decoded, &[u8])> = records
-            .iter()
-            .filter_map(|r| {
-                let event = decode_event(r).ok()?;
-                let decoded = Decoded {
-                    position: Position::new(r.partition, r.offset),
-                    source: record_source(r),
-                    event,
-                };
-                Some((decoded, r.value.as_deref()?))
-            })
-            .collect();
         let mut keys: Vec<String> = events
             .iter()
-            .filter_map(|(d, _)| d.event.person_id.map(|p| p.to_string()))
+            .filter_map(|d| d.event.person_id.map(|p| p.to_string()))
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -140,7 +131,7 @@ impl WithHistory {
             heads.insert(key.clone(), head);
         }
         let mut rows = Vec::new();
-        for (decoded, bytes) in &events {
+        for (decoded, bytes) in events.iter().zip(bytes) {
             let Some(person) = decoded.event.person_id.map(|p| p.to_string()) else {
                 continue;
             };
@@ -176,7 +167,7 @@ impl WithHistory {
 }
 
 #[async_trait]
-impl Handler for WithHistory {
+impl<F: Fold> Handler for WithHistory<F> {
     fn processor(&self) -> &str {
         self.inner.processor()
     }
@@ -195,11 +186,31 @@ impl Handler for WithHistory {
     async fn handle(
         &self,
         store: &dyn ProjectionStore,
-        topic: &str,
+        _topic: &str,
         records: &[Record],
     ) -> Result<BatchOutput, HandleError> {
-        let mut out = self.inner.handle(store, topic, records).await?;
-        out.rows.extend(self.history_rows(store, records).await?);
+        let mut out = BatchOutput::default();
+        let mut events: Vec<Decoded> = Vec::with_capacity(records.len());
+        let mut bytes: Vec<&[u8]> = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            match decode_event(r) {
+                Ok(event) => {
+                    events.push(Decoded {
+                        position: Position::new(r.partition, r.offset),
+                        source: record_source(r),
+                        event,
+                    });
+                    bytes.push(r.value.as_deref().unwrap_or_default());
+                }
+                Err(rejection) => out.rejected.push((i, rejection)),
+            }
+        }
+        out.rows = self
+            .inner
+            .fold_events(store, &events, &mut out.stats)
+            .await?;
+        out.rows
+            .extend(self.history_rows(store, &events, &bytes).await?);
         Ok(out)
     }
 }

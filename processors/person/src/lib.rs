@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use waymark_core::{Event, EventType, Fold};
 use waymark_runtime::plugin::{BuildContext, BuildError, ProcessorFactory, TableSpec};
-use waymark_runtime::Handler;
+use waymark_runtime::{Handler, ProjectionHandler};
 
 /// The processor's name.
 pub const NAME: &str = "person";
@@ -71,7 +71,13 @@ impl ProcessorFactory for PersonProcessor {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Arc<dyn Handler>, BuildError> {
         Ok(Arc::new(history::WithHistory::new(
-            ctx.fold(PersonFold),
+            ProjectionHandler::new(
+                NAME,
+                ctx.table(""),
+                ctx.encoding(),
+                PersonFold,
+                ctx.dedupe_window(),
+            ),
             ctx.table(history::HISTORY),
             ctx.encoding(),
             ctx.dedupe_window(),

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use uuid::Uuid;
 use waymark_core::{Event, EventData};
@@ -20,16 +19,10 @@ use waymark_runtime::{Handler, ProjectionHandler, ProjectionStore, Record, RowWr
 const MAIN: &str = "person_v1";
 const HISTORY: &str = "person_v1_history";
 
-fn handler() -> WithHistory {
+fn handler() -> WithHistory<PersonFold> {
     let window = chrono::Duration::days(7);
     WithHistory::new(
-        Arc::new(ProjectionHandler::new(
-            "person",
-            MAIN,
-            STATE_ENCODING,
-            PersonFold,
-            window,
-        )),
+        ProjectionHandler::new("person", MAIN, STATE_ENCODING, PersonFold, window),
         HISTORY,
         STATE_ENCODING,
         window,
@@ -85,7 +78,7 @@ async fn write(
 }
 
 async fn apply(
-    h: &WithHistory,
+    h: &WithHistory<PersonFold>,
     store: &MemoryStore,
     orders: &mut HashMap<(String, String), u64>,
     records: &[Record],
