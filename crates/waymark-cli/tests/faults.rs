@@ -919,6 +919,30 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok.success(), "kill -{sig} {pid}");
 }
 
+/// SIGKILLs `pid` and waits until it is gone: the kernel closes a dying
+/// JVM's listening sockets only once all its threads have exited, and a
+/// restart before that finds its port still taken.
+async fn kill_and_wait(pid: u32) {
+    signal(pid, "KILL");
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // A zombie keeps its /proc entry until reaped, but has no threads left.
+    while std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} still alive 60 s after SIGKILL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Processor flags for the real-engine cases: a short session timeout, so
 /// that a stopped member loses its partitions within seconds.
 const FAST_GROUP: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
@@ -1110,7 +1134,7 @@ async fn real_broker_sigstop_and_sigkill() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     signal(kafka, "CONT");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    signal(kafka, "KILL");
+    kill_and_wait(kafka).await;
     assert!(dev_services(&["up", "kafka"]), "kafka restarts");
     load.await.unwrap();
     finish(case, started, &r, &ledger).await;
@@ -1152,8 +1176,7 @@ async fn real_cassandra_sigkill_and_restart() {
     let mut member = r.member();
     let load = background(&r.addr, traffic("rs", scale(2000, 20000), 20), &ledger);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    signal(service_pid("cassandra"), "KILL");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill_and_wait(service_pid("cassandra")).await;
     assert!(dev_services(&["up", "cassandra"]), "cassandra restarts");
     load.await.unwrap();
     finish(case, started, &r, &ledger).await;

@@ -98,6 +98,14 @@ const DESCRIBE_RETRY: Duration = Duration::from_secs(60);
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands a member thread can have queued.
 const COMMAND_QUEUE: usize = 16;
+/// The shared producer is replaced by a new one once its requests have
+/// failed for this long without one success in between: after a broker was
+/// SIGSTOPped and then SIGKILLed, a librdkafka client can keep answering
+/// `BrokerTransportFailure` to every metadata request long after the broker
+/// is back, while a fresh client connects at once (found by the fault
+/// suite's `real_broker_sigstop_and_sigkill`; consumers get the same
+/// treatment from the runner, `RESUBSCRIBE_AFTER`).
+const REPLACE_PRODUCER_AFTER: Duration = Duration::from_secs(30);
 
 /// Largest record Waymark topics accept, `max.message.bytes`. Events are at
 /// most 1 MiB (contract §2); topics take more so that an oversized event
@@ -262,13 +270,20 @@ pub struct KafkaLog {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: RwLock<ProducerSlot>,
     admin: AdminClient<DefaultClientContext>,
     /// Partition counts per topic, for key partitioning.
     partitions: RwLock<HashMap<String, u32>>,
     /// Each topic's `max.message.bytes`, as the brokers report it (`None`:
     /// they did not say; the brokers' refusals still apply).
     record_limits: RwLock<HashMap<String, RecordLimit>>,
+}
+
+/// The shared producer and how long its requests have been failing.
+struct ProducerSlot {
+    producer: FutureProducer,
+    /// When the first of an unbroken run of failed requests failed.
+    failing_since: Option<Instant>,
 }
 
 /// What is known of a topic's `max.message.bytes`.
@@ -295,10 +310,7 @@ impl KafkaLog {
         let invalid = |e: KafkaError| KafkaLogError::InvalidConfig {
             reason: e.to_string(),
         };
-        let producer: FutureProducer = config
-            .client_config(PRODUCER_DEFAULTS, PRODUCER_FORCED)
-            .create()
-            .map_err(invalid)?;
+        let producer = new_producer(&config).map_err(invalid)?;
         let admin: AdminClient<DefaultClientContext> = config
             .client_config(&[], ADMIN_FORCED)
             .create()
@@ -306,7 +318,10 @@ impl KafkaLog {
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                producer,
+                producer: RwLock::new(ProducerSlot {
+                    producer,
+                    failing_since: None,
+                }),
                 admin,
                 partitions: RwLock::new(HashMap::new()),
                 record_limits: RwLock::new(HashMap::new()),
@@ -367,6 +382,58 @@ impl KafkaLog {
         &self.inner.config
     }
 
+    /// The shared producer (a handle; cheap to clone).
+    fn producer(&self) -> FutureProducer {
+        self.inner
+            .producer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .producer
+            .clone()
+    }
+
+    /// Records how a request of the shared producer went: a success ends a
+    /// run of failures; an [`LogError::Unavailable`] failure that keeps a
+    /// run going for [`REPLACE_PRODUCER_AFTER`] replaces the producer with
+    /// a new one. Other errors (unknown topics, refused records) say
+    /// nothing about the client.
+    fn producer_outcome<T>(&self, result: &Result<T, LogError>) {
+        let failed = matches!(result, Err(LogError::Unavailable(_)));
+        let mut slot = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !failed {
+            if result.is_ok() {
+                slot.failing_since = None;
+            }
+            return;
+        }
+        let since = *slot.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < REPLACE_PRODUCER_AFTER {
+            return;
+        }
+        match new_producer(&self.inner.config) {
+            Ok(fresh) => {
+                warn!(
+                    seconds = since.elapsed().as_secs(),
+                    "the Kafka producer's requests kept failing; replaced it with a new one"
+                );
+                let old = std::mem::replace(&mut slot.producer, fresh);
+                slot.failing_since = None;
+                drop(slot);
+                // Destroying a client waits for its threads: not on an
+                // async worker. Records still queued in it fail, so their
+                // produce calls fail and are retried.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    drop(runtime.spawn_blocking(move || drop(old)));
+                }
+            }
+            Err(e) => warn!(error = %e, "creating a new Kafka producer failed"),
+        }
+    }
+
     /// The partition count of `topic`, from the cache or else from metadata.
     async fn cached_partitions(&self, topic: &str) -> Result<u32, LogError> {
         if let Some(n) = self
@@ -383,11 +450,14 @@ impl KafkaLog {
 
     /// The partition count of `topic` from metadata; updates the cache.
     async fn refresh_partitions(&self, topic: &str) -> Result<u32, LogError> {
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         let name = topic.to_owned();
-        let n = tokio::task::spawn_blocking(move || fetch_partition_count(&producer, &name))
+        let fetched = tokio::task::spawn_blocking(move || fetch_partition_count(&producer, &name))
             .await
-            .map_err(unavailable)??;
+            .map_err(unavailable)
+            .and_then(|r| r);
+        self.producer_outcome(&fetched);
+        let n = fetched?;
         self.inner
             .partitions
             .write()
@@ -435,6 +505,76 @@ impl KafkaLog {
         Ok(placed)
     }
 
+    /// Produces `records` (not empty) with the shared producer: see
+    /// [`Log::produce`].
+    async fn produce_all(&self, records: Vec<OutRecord>) -> Result<Vec<Appended>, LogError> {
+        let placed = self.place(&records).await?;
+        // Enqueue everything first: librdkafka batches the records and keeps
+        // the order of each partition.
+        let mut refused = Vec::new();
+        let mut reason = String::new();
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (i, (record, partition)) in records.iter().zip(placed).enumerate() {
+            // A record over its topic's limit is refused here, before it is
+            // sent: sent, it would make the broker refuse the whole batch it
+            // travels in, records that fit included.
+            if let Some(limit) = self.record_limit(&record.topic).await {
+                let size = record_size(record);
+                if size > limit {
+                    refused.push(i);
+                    reason = format!(
+                        "{size} bytes, more than max.message.bytes {limit} of {}",
+                        record.topic
+                    );
+                    continue;
+                }
+            }
+            match self.enqueue(record, partition).await? {
+                Enqueued::Sent(delivery) => deliveries.push((i, delivery)),
+                Enqueued::TooLarge(why) => {
+                    refused.push(i);
+                    reason = why;
+                }
+            }
+        }
+        let mut appended = Vec::with_capacity(deliveries.len());
+        let mut failure = None;
+        for (i, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(d)) => appended.push(Appended {
+                    partition: d.partition as u32,
+                    offset: d.offset as u64,
+                }),
+                Ok(Err((KafkaError::MessageProduction(code), _))) if too_large(code) => {
+                    refused.push(i);
+                    reason = code.to_string();
+                }
+                Ok(Err((e, _))) => {
+                    // The topic may have been recreated: look it up again.
+                    self.forget_partitions(&records[i].topic);
+                    failure.get_or_insert_with(|| unavailable(e));
+                }
+                Err(_) => {
+                    failure.get_or_insert(LogError::Closed);
+                }
+            }
+        }
+        // A transient failure means a retry of the whole call; the records
+        // too large come back then.
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if !refused.is_empty() {
+            refused.sort_unstable();
+            return Err(LogError::TooLarge {
+                refused,
+                appended,
+                reason,
+            });
+        }
+        Ok(appended)
+    }
+
     /// Enqueues one record, waiting while librdkafka's queue is full.
     async fn enqueue(
         &self,
@@ -457,8 +597,9 @@ impl KafkaLog {
         if let Some(p) = partition {
             future_record = future_record.partition(p as i32);
         }
+        let producer = self.producer();
         loop {
-            match self.inner.producer.send_result(future_record) {
+            match producer.send_result(future_record) {
                 Ok(delivery) => return Ok(Enqueued::Sent(delivery)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     future_record = back;
@@ -501,6 +642,13 @@ fn too_large(code: RDKafkaErrorCode) -> bool {
         code,
         RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
     )
+}
+
+/// A producer with Waymark's settings over `config`'s.
+fn new_producer(config: &KafkaConfig) -> KafkaResult<FutureProducer> {
+    config
+        .client_config(PRODUCER_DEFAULTS, PRODUCER_FORCED)
+        .create()
 }
 
 /// Partition count of `topic` from a metadata request (blocking).
@@ -628,71 +776,9 @@ impl Log for KafkaLog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let placed = self.place(&records).await?;
-        // Enqueue everything first: librdkafka batches the records and keeps
-        // the order of each partition.
-        let mut refused = Vec::new();
-        let mut reason = String::new();
-        let mut deliveries = Vec::with_capacity(records.len());
-        for (i, (record, partition)) in records.iter().zip(placed).enumerate() {
-            // A record over its topic's limit is refused here, before it is
-            // sent: sent, it would make the broker refuse the whole batch it
-            // travels in, records that fit included.
-            if let Some(limit) = self.record_limit(&record.topic).await {
-                let size = record_size(record);
-                if size > limit {
-                    refused.push(i);
-                    reason = format!(
-                        "{size} bytes, more than max.message.bytes {limit} of {}",
-                        record.topic
-                    );
-                    continue;
-                }
-            }
-            match self.enqueue(record, partition).await? {
-                Enqueued::Sent(delivery) => deliveries.push((i, delivery)),
-                Enqueued::TooLarge(why) => {
-                    refused.push(i);
-                    reason = why;
-                }
-            }
-        }
-        let mut appended = Vec::with_capacity(deliveries.len());
-        let mut failure = None;
-        for (i, delivery) in deliveries {
-            match delivery.await {
-                Ok(Ok(d)) => appended.push(Appended {
-                    partition: d.partition as u32,
-                    offset: d.offset as u64,
-                }),
-                Ok(Err((KafkaError::MessageProduction(code), _))) if too_large(code) => {
-                    refused.push(i);
-                    reason = code.to_string();
-                }
-                Ok(Err((e, _))) => {
-                    // The topic may have been recreated: look it up again.
-                    self.forget_partitions(&records[i].topic);
-                    failure.get_or_insert_with(|| unavailable(e));
-                }
-                Err(_) => {
-                    failure.get_or_insert(LogError::Closed);
-                }
-            }
-        }
-        // A transient failure means a retry of the whole call; the records
-        // too large come back then.
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if !refused.is_empty() {
-            refused.sort_unstable();
-            return Err(LogError::TooLarge {
-                refused,
-                appended,
-                reason,
-            });
-        }
-        Ok(appended)
+        let produced = self.produce_all(records).await;
+        self.producer_outcome(&produced);
+        produced
     }
 
     async fn subscribe(&self, group: &str, topic: &str) -> Result<Box<dyn LogConsumer>, LogError> {
@@ -745,21 +831,23 @@ impl Log for KafkaLog {
                 partition,
             });
         }
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         let topic = topic.to_owned();
-        let (low, high) = tokio::task::spawn_blocking(move || {
+        let fetched = tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_watermarks(&topic, partition as i32, METADATA_TIMEOUT)
         })
         .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+        .map_err(unavailable)
+        .and_then(|r| r.map_err(unavailable));
+        self.producer_outcome(&fetched);
+        let (low, high) = fetched?;
         Ok((low.max(0) as u64, high.max(0) as u64))
     }
 
     async fn group_members(&self, group: &str) -> Result<usize, LogError> {
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         let group = group.to_owned();
         tokio::task::spawn_blocking(move || {
             let list = producer
@@ -1319,6 +1407,33 @@ mod tests {
     }
 
     use super::*;
+
+    /// The raw librdkafka handle of the log's current producer.
+    fn producer_handle(log: &KafkaLog) -> usize {
+        log.producer().client().native_ptr() as usize
+    }
+
+    #[tokio::test]
+    async fn a_producer_failing_for_long_is_replaced_and_one_success_resets() {
+        // Clients connect lazily: nothing listens on this port.
+        let log = KafkaLog::new(KafkaConfig::new("127.0.0.1:1")).unwrap();
+        let first = producer_handle(&log);
+        let unavailable: Result<(), LogError> = Err(LogError::Unavailable("down".into()));
+        log.producer_outcome(&unavailable);
+        assert_eq!(producer_handle(&log), first, "a first failure replaces nothing");
+        // A success ends the run: an old start of failures no longer counts.
+        log.producer_outcome(&Ok(()));
+        assert!(log.inner.producer.read().unwrap().failing_since.is_none());
+        // Errors that say nothing about the client do not start a run.
+        log.producer_outcome::<()>(&Err(LogError::UnknownTopic("t".into())));
+        assert!(log.inner.producer.read().unwrap().failing_since.is_none());
+        // Failing for longer than the bound: the next failure replaces it.
+        log.inner.producer.write().unwrap().failing_since =
+            Some(Instant::now() - REPLACE_PRODUCER_AFTER);
+        log.producer_outcome(&unavailable);
+        assert_ne!(producer_handle(&log), first, "replaced");
+        assert!(log.inner.producer.read().unwrap().failing_since.is_none());
+    }
 
     #[test]
     fn properties_override_defaults_but_not_guarantees() {

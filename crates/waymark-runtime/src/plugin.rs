@@ -18,7 +18,7 @@
 //!
 //! # Sub-keyed tables
 //! A processor may store several rows per key of its input (a person's
-//! history chunks, a person's interactions in chunks): their keys are
+//! history, one row per event; a person's interactions in chunks): their keys are
 //! `<head key>/<sub key>`, next to the head row `<head key>`, whose
 //! position moves with every change of its sub rows. `verify` relies on
 //! it: a sub row that live processing deleted after verify's snapshot is

@@ -31,8 +31,8 @@ use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 use waymark_runtime::handler::{
     decode_event, record_source, BatchOutput, Decoded, HandleError, Handler,
 };
-use waymark_runtime::ProjectionHandler;
 use waymark_runtime::row::{decode_row, encode_row};
+use waymark_runtime::ProjectionHandler;
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
 
 /// Suffix of the history table.
