@@ -57,7 +57,7 @@ const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// many batches is read once and written once per flush. With the block
 /// cache and the memtables it bounds the resident size of `waymark dev`
 /// (S5 in docs/performance.md).
-pub(crate) const RUNNER_CACHE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const RUNNER_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Replayable batches are made durable at least this often.
 const DURABLE_EVERY: Duration = Duration::from_millis(250);
