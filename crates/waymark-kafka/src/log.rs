@@ -1420,7 +1420,11 @@ mod tests {
         let first = producer_handle(&log);
         let unavailable: Result<(), LogError> = Err(LogError::Unavailable("down".into()));
         log.producer_outcome(&unavailable);
-        assert_eq!(producer_handle(&log), first, "a first failure replaces nothing");
+        assert_eq!(
+            producer_handle(&log),
+            first,
+            "a first failure replaces nothing"
+        );
         // A success ends the run: an old start of failures no longer counts.
         log.producer_outcome(&Ok(()));
         assert!(log.inner.producer.read().unwrap().failing_since.is_none());
