@@ -2166,25 +2166,13 @@ mod tests {
         assert_eq!(log.group_members("waymark.count.v1").await.unwrap(), 0);
     }
 
+    /// [`runner`] with batches of at most `max_batch` records and a 20 ms
+    /// linger.
     fn runner_with(log: &MemoryLog, store: &MemoryStore, max_batch: usize) -> Runner {
-        let handler = Arc::new(ProjectionHandler::new(
-            "count",
-            TABLE,
-            1,
-            Count,
-            chrono::Duration::days(7),
-        ));
-        let mut config = RunnerConfig::new("count.v1", INPUT, DLQ);
-        config.backoff_min = Duration::from_millis(1);
-        config.backoff_max = Duration::from_millis(5);
-        config.max_batch = max_batch;
-        config.linger = Duration::from_millis(20);
-        Runner::new(
-            Arc::new(log.clone()),
-            Arc::new(store.clone()),
-            handler,
-            config,
-        )
+        let mut runner = runner(log, store);
+        runner.config.max_batch = max_batch;
+        runner.config.linger = Duration::from_millis(20);
+        runner
     }
 
     /// With a row cache, batches without outputs are deferred: rows changed
