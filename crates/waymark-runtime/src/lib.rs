@@ -79,7 +79,9 @@
 //!   bounded cache ([`cache::RowCache`]). Only rows keyed by the input's
 //!   partitioning key are cached, so the runner is their only writer while
 //!   it owns the partition; the cache is cleared on every assignment change
-//!   and after a failed write-through, so it changes no result. A batch
+//!   and after a failed write-through, so it changes no result. Where this
+//!   process is the store's one writer (not on CQL,
+//!   [`ProjectionStore::written_by_several_processes`]), a batch
 //!   without outputs or dead letters is *deferred* in the cache and written
 //!   with later ones, rows and positions together, by a flush: when the
 //!   runner has nothing more to read for [`RunnerConfig::linger`], at the
