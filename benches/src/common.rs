@@ -116,6 +116,10 @@ pub(crate) fn metric_totals() -> MetricTotals {
             "waymark_processor_batch_duration_seconds_sum" => "batch_s".to_owned(),
             "waymark_processor_batch_records_sum" => "records".to_owned(),
             "waymark_processor_rows_written_total" => "rows_written".to_owned(),
+            "waymark_processor_decoded_records_total" => match label("shared").as_deref() {
+                Some("true") => "decoded_shared".to_owned(),
+                _ => "decoded_here".to_owned(),
+            },
             "waymark_processor_stage_duration_seconds_sum" => match label("stage") {
                 Some(stage) => format!("{stage}_s"),
                 None => continue,
@@ -128,7 +132,8 @@ pub(crate) fn metric_totals() -> MetricTotals {
 }
 
 /// What each processor did between two [`metric_totals`]: batches, mean
-/// records and milliseconds per batch, rows written and time per stage.
+/// records and milliseconds per batch, rows written, time per stage, and
+/// records decoded by the processor or shared by another one.
 pub(crate) fn metric_delta(before: &MetricTotals, after: &MetricTotals) -> serde_json::Value {
     let mut by: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
     for ((processor, measure), value) in after {
@@ -159,6 +164,8 @@ pub(crate) fn metric_delta(before: &MetricTotals, after: &MetricTotals) -> serde
                 "mean_produce_ms": ms(get("produce_s")),
                 "mean_write_ms": ms(get("write_s")),
                 "rows_written": get("rows_written"),
+                "records_decoded_here": get("decoded_here"),
+                "records_decoded_by_another_runner": get("decoded_shared"),
             }),
         );
     }

@@ -167,8 +167,18 @@ impl Target {
     /// Starts the product on this deployment: every processor and the gRPC
     /// services, on 127.0.0.1 with an ephemeral port.
     pub(crate) async fn start(self) -> anyhow::Result<Platform> {
+        self.start_only(&[]).await
+    }
+
+    /// [`Target::start`] with only the processors `names` (all when empty),
+    /// as `waymark run --processors` selects them; real engines only (`waymark
+    /// dev` always runs every processor).
+    pub(crate) async fn start_only(self, names: &[String]) -> anyhow::Result<Platform> {
         waymark_cli::metrics_http::recorder();
         match self.backend {
+            Backend::Embedded { .. } if !names.is_empty() => {
+                Err(anyhow!("waymark dev runs every processor: no selection"))
+            }
             Backend::Embedded { dir, log, store } => {
                 // `waymark dev` opens the files itself.
                 log.close();
@@ -205,7 +215,7 @@ impl Target {
                 let token = CancellationToken::new();
                 let mut tasks = Tasks::new();
                 let validator = Arc::new(Validator::new()?);
-                let names = platform::select_processors(&[], &self.topology)?;
+                let names = platform::select_processors(names, &self.topology)?;
                 let controller = platform::spawn_processors(
                     &mut tasks,
                     &self.log,
@@ -348,6 +358,13 @@ impl Platform {
     /// The name of an extra topic of this deployment.
     pub(crate) fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// The prefix of this deployment's topic names: anything named with it
+    /// (a peer's application id and changelog topics) goes with the
+    /// deployment's cleanup.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Creates an extra single-partition topic.

@@ -13,6 +13,9 @@
 //! - `s4.rs` `Ingest.Publish` (validate + durable append), vs a raw append
 //!   of the same bytes with the same durability.
 //! - `s5.rs` peak RSS of the release `waymark dev` while a lag drains.
+//! - `peer.rs` S1P (`--real`): the person fold by Waymark's `person`
+//!   processor alone vs a Kafka Streams application doing the same fold
+//!   (`benches/kstreams`), on the same records and engines.
 //! - `s6.rs` `waymark dev`'s Kafka endpoint (`waymark_broker` on the
 //!   embedded log) with librdkafka: idempotent acks=all produce vs a raw
 //!   durable append of the same bytes, and an assigned consumer's fetch vs
@@ -34,6 +37,7 @@
 mod common;
 mod engines;
 mod machine;
+mod peer;
 mod raw;
 mod report;
 mod s1;
@@ -67,6 +71,8 @@ pub(crate) struct Options {
     pub(crate) out: PathBuf,
     pub(crate) work: PathBuf,
     pub(crate) waymark: PathBuf,
+    /// Where `benches/kstreams/build` put the Kafka Streams peer (S1P).
+    pub(crate) kstreams: PathBuf,
     pub(crate) only: Option<BTreeSet<String>>,
     /// S1: events on the resolved topic (persons = events / 10).
     pub(crate) s1_events: u64,
@@ -89,6 +95,7 @@ pub(crate) struct Options {
 
 const USAGE: &str =
     "usage: waymark-bench [--quick] [--real | --real-only] [--out FILE] [--work DIR] [--waymark BIN]
+                     [--kstreams DIR]
                      [--only S1,S2,...] [--s1-events N] [--s4-events N] [--s5-events N]
                      [--s6-events N]
                      [--s2-secs S] [--s2-rate-fraction F] [--s3-secs S] [--s3-concurrency N]";
@@ -106,6 +113,7 @@ impl Options {
             out: PathBuf::from("target/bench/report.json"),
             work: PathBuf::from("target/bench/work"),
             waymark: PathBuf::from("target/release/waymark"),
+            kstreams: PathBuf::from("target/kstreams"),
             only: None,
             s1_events: if quick { 100_000 } else { 1_000_000 },
             s3_secs: if quick { 5.0 } else { 15.0 },
@@ -128,6 +136,7 @@ impl Options {
                 "--out" => o.out = value()?.into(),
                 "--work" => o.work = value()?.into(),
                 "--waymark" => o.waymark = value()?.into(),
+                "--kstreams" => o.kstreams = value()?.into(),
                 "--only" => {
                     o.only = Some(
                         value()?
@@ -210,6 +219,13 @@ async fn s1_to_s4(o: &Options, engines: &Engines) -> anyhow::Result<Vec<report::
             scenarios.push(s2::run(o, &s1, offered).await?);
         }
         s1.stop().await?;
+    }
+    if o.wants("S1P") && matches!(engines, Engines::Real { .. }) {
+        eprintln!(
+            "== S1P person fold ({} events): Waymark's person vs Kafka Streams on {on}",
+            o.s1_events
+        );
+        scenarios.push(peer::run(o, engines, &o.kstreams).await?);
     }
     if o.wants("S4") {
         eprintln!("== S4 ingest ({} events) on {on}", o.s4_events);

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use waymark_runtime::catalog::{
     self, consumer_id, CatalogEntry, Configured, VersionGate, VersionState,
 };
+use waymark_runtime::decode::{SharedDecoder, DEFAULT_DECODER_BYTES};
 use waymark_runtime::plugin::Registry;
 use waymark_runtime::{Log, ProjectionStore, RunError, Runner, RunnerConfig, StoreError};
 use waymark_schemas::Validator;
@@ -149,6 +150,9 @@ pub struct Controller {
     names: Vec<String>,
     group_prefix: String,
     runners: HashMap<(String, u32), RunnerTask>,
+    /// One per process: every runner decodes each record of its input once
+    /// for all ([`waymark_runtime::decode`]).
+    decoder: Arc<SharedDecoder>,
     /// Versions not run because this build cannot read them (warned once).
     skipped: HashSet<(String, u32)>,
     requests: mpsc::Receiver<oneshot::Sender<()>>,
@@ -193,6 +197,7 @@ impl Controller {
                 names,
                 group_prefix: group_prefix.into(),
                 runners: HashMap::new(),
+                decoder: Arc::new(SharedDecoder::new(DEFAULT_DECODER_BYTES)),
                 skipped: HashSet::new(),
                 requests: rx,
             },
@@ -369,7 +374,8 @@ impl Controller {
             .with_version(version)
             .with_group_prefix(&self.group_prefix);
             let runner = Runner::new(self.log.clone(), self.store.clone(), handler, config)
-                .with_gate(Arc::new(VersionGate::new(name, version, topic.clone())));
+                .with_gate(Arc::new(VersionGate::new(name, version, topic.clone())))
+                .with_decoder(self.decoder.clone());
             let token = CancellationToken::new();
             let task = tokio::spawn(runner.run(token.clone()));
             info!(processor = %name, version, "projection version running");

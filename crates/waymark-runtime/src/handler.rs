@@ -3,6 +3,7 @@
 //! else (polling, retries, store writes, positions, commits).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use waymark_core::{ApplyOutcome, Event, Fold, Position, RejectKind, Rejection, Tracked};
@@ -246,8 +247,9 @@ pub struct Decoded {
     pub position: Position,
     /// The input record it was resolved from ([`record_source`]).
     pub source: Option<Position>,
-    /// The event.
-    pub event: Event,
+    /// The event, shared with the other runners of the process that read
+    /// the same record ([`crate::decode`]).
+    pub event: Arc<Event>,
 }
 
 impl Decoded {
@@ -264,16 +266,32 @@ impl Decoded {
 
 /// Decodes the records of a batch of `waymark.events` with
 /// [`decode_event`], in order; the records that are no event go to
-/// `rejected` by index in the batch.
+/// `rejected` by index in the batch. Inside a runner each record is
+/// decoded once for all runners of the process ([`crate::decode`]).
 pub fn decode_events(records: &[Record], rejected: &mut Vec<(usize, Rejection)>) -> Vec<Decoded> {
+    decode_indexed(records, rejected)
+        .into_iter()
+        .map(|(_, decoded)| decoded)
+        .collect()
+}
+
+/// [`decode_events`], each event with its index in the batch.
+pub fn decode_indexed(
+    records: &[Record],
+    rejected: &mut Vec<(usize, Rejection)>,
+) -> Vec<(usize, Decoded)> {
     let mut events = Vec::with_capacity(records.len());
-    for (i, record) in records.iter().enumerate() {
-        match decode_event(record) {
-            Ok(event) => events.push(Decoded {
-                position: Position::new(record.partition, record.offset),
-                source: record_source(record),
-                event,
-            }),
+    let results = crate::decode::decode_all(records, decode_event);
+    for (i, (record, result)) in records.iter().zip(results).enumerate() {
+        match result {
+            Ok(event) => events.push((
+                i,
+                Decoded {
+                    position: Position::new(record.partition, record.offset),
+                    source: record_source(record),
+                    event,
+                },
+            )),
             Err(rejection) => rejected.push((i, rejection)),
         }
     }

@@ -115,6 +115,7 @@
 pub mod cache;
 pub mod catalog;
 pub mod dead_letter;
+pub mod decode;
 pub mod handler;
 pub mod log;
 pub mod memory;

@@ -8,6 +8,10 @@
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
+/// Counter: records of `waymark.events` a handler decoded (`shared="false"`) or got
+/// from another runner of the process (`shared="true"`,
+/// [`crate::decode`]), by processor and version.
+pub const DECODED: &str = "waymark_processor_decoded_records_total";
 /// Events applied (state changed or forwarded), by processor.
 pub const EVENTS_APPLIED: &str = "waymark_processor_events_applied_total";
 /// Events ignored as duplicate ids, by processor.
@@ -108,6 +112,11 @@ pub fn describe() {
         "records parked because their key failed permanently"
     );
     describe_gauge!(PARKED_KEYS, Unit::Count, "keys parked now");
+    describe_counter!(
+        DECODED,
+        Unit::Count,
+        "records decoded by the handler (shared=false) or shared by another runner of the process (shared=true)"
+    );
     describe_histogram!(
         STAGE_DURATION,
         Unit::Seconds,

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::cache::RowCache;
 use crate::catalog::{EmitRanges, GateError, VersionGate};
 use crate::dead_letter::{dead_letter, HEADER_MESSAGE, HEADER_TRUNCATED};
+use crate::decode::{self, SharedDecoder};
 use crate::handler::{BatchOutput, HandleError, Handler};
 use crate::log::{ConsumerEvent, Log, LogConsumer, LogError, OutRecord, Record};
 use crate::metrics as m;
@@ -133,6 +134,9 @@ pub struct Runner {
     gate: Option<Arc<VersionGate>>,
     /// `processor` and `version`, on every metric.
     labels: Vec<Label>,
+    /// Where the handler's decoded records are shared with the process's
+    /// other runners ([`crate::decode`]), if anywhere.
+    decoder: Option<Arc<SharedDecoder>>,
     /// The version's parked-keys table ([`crate::park`]).
     park_table: String,
     /// Whether a failing record's key is parked (rows follow the input's
@@ -324,6 +328,7 @@ impl Runner {
             handler,
             config,
             gate: None,
+            decoder: None,
             labels,
             park_table,
             park_keys,
@@ -342,6 +347,42 @@ impl Runner {
     pub fn with_gate(mut self, gate: Arc<VersionGate>) -> Self {
         self.gate = Some(gate);
         self
+    }
+
+    /// Shares the records its handler decodes with the other runners
+    /// given the same `decoder` (one per process: [`crate::decode`]).
+    pub fn with_decoder(mut self, decoder: Arc<SharedDecoder>) -> Self {
+        self.decoder = Some(decoder);
+        self
+    }
+
+    /// The handler's batch, inside the shared decoder's scope when the
+    /// runner has one.
+    async fn handle_records(
+        &self,
+        store: &dyn ProjectionStore,
+        topic: &str,
+        records: &[Record],
+    ) -> Result<BatchOutput, HandleError> {
+        let Some(decoder) = &self.decoder else {
+            return self.handler.handle(store, topic, records).await;
+        };
+        let handle = self.handler.handle(store, topic, records);
+        let (output, scope) = decode::scope(decoder.clone(), topic, handle).await;
+        if scope.shared() > 0 {
+            metrics::counter!(m::DECODED, self.shared_labels(true)).increment(scope.shared());
+        }
+        if scope.decoded() > 0 {
+            metrics::counter!(m::DECODED, self.shared_labels(false)).increment(scope.decoded());
+        }
+        output
+    }
+
+    /// The runner's labels and whether a decoded record was shared.
+    fn shared_labels(&self, shared: bool) -> Vec<Label> {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("shared", if shared { "true" } else { "false" }));
+        labels
     }
 
     /// Polls and applies batches until `shutdown` is cancelled. On
@@ -1511,8 +1552,7 @@ impl Runner {
         };
         if !held.contains(&true) {
             return self
-                .handler
-                .handle(store, topic, records)
+                .handle_records(store, topic, records)
                 .await
                 .map_err(StepError::Handle);
         }
@@ -1521,8 +1561,7 @@ impl Runner {
         let mut output = if subset.is_empty() {
             BatchOutput::default()
         } else {
-            self.handler
-                .handle(store, topic, &subset)
+            self.handle_records(store, topic, &subset)
                 .await
                 .map_err(StepError::Handle)?
         };

@@ -28,9 +28,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use waymark_core::{ApplyOutcome, Event, Fold, Position, Tracked};
 
-use waymark_runtime::handler::{
-    decode_event, record_source, BatchOutput, Decoded, HandleError, Handler,
-};
+use waymark_runtime::handler::{decode_indexed, BatchOutput, Decoded, HandleError, Handler};
 use waymark_runtime::row::{decode_row, encode_row};
 use waymark_runtime::ProjectionHandler;
 use waymark_runtime::{ProjectionStore, Record, RowWrite, StoreError};
@@ -192,18 +190,9 @@ impl<F: Fold> Handler for WithHistory<F> {
         let mut out = BatchOutput::default();
         let mut events: Vec<Decoded> = Vec::with_capacity(records.len());
         let mut bytes: Vec<&[u8]> = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            match decode_event(r) {
-                Ok(event) => {
-                    events.push(Decoded {
-                        position: Position::new(r.partition, r.offset),
-                        source: record_source(r),
-                        event,
-                    });
-                    bytes.push(r.value.as_deref().unwrap_or_default());
-                }
-                Err(rejection) => out.rejected.push((i, rejection)),
-            }
+        for (i, decoded) in decode_indexed(records, &mut out.rejected) {
+            events.push(decoded);
+            bytes.push(records[i].value.as_deref().unwrap_or_default());
         }
         out.rows = self
             .inner
