@@ -82,7 +82,8 @@
 //!   and after a failed write-through, so it changes no result. Where this
 //!   process is the store's one writer (not on CQL,
 //!   [`ProjectionStore::written_by_several_processes`]), a batch
-//!   without outputs or dead letters is *deferred* in the cache and written
+//!   without outputs or dead letters read while the runner is behind (its
+//!   poll was full) is *deferred* in the cache and written
 //!   with later ones, rows and positions together, by a flush: when the
 //!   runner has nothing more to read for [`RunnerConfig::linger`], at the
 //!   latest [`RunnerConfig::commit_interval`] after the oldest deferred

@@ -2,6 +2,7 @@
 //! letters → write rows and positions atomically → commit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -53,7 +54,9 @@ pub struct RunnerConfig {
     pub resubscribe_after: Duration,
     /// With a row cache ([`crate::cache`]): the longest a batch without
     /// outputs may stay deferred in the cache before its rows and positions
-    /// are written, while the runner is behind ([`COMMIT_INTERVAL`] by
+    /// are written, while the runner is behind: its last poll was full
+    /// (`max_batch` records); a poll with room to spare writes the batch at
+    /// once, with what was deferred before it ([`COMMIT_INTERVAL`] by
     /// default; zero writes every batch at once). Like Kafka Streams'
     /// `commit.interval.ms`, it trades how much is applied again after a
     /// crash for how often a row changed by many batches is written.
@@ -134,6 +137,11 @@ pub struct Runner {
     gate: Option<Arc<VersionGate>>,
     /// `processor` and `version`, on every metric.
     labels: Vec<Label>,
+    /// Whether the last poll was full: the runner is behind, and batches
+    /// may be deferred in the row cache. A poll with room to spare means it
+    /// has caught up, and each batch is written at once (with whatever was
+    /// deferred before it), so what it applies is visible within a batch.
+    behind: AtomicBool,
     /// Where the handler's decoded records are shared with the process's
     /// other runners ([`crate::decode`]), if anywhere.
     decoder: Option<Arc<SharedDecoder>>,
@@ -328,6 +336,7 @@ impl Runner {
             handler,
             config,
             gate: None,
+            behind: AtomicBool::new(false),
             decoder: None,
             labels,
             park_table,
@@ -583,6 +592,8 @@ impl Runner {
                     self.report_parked();
                 }
                 ConsumerEvent::Records(records) => {
+                    self.behind
+                        .store(records.len() >= self.config.max_batch, Ordering::Relaxed);
                     let records: Vec<Record> = records
                         .into_iter()
                         .filter(|r| next.get(&r.partition).is_some_and(|n| r.offset >= *n))
@@ -1649,6 +1660,7 @@ impl Runner {
             let batch = match &self.cache {
                 Some(cache)
                     if self.write_back
+                        && self.behind.load(Ordering::Relaxed)
                         && !progress.emitted
                         && !self.config.commit_interval.is_zero()
                         && self.may_defer(records) =>
@@ -2249,18 +2261,52 @@ mod tests {
         let expected: BTreeMap<String, u64> = (0..4).map(|i| (person(i).to_string(), 75)).collect();
         assert_eq!(counts(&store).await, expected);
 
-        // Deferred rows are written on shutdown too: a record appended now
-        // is in the store once the runner has stopped.
-        log.produce(vec![record("late", 0)]).await.unwrap();
+        // Deferred rows are written on shutdown too: a full poll appended
+        // now is in the store once the runner has stopped.
+        log.produce((0..7).map(|i| record(&format!("late{i}"), 0)).collect())
+            .await
+            .unwrap();
         let token = CancellationToken::new();
         let mut runner = runner_with(&log, &store, 7);
         runner.config.linger = Duration::from_secs(3600);
         let task = tokio::spawn(runner.run(token.clone()));
         tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            counts(&store).await[&person(0).to_string()],
+            75,
+            "deferred while running"
+        );
         token.cancel();
         task.await.unwrap().unwrap();
-        assert_eq!(counts(&store).await[&person(0).to_string()], 76);
+        assert_eq!(counts(&store).await[&person(0).to_string()], 82);
         caught_up(&log, &store).await;
+    }
+
+    /// A runner that has caught up (its poll had room to spare) writes each
+    /// batch at once, whatever its linger and commit interval: live records
+    /// are visible within a batch.
+    #[tokio::test]
+    async fn a_caught_up_runner_writes_each_batch_at_once() {
+        let (log, store) = setup().await;
+        let store = store.with_runner_cache(1 << 20);
+        let token = CancellationToken::new();
+        let mut runner = runner_with(&log, &store, 7);
+        runner.config.linger = Duration::from_secs(3600);
+        runner.config.commit_interval = Duration::from_secs(3600);
+        let task = tokio::spawn(runner.run(token.clone()));
+        for round in 1..=3u64 {
+            log.produce(
+                (0..3)
+                    .map(|i| record(&format!("r{round}-{i}"), 0))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+            caught_up(&log, &store).await;
+            assert_eq!(counts(&store).await[&person(0).to_string()], 3 * round);
+        }
+        token.cancel();
+        task.await.unwrap().unwrap();
     }
 
     /// A flush the store refuses for good is not retried forever: the
