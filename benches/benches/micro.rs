@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of Waymark's hot paths: decode + validate of
-//! a raw event, the canonical decode the folds use, the v1→v2 upcast, each
+//! a raw event, the canonical decode the folds use (by each record, and
+//! through the process's shared decoder), the v1→v2 upcast, each
 //! fold's `Tracked::apply`, and one durable embedded-store batch write of
 //! 2000 rows.
 //!
@@ -20,8 +21,10 @@ use waymark_interactions::InteractionsFold;
 use waymark_journey::JourneyFold;
 use waymark_learning::LearningFold;
 use waymark_person::PersonFold;
+use waymark_runtime::decode::{SharedDecoder, DEFAULT_DECODER_BYTES};
+use waymark_runtime::handler::decode_event;
 use waymark_runtime::row::encode_row;
-use waymark_runtime::{PositionWrite, ProjectionStore, RowWrite, WriteBatch};
+use waymark_runtime::{PositionWrite, ProjectionStore, Record, RowWrite, WriteBatch};
 use waymark_schemas::Validator;
 
 const WINDOW: chrono::Duration = chrono::Duration::days(7);
@@ -56,6 +59,51 @@ fn decode(c: &mut Criterion) {
     let (_, canonical) = mix.resolved(&validator, 0).unwrap();
     g.bench_function(format!("canonical/{}B", canonical.len()), |b| {
         b.iter(|| Event::from_json(black_box(&canonical)).unwrap())
+    });
+    g.finish();
+}
+
+/// A batch of 1000 records of `waymark.events` as the runners read them:
+/// decoded by each record (what every fold did before), decoded through the
+/// shared decoder by the first reader (decode + keep), and served to the
+/// next reader from what the first one kept (fingerprint + lookup).
+fn shared_decode(c: &mut Criterion) {
+    let validator = Validator::new().unwrap();
+    let mix = Mix::new("micro", 1000);
+    let records: Vec<Record> = (0..1000u64)
+        .map(|i| {
+            let (key, value) = mix.resolved(&validator, i).unwrap();
+            Record {
+                partition: 0,
+                offset: i,
+                key: Some(key.into_bytes()),
+                value: Some(value),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            }
+        })
+        .collect();
+    let mut g = c.benchmark_group("decode_1000");
+    // Kept for the batch, as `decode_events` keeps them.
+    g.bench_function("each_record", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .map(|r| decode_event(black_box(r)))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("shared_first_reader", |b| {
+        b.iter_batched_ref(
+            || SharedDecoder::new(DEFAULT_DECODER_BYTES),
+            |d| d.decode_all("t", black_box(&records)).1,
+            BatchSize::LargeInput,
+        )
+    });
+    let kept = SharedDecoder::new(DEFAULT_DECODER_BYTES);
+    kept.decode_all("t", &records);
+    g.bench_function("shared_next_reader", |b| {
+        b.iter(|| kept.decode_all("t", black_box(&records)).1)
     });
     g.finish();
 }
@@ -165,5 +213,5 @@ fn store_write(c: &mut Criterion) {
     store.close();
 }
 
-criterion_group!(benches, decode, upcast, folds, store_write);
+criterion_group!(benches, decode, shared_decode, upcast, folds, store_write);
 criterion_main!(benches);

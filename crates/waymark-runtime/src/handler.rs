@@ -281,7 +281,7 @@ pub fn decode_indexed(
     rejected: &mut Vec<(usize, Rejection)>,
 ) -> Vec<(usize, Decoded)> {
     let mut events = Vec::with_capacity(records.len());
-    let results = crate::decode::decode_all(records, decode_event);
+    let results = crate::decode::decode_all(records);
     for (i, (record, result)) in records.iter().zip(results).enumerate() {
         match result {
             Ok(event) => events.push((
