@@ -97,6 +97,11 @@
 //!   in `waymark-cli/tests/runtime_guarantees.rs`,
 //!   `deferred_batches_reach_the_store_in_few_writes_exactly_once` and
 //!   `a_refused_flush_is_applied_again_and_the_culprit_parked`).
+//! - **Decoded once per process.** Runners given the same
+//!   [`decode::SharedDecoder`] (the controller gives one to all it starts)
+//!   decode each record of `waymark.events` once between them; an entry
+//!   serves only the bytes it was decoded from (fingerprinted), and the
+//!   decoder is bounded ([`decode`]).
 //! - **Metrics.** Every runner metric has the labels `processor` and
 //!   `version`, so a rebuild's runner and the live one never share a
 //!   series; the lag gauges (records, and seconds since the oldest record

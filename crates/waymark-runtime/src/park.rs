@@ -4,7 +4,7 @@
 //!
 //! # What parks
 //! A batch that fails with a *permanent* error (a stored row that cannot be
-//! read, a write the store refuses: [`crate::StepError`]'s permanent kinds,
+//! read, a write the store refuses: the runner's permanent failure kinds,
 //! see [`StoreError::is_retryable`]) is not retried as it is. The runner
 //! applies it again in halves, each half written and committed before the
 //! next, until the failing record stands alone. Then:
