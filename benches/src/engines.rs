@@ -384,6 +384,17 @@ impl Platform {
     /// `topic` so far.
     pub(crate) async fn caught_up(&self, name: &str, topic: &str) -> anyhow::Result<bool> {
         let highs = common::highs(self.log.as_ref(), topic).await?;
+        self.reached(name, topic, &highs).await
+    }
+
+    /// Whether processor `name` (version 1) has stored positions at or past
+    /// `highs` (one per partition of `topic`, read once by the caller).
+    pub(crate) async fn reached(
+        &self,
+        name: &str,
+        topic: &str,
+        highs: &[u64],
+    ) -> anyhow::Result<bool> {
         let stored = self.store.positions(&format!("{name}.v1"), topic).await?;
         Ok(highs
             .iter()

@@ -18,20 +18,17 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use serde_json::json;
 use waymark_bench::measure::{processes_cpu_secs, CpuTime};
-use waymark_bench::mix::Mix;
-use waymark_runtime::OutRecord;
-use waymark_schemas::Validator;
 
 use crate::common;
 use crate::engines::{Engines, REAL};
 use crate::report::{round, Baseline, Scenario};
+use crate::s1;
 use crate::Options;
 
 /// What the peer prints when it is done (`benches/kstreams/README.md`).
@@ -69,16 +66,7 @@ pub(crate) async fn run(
     let topic = target.topology.topics.events.name.clone();
 
     // The same records S1 folds.
-    let validator = Arc::new(Validator::new()?);
-    let mix = Mix::new("s1", persons);
-    let fill_topic = topic.clone();
-    common::fill(target.log.clone(), n, move |i| {
-        let (key, value) = mix
-            .resolved(&validator, i)
-            .map_err(|r| anyhow!("generated event {i} rejected: {r:?}"))?;
-        Ok(OutRecord::keyed(fill_topic.clone(), key, value))
-    })
-    .await?;
+    s1::fill_resolved(target.log.clone(), &topic, n, persons).await?;
     let highs = common::highs(target.log.as_ref(), &topic).await?;
 
     // Waymark: `person` alone.
@@ -87,15 +75,7 @@ pub(crate) async fn run(
     let t = Instant::now();
     let platform = target.start_only(&["person".to_owned()]).await?;
     let timeout = Duration::from_secs(if o.quick { 300 } else { 3600 });
-    loop {
-        let stored = platform.store.positions("person.v1", &topic).await?;
-        let caught_up = highs
-            .iter()
-            .enumerate()
-            .all(|(p, high)| stored.get(&(p as u32)).copied().unwrap_or(0) >= *high);
-        if caught_up {
-            break;
-        }
+    while !platform.reached("person", &topic, &highs).await? {
         if t.elapsed() > timeout {
             bail!("person's rebuild did not finish within {timeout:?}");
         }

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use waymark_bench::measure::{processes_cpu_secs, CpuTime};
 use waymark_bench::mix::Mix;
 use waymark_cql::CqlConfig;
-use waymark_runtime::{OutRecord, ProjectionStore};
+use waymark_runtime::{Log, OutRecord, ProjectionStore};
 use waymark_schemas::Validator;
 
 use crate::common;
@@ -199,6 +199,27 @@ async fn raw_cql(per_fold: FoldRows, nodes: &[String], keyspace: &str) -> anyhow
     })
 }
 
+/// Appends S1's `n` resolved events over `persons` persons to `topic`, as
+/// the identity processor would have left them (S1P folds the same
+/// records). Returns the total value bytes.
+pub(crate) async fn fill_resolved(
+    log: Arc<dyn Log>,
+    topic: &str,
+    n: u64,
+    persons: u64,
+) -> anyhow::Result<u64> {
+    let validator = Arc::new(Validator::new()?);
+    let mix = Mix::new("s1", persons);
+    let topic = topic.to_owned();
+    common::fill(log, n, move |i| {
+        let (key, value) = mix
+            .resolved(&validator, i)
+            .map_err(|r| anyhow!("generated event {i} rejected: {r:?}"))?;
+        Ok(OutRecord::keyed(topic.clone(), key, value))
+    })
+    .await
+}
+
 pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
     let n = o.s1_events.max(1);
     let persons = (n / 10).max(1);
@@ -208,17 +229,8 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
     let events_topic = target.topology.topics.events.name.clone();
 
     // The log as the identity processor would have left it.
-    let validator = Arc::new(Validator::new()?);
-    let mix = Mix::new("s1", persons);
     let t = Instant::now();
-    let topic = events_topic.clone();
-    let bytes = common::fill(target.log.clone(), n, move |i| {
-        let (key, value) = mix
-            .resolved(&validator, i)
-            .map_err(|r| anyhow!("generated event {i} rejected: {r:?}"))?;
-        Ok(OutRecord::keyed(topic.clone(), key, value))
-    })
-    .await?;
+    let bytes = fill_resolved(target.log.clone(), &events_topic, n, persons).await?;
     let highs = common::highs(target.log.as_ref(), &events_topic).await?;
     eprintln!(
         "   {n} events ({} B mean) on {} partitions in {:.1}s",
@@ -250,15 +262,7 @@ pub(crate) async fn run(o: &Options, engines: &Engines) -> anyhow::Result<S1> {
             if finished.contains_key(name) {
                 continue;
             }
-            let stored = platform
-                .store
-                .positions(&format!("{name}.v1"), &events_topic)
-                .await?;
-            let caught_up = highs
-                .iter()
-                .enumerate()
-                .all(|(p, high)| stored.get(&(p as u32)).copied().unwrap_or(0) >= *high);
-            if caught_up {
+            if platform.reached(name, &events_topic, &highs).await? {
                 finished.insert(name, t.elapsed().as_secs_f64());
             }
         }
