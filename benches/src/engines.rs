@@ -191,6 +191,7 @@ impl Target {
                     topology: self.topology.clone(),
                     kafka_addr: None,
                     kafka_limits: Default::default(),
+                    grpc_security: waymark_server::Security::open(),
                 })
                 .await?;
                 Ok(Platform {

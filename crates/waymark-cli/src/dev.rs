@@ -43,6 +43,9 @@ pub struct DevOptions {
     pub kafka_addr: Option<SocketAddr>,
     /// Limits of the Kafka endpoint.
     pub kafka_limits: KafkaLimits,
+    /// TLS and authentication of the gRPC port (`Security::open()` on
+    /// loopback by default).
+    pub grpc_security: waymark_server::Security,
 }
 
 /// Limits of the Kafka endpoint (`waymark dev --kafka-*`); the defaults are
@@ -205,8 +208,9 @@ impl Dev {
             }));
         }
         let token = shutdown.clone();
+        let grpc_security = options.grpc_security.clone();
         tasks.spawn(async move {
-            let result = waymark_server::serve(grpc, services, token).await;
+            let result = waymark_server::serve_with(grpc, services, grpc_security, token).await;
             (
                 "grpc server".to_owned(),
                 result.map_err(anyhow::Error::from),

@@ -7,6 +7,9 @@
 //! - [`platform`]: assembly shared by `dev`, `run` and `serve`.
 //! - [`scale`]: `waymark run` and `waymark serve` on Kafka and ScyllaDB/Cassandra.
 //! - [`publish`]: `waymark publish`.
+//! - [`connect`]: how the client commands reach a server (TLS, token).
+//! - [`security`]: how `dev` and `serve` secure their ports (TLS, tokens,
+//!   JWTs, client certificates) and refuse to expose them unsecured.
 //! - [`ops`]: `waymark replay`, `projections`, `verify` and `inspect` (gRPC
 //!   clients of `Admin` and `Query`).
 //! - [`versions`]: projection versions at run time — the controller that
@@ -20,6 +23,7 @@
 //! `kill -9`): the log (`log.redb`, redb) and the projection store (`store/`,
 //! fjall) are crash-safe embedded databases in `--data-dir`.
 
+pub mod connect;
 pub mod dev;
 pub mod metrics_http;
 pub mod ops;
@@ -28,3 +32,4 @@ pub mod publish;
 pub mod recovery;
 pub mod registry;
 pub mod scale;
+pub mod security;

@@ -7,12 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use waymark_cli::connect::{ClientTls, Endpoint};
 use waymark_cli::dev::{Dev, DevOptions, KafkaLimits};
 use waymark_cli::ops::{self, ReplayOptions};
 use waymark_cli::publish::{publish, Target};
 use waymark_cli::recovery;
 use waymark_cli::registry;
 use waymark_cli::scale::EngineOptions;
+use waymark_cli::security::GrpcSecurityOptions;
+use waymark_server::auth::{AuthConfig, Roles};
 
 /// jemalloc instead of the system allocator. With glibc's malloc, the
 /// freed batch buffers stayed resident in each thread's arena and the
@@ -28,6 +31,131 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// How the client commands (publish, replay, projections, verify, inspect,
+/// parked, dlq) reach a secured server.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// Client commands: bearer token sent with every call (a static token
+    /// or a JWT). Prefer --token-file or WAYMARK_TOKEN: a command line is
+    /// visible to other users of the machine.
+    #[arg(long, env = "WAYMARK_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Client commands: read the bearer token from this file.
+    #[arg(
+        long,
+        env = "WAYMARK_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// Client commands: connect with TLS, trusting this CA (PEM).
+    #[arg(long, env = "WAYMARK_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client commands: client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "WAYMARK_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client commands: the client certificate's key (PEM).
+    #[arg(long, env = "WAYMARK_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Client commands: the name in the server's certificate, when it is
+    /// not the host of --grpc-addr.
+    #[arg(long, env = "WAYMARK_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
+}
+
+impl ClientArgs {
+    fn endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let tls = (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some())
+            .then(|| ClientTls {
+                ca: self.tls_ca.clone(),
+                identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+                domain: self.tls_domain.clone(),
+            });
+        Ok(Endpoint {
+            addr: addr.to_owned(),
+            token,
+            tls,
+        })
+    }
+}
+
+/// How `dev` and `serve` secure their gRPC port
+/// (docs/operations/security.md).
+#[derive(Debug, clap::Args)]
+struct GrpcSecurityArgs {
+    /// gRPC TLS: server certificate chain (PEM); reloaded when it changes.
+    #[arg(long, env = "WAYMARK_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// gRPC TLS: the certificate's private key (PEM).
+    #[arg(long, env = "WAYMARK_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<PathBuf>,
+    /// gRPC mutual TLS: clients must present a certificate signed by this
+    /// CA (PEM).
+    #[arg(long, env = "WAYMARK_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    grpc_tls_client_ca: Option<PathBuf>,
+    /// Static tokens: lines `sha256:<hex> <name> <roles>` (`waymark token
+    /// new` prints one); roles are query, ingest, admin.
+    #[arg(long, env = "WAYMARK_GRPC_TOKENS")]
+    grpc_tokens: Option<PathBuf>,
+    /// JWTs: the issuer's public keys (a JWKS file); roles from the
+    /// `roles` and `scope` claims.
+    #[arg(long, env = "WAYMARK_GRPC_JWKS")]
+    grpc_jwks: Option<PathBuf>,
+    /// JWTs: the required issuer (`iss`).
+    #[arg(long, env = "WAYMARK_GRPC_JWT_ISSUER")]
+    grpc_jwt_issuer: Option<String>,
+    /// JWTs: the required audience (`aud`).
+    #[arg(long, env = "WAYMARK_GRPC_JWT_AUDIENCE")]
+    grpc_jwt_audience: Option<String>,
+    /// Roles of a client certificate by its subject common name or a DNS
+    /// name: NAME=ROLES, e.g. replayer=admin,query (repeatable).
+    #[arg(long = "grpc-cert-role", value_parser = waymark_cli::security::parse_certificate_role, env = "WAYMARK_GRPC_CERT_ROLES", value_delimiter = ';')]
+    grpc_cert_roles: Vec<(String, waymark_server::auth::Roles)>,
+    /// Health checks need credentials too (open by default).
+    #[arg(long, env = "WAYMARK_GRPC_PROTECT_HEALTH")]
+    grpc_protect_health: bool,
+    /// Reflection needs credentials too (open by default).
+    #[arg(long, env = "WAYMARK_GRPC_PROTECT_REFLECTION")]
+    grpc_protect_reflection: bool,
+    /// Serve non-loopback addresses even without TLS and authentication.
+    #[arg(long, env = "WAYMARK_INSECURE")]
+    insecure: bool,
+}
+
+impl GrpcSecurityArgs {
+    fn options(self) -> anyhow::Result<GrpcSecurityOptions> {
+        Ok(GrpcSecurityOptions {
+            tls_cert: self.grpc_tls_cert,
+            tls_key: self.grpc_tls_key,
+            tls_client_ca: self.grpc_tls_client_ca,
+            auth: AuthConfig {
+                tokens: self.grpc_tokens,
+                jwt: waymark_cli::security::jwt_config(
+                    self.grpc_jwks,
+                    self.grpc_jwt_issuer,
+                    self.grpc_jwt_audience,
+                )?,
+                certificate_roles: self.grpc_cert_roles,
+                protect_health: self.grpc_protect_health,
+                protect_reflection: self.grpc_protect_reflection,
+            },
+            insecure: self.insecure,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +197,8 @@ enum Command {
         /// Kafka endpoint: seconds after which an idle connection is closed.
         #[arg(long, default_value_t = KafkaLimits::default().idle_timeout.as_secs(), env = "WAYMARK_KAFKA_IDLE_TIMEOUT_SECS")]
         kafka_idle_timeout_secs: u64,
+        #[command(flatten)]
+        security: GrpcSecurityArgs,
     },
     /// Run processors on Apache Kafka and ScyllaDB/Cassandra (all by
     /// default). Start as many as you like: each processor is a Kafka
@@ -97,6 +227,8 @@ enum Command {
             env = "WAYMARK_SERVE_METRICS_ADDR"
         )]
         metrics_addr: SocketAddr,
+        #[command(flatten)]
+        security: GrpcSecurityArgs,
     },
     /// Validate JSON-lines events (FILE or stdin) and publish them.
     ///
@@ -187,6 +319,11 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Make credentials for secured servers.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print one person's state and event history.
     Inspect {
         /// The person id (a UUID).
@@ -195,6 +332,22 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
         grpc_addr: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new random token, and the line that grants it roles in a
+    /// --grpc-tokens file (which holds its SHA-256 only).
+    New {
+        /// A name for the holder (shown in refusals and logs).
+        #[arg(long)]
+        name: String,
+        /// Roles: comma-separated query, ingest, admin.
+        #[arg(long, value_parser = Roles::parse)]
+        roles: Roles,
+    },
+    /// Print the tokens-file digest of a token read from stdin.
+    Hash,
 }
 
 #[derive(Debug, Subcommand)]
@@ -383,6 +536,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = &cli.client;
     match cli.command {
         Command::Dev {
             data_dir,
@@ -395,7 +549,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kafka_max_in_flight,
             kafka_max_request_bytes,
             kafka_idle_timeout_secs,
+            security,
         } => {
+            let grpc_security = security.options()?.load(grpc_addr)?;
             let topology = match topology {
                 Some(path) => registry::load_topology(&path)?,
                 None => registry::default_topology()?,
@@ -412,6 +568,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_request_bytes: kafka_max_request_bytes,
                     idle_timeout: std::time::Duration::from_secs(kafka_idle_timeout_secs.max(1)),
                 },
+                grpc_security,
             })
             .await?;
             println!("waymark dev is ready (data in {})", data_dir.display());
@@ -441,9 +598,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             grpc_addr,
             engines,
             metrics_addr,
+            security,
         } => {
-            waymark_cli::scale::serve(engines.options(metrics_addr)?, grpc_addr, shutdown_signal())
-                .await?;
+            let security = security.options()?.load(grpc_addr)?;
+            waymark_cli::scale::serve(
+                engines.options(metrics_addr)?,
+                grpc_addr,
+                security,
+                shutdown_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish {
@@ -465,7 +629,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let target = match bootstrap {
                 Some(bootstrap) => Target::Kafka { bootstrap, topic },
-                None => Target::Grpc(grpc_addr),
+                None => Target::Grpc(client.endpoint(&grpc_addr)?),
             };
             let report = publish(&input, &target).await?;
             for (line, kind, message) in &report.rejected {
@@ -495,42 +659,58 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 switch,
                 wait,
             };
-            ops::replay(&grpc_addr, &options).await
+            ops::replay(&client.endpoint(&grpc_addr)?, &options).await
         }
         Command::Projections { command, grpc_addr } => match command {
-            None => ops::projections(&grpc_addr).await,
+            None => ops::projections(&client.endpoint(&grpc_addr)?).await,
             Some(ProjectionsCommand::Switch { processor, number }) => {
-                ops::switch_or_drop(&grpc_addr, &processor, number, false).await
+                ops::switch_or_drop(&client.endpoint(&grpc_addr)?, &processor, number, false).await
             }
             Some(ProjectionsCommand::Drop { processor, number }) => {
-                ops::switch_or_drop(&grpc_addr, &processor, number, true).await
+                ops::switch_or_drop(&client.endpoint(&grpc_addr)?, &processor, number, true).await
             }
         },
         Command::Verify {
             processor,
             grpc_addr,
-        } => ops::verify(&grpc_addr, processor.as_deref()).await,
+        } => ops::verify(&client.endpoint(&grpc_addr)?, processor.as_deref()).await,
         Command::Inspect {
             person_id,
             grpc_addr,
-        } => ops::inspect(&grpc_addr, &person_id).await,
+        } => ops::inspect(&client.endpoint(&grpc_addr)?, &person_id).await,
         Command::Parked {
             command,
             processor,
             projection_version: version,
             grpc_addr,
         } => match command {
-            None => recovery::parked(&grpc_addr, processor.as_deref(), version).await,
+            None => {
+                recovery::parked(&client.endpoint(&grpc_addr)?, processor.as_deref(), version).await
+            }
             Some(ParkedCommand::Retry { processor, key }) => {
-                recovery::retry_parked(&grpc_addr, &processor, &key, version, false).await
+                recovery::retry_parked(
+                    &client.endpoint(&grpc_addr)?,
+                    &processor,
+                    &key,
+                    version,
+                    false,
+                )
+                .await
             }
             Some(ParkedCommand::Skip { processor, key }) => {
-                recovery::retry_parked(&grpc_addr, &processor, &key, version, true).await
+                recovery::retry_parked(
+                    &client.endpoint(&grpc_addr)?,
+                    &processor,
+                    &key,
+                    version,
+                    true,
+                )
+                .await
             }
         },
         Command::Dlq {
             command: DlqCommand::List { filter, grpc_addr },
-        } => recovery::dlq_list(&grpc_addr, &filter.into()).await,
+        } => recovery::dlq_list(&client.endpoint(&grpc_addr)?, &filter.into()).await,
         Command::Dlq {
             command:
                 DlqCommand::Replay {
@@ -539,7 +719,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     grpc_addr,
                 },
         } => {
-            let report = recovery::dlq_replay(&grpc_addr, &filter.into(), dry_run).await?;
+            let report =
+                recovery::dlq_replay(&client.endpoint(&grpc_addr)?, &filter.into(), dry_run)
+                    .await?;
             for (at, why) in &report.unsendable {
                 eprintln!("not sent: {at}: {why}");
             }
@@ -564,6 +746,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::FAILURE
                 },
             )
+        }
+        Command::Token {
+            command: TokenCommand::New { name, roles },
+        } => {
+            let (token, line) = waymark_cli::security::new_token(&name, roles)?;
+            println!("token: {token}");
+            println!("line for the --grpc-tokens file: {line}");
+            eprintln!("(the token is shown once; the file holds only its SHA-256)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::Hash,
+        } => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_to_string(&mut token)
+                .context("cannot read stdin")?;
+            let token = token.trim();
+            if token.is_empty() {
+                anyhow::bail!("no token on stdin");
+            }
+            println!("{}", waymark_server::auth::token_digest(token));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Topology {
             command: TopologyCommand::Check { file },

@@ -6,28 +6,16 @@ use std::io::{IsTerminal, Write as _};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use tonic::transport::Channel;
+use anyhow::anyhow;
 use tonic::Code;
 use waymark_proto::v1 as pb;
+
+use crate::connect::{connect, Endpoint};
 use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::query_client::QueryClient;
 
 /// How often `replay --wait` looks at the progress.
 const WAIT_POLL: Duration = Duration::from_secs(1);
-
-pub(crate) async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Channel::from_shared(url.clone())
-        .map_err(|e| anyhow!("bad address {addr:?}: {e}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to waymark at {addr} (is `waymark dev` or `waymark serve` running?)"))
-}
 
 pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
     anyhow!("{}: {}", code_name(e.code()), e.message())
@@ -41,6 +29,9 @@ fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "unavailable",
         Code::Unimplemented => "not supported by this server",
         Code::DeadlineExceeded => "deadline exceeded",
+        Code::Unauthenticated => "not authenticated (give --token, --token-file or WAYMARK_TOKEN)",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "server busy",
         _ => "error",
     }
 }
@@ -115,8 +106,8 @@ pub fn projections_table(projections: &[pb::Projection]) -> String {
 }
 
 /// `waymark projections`.
-pub async fn projections(addr: &str) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+pub async fn projections(endpoint: &Endpoint) -> anyhow::Result<ExitCode> {
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let list = admin
         .list_projections(pb::ListProjectionsRequest {})
         .await
@@ -128,12 +119,12 @@ pub async fn projections(addr: &str) -> anyhow::Result<ExitCode> {
 
 /// `waymark projections switch|drop`.
 pub async fn switch_or_drop(
-    addr: &str,
+    endpoint: &Endpoint,
     processor: &str,
     version: u32,
     drop: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let p = if drop {
         admin
             .drop_version(pb::DropVersionRequest {
@@ -181,8 +172,8 @@ fn find(list: &pb::ListProjectionsResponse, processor: &str) -> Option<pb::Proje
 }
 
 /// `waymark replay`.
-pub async fn replay(addr: &str, options: &ReplayOptions) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+pub async fn replay(endpoint: &Endpoint, options: &ReplayOptions) -> anyhow::Result<ExitCode> {
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let processor = &options.processor;
     let started = admin
         .start_rebuild(pb::StartRebuildRequest {
@@ -290,8 +281,8 @@ pub async fn replay(addr: &str, options: &ReplayOptions) -> anyhow::Result<ExitC
 }
 
 /// `waymark verify`.
-pub async fn verify(addr: &str, processor: Option<&str>) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+pub async fn verify(endpoint: &Endpoint, processor: Option<&str>) -> anyhow::Result<ExitCode> {
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let reports = admin
         .verify(pb::VerifyRequest {
             processor: processor.unwrap_or_default().to_owned(),
@@ -344,8 +335,8 @@ pub(crate) fn time(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// `waymark inspect PERSON_ID`: one person's state and history.
-pub async fn inspect(addr: &str, person_id: &str) -> anyhow::Result<ExitCode> {
-    let mut query = QueryClient::new(channel(addr).await?);
+pub async fn inspect(endpoint: &Endpoint, person_id: &str) -> anyhow::Result<ExitCode> {
+    let mut query = QueryClient::new(connect(endpoint).await?);
     let id = person_id.to_owned();
     let person = query
         .get_person(pb::GetPersonRequest {

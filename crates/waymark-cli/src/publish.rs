@@ -12,6 +12,8 @@ use waymark_proto::v1::ingest_client::IngestClient;
 use waymark_proto::v1::publish_result::Outcome;
 use waymark_schemas::Validator;
 
+use crate::connect::{connect, Endpoint};
+
 /// Events per `Publish` call.
 const CHUNK_EVENTS: usize = 500;
 /// Bytes per `Publish` call, about.
@@ -20,8 +22,8 @@ const CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Where events go.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// The gRPC `Ingest` service at this address.
-    Grpc(String),
+    /// The gRPC `Ingest` service.
+    Grpc(Endpoint),
     /// A Kafka cluster's `waymark.inputs` (or another topic).
     Kafka {
         /// Bootstrap servers.
@@ -59,7 +61,7 @@ pub async fn publish(input: &str, target: &Target) -> anyhow::Result<PublishRepo
         }
     }
     match target {
-        Target::Grpc(addr) => publish_grpc(addr, valid, &mut report).await?,
+        Target::Grpc(endpoint) => publish_grpc(endpoint, valid, &mut report).await?,
         Target::Kafka { bootstrap, topic } => {
             publish_kafka(bootstrap, topic, valid, &mut report).await?
         }
@@ -69,18 +71,11 @@ pub async fn publish(input: &str, target: &Target) -> anyhow::Result<PublishRepo
 }
 
 async fn publish_grpc(
-    addr: &str,
+    endpoint: &Endpoint,
     valid: Vec<(usize, String, String)>,
     report: &mut PublishReport,
 ) -> anyhow::Result<()> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let mut client = IngestClient::connect(url.clone())
-        .await
-        .with_context(|| format!("cannot connect to the Ingest service at {addr}"))?
+    let mut client = IngestClient::new(connect(endpoint).await?)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let mut rest = valid.as_slice();

@@ -8,7 +8,8 @@ use waymark_proto::v1 as pb;
 use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::ingest_client::IngestClient;
 
-use crate::ops::{channel, status, time};
+use crate::connect::{connect, Endpoint};
+use crate::ops::{status, time};
 
 /// Renders parked keys as `waymark parked` prints them.
 pub fn parked_table(parked: &[pb::ParkedKey]) -> String {
@@ -46,11 +47,11 @@ pub fn parked_table(parked: &[pb::ParkedKey]) -> String {
 /// `waymark parked [PROCESSOR]`: every parked key of `processor` (of every
 /// processor when `None`) in `version` (the live one when `None`).
 pub async fn parked(
-    addr: &str,
+    endpoint: &Endpoint,
     processor: Option<&str>,
     version: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let processors: Vec<String> = match processor {
         Some(p) => vec![p.to_owned()],
         None => admin
@@ -99,13 +100,13 @@ pub async fn parked(
 
 /// `waymark parked retry|skip PROCESSOR KEY`.
 pub async fn retry_parked(
-    addr: &str,
+    endpoint: &Endpoint,
     processor: &str,
     key: &str,
     version: Option<u32>,
     skip: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let parked = admin
         .retry_parked(pb::RetryParkedRequest {
             processor: processor.to_owned(),
@@ -150,8 +151,11 @@ impl DlqFilter {
 }
 
 /// Every dead letter matching `filter`, oldest first.
-async fn dead_letters(addr: &str, filter: &DlqFilter) -> anyhow::Result<Vec<pb::DeadLetter>> {
-    let mut admin = AdminClient::new(channel(addr).await?);
+async fn dead_letters(
+    endpoint: &Endpoint,
+    filter: &DlqFilter,
+) -> anyhow::Result<Vec<pb::DeadLetter>> {
+    let mut admin = AdminClient::new(connect(endpoint).await?);
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -172,8 +176,8 @@ async fn dead_letters(addr: &str, filter: &DlqFilter) -> anyhow::Result<Vec<pb::
 }
 
 /// `waymark dlq list`.
-pub async fn dlq_list(addr: &str, filter: &DlqFilter) -> anyhow::Result<ExitCode> {
-    let letters = dead_letters(addr, filter).await?;
+pub async fn dlq_list(endpoint: &Endpoint, filter: &DlqFilter) -> anyhow::Result<ExitCode> {
+    let letters = dead_letters(endpoint, filter).await?;
     for d in &letters {
         println!(
             "{} {}/{}@{} [{}] by {}: {}{}",
@@ -210,11 +214,11 @@ pub struct ReplayReport {
 /// dead letters or are not UTF-8 cannot be events and are reported, not
 /// sent.
 pub async fn dlq_replay(
-    addr: &str,
+    endpoint: &Endpoint,
     filter: &DlqFilter,
     dry_run: bool,
 ) -> anyhow::Result<ReplayReport> {
-    let letters = dead_letters(addr, filter).await?;
+    let letters = dead_letters(endpoint, filter).await?;
     let mut report = ReplayReport::default();
     let mut events: Vec<(String, String)> = Vec::new();
     for d in letters {
@@ -237,7 +241,7 @@ pub async fn dlq_replay(
         report.accepted = events.len();
         return Ok(report);
     }
-    let mut ingest = IngestClient::new(channel(addr).await?);
+    let mut ingest = IngestClient::new(connect(endpoint).await?);
     for chunk in events.chunks(500) {
         let results = ingest
             .publish(pb::PublishRequest {

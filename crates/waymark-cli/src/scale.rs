@@ -184,6 +184,7 @@ pub async fn run(
 pub async fn serve(
     options: EngineOptions,
     grpc_addr: SocketAddr,
+    security: waymark_server::Security,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
@@ -213,7 +214,7 @@ pub async fn serve(
     .await?;
     let token = shutdown.clone();
     tasks.spawn(async move {
-        let result = waymark_server::serve(listener, services, token).await;
+        let result = waymark_server::serve_with(listener, services, security, token).await;
         (
             "grpc server".to_owned(),
             result.map_err(anyhow::Error::from),

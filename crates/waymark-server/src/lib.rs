@@ -12,9 +12,11 @@
 //!   projection versions through an [`Operator`].
 //! - `error.rs` maps every error to a status code, in one place;
 //!   `convert.rs` has the conversions the query modules share.
-//! - [`serve`] wires them with reflection (v1 and v1alpha), health, request
-//!   size and concurrency limits; [`admission`] sheds load beyond a limit
-//!   of requests at once across all connections.
+//! - [`serve_with`] wires them with reflection (v1 and v1alpha), health,
+//!   request size and concurrency limits, optional TLS (with client
+//!   certificates, reloaded on change: `waymark_tls`) and the [`auth`]
+//!   layer; [`admission`] sheds load beyond a limit of requests at once
+//!   across all connections.
 //!
 //! # Guarantees
 //! - A page of a list rpc holds at most `page_size` items and at most
@@ -28,18 +30,27 @@
 //! - Beyond [`admission::DEFAULT_MAX_CONCURRENT_REQUESTS`] requests at once
 //!   (all connections together), a request is answered `RESOURCE_EXHAUSTED`
 //!   at once rather than queued; health checks are exempt.
+//! - With authentication configured, every rpc but health and reflection
+//!   (unless those are protected too) is refused `UNAUTHENTICATED` without
+//!   valid credentials and `PERMISSION_DENIED` without its role, before
+//!   any service code runs ([`auth`]).
+//! - With TLS configured, the port speaks nothing else: a plaintext client
+//!   fails its handshake, and with a client CA so does a client without a
+//!   certificate it signed.
 //! - `Ingest.Publish` answers only after every accepted event is durable in
 //!   the log; a log failure fails the whole call with `UNAVAILABLE` (retry
 //!   is safe: event ids deduplicate).
 
 mod admin;
 pub mod admission;
+pub mod auth;
 mod convert;
 mod error;
 mod ingest;
 mod projections;
 mod query;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -88,10 +99,41 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `services` on `listener` until `shutdown` is cancelled.
+/// How the port is secured: TLS and who may call what.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// TLS (mutual when it has a client CA); plaintext when `None`.
+    pub tls: Option<waymark_tls::ServerTls>,
+    /// The credentials and roles checked before every rpc.
+    pub auth: Arc<auth::Authenticator>,
+}
+
+impl Security {
+    /// Plaintext, everyone may do everything: loopback development only.
+    pub fn open() -> Self {
+        Self {
+            tls: None,
+            auth: Arc::new(auth::Authenticator::open()),
+        }
+    }
+}
+
+/// Serves `services` on `listener`, plaintext and open to everyone, until
+/// `shutdown` is cancelled (see [`serve_with`]).
 pub async fn serve(
     listener: TcpListener,
     services: Services,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_with(listener, services, Security::open(), shutdown).await
+}
+
+/// Serves `services` on `listener` with `security` until `shutdown` is
+/// cancelled.
+pub async fn serve_with(
+    listener: TcpListener,
+    services: Services,
+    security: Security,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -115,9 +157,11 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
+        // Refusals first: a caller without credentials takes no permit.
+        .layer(auth::AuthLayer::new(security.auth.clone()))
         .layer(admission::AdmissionLayer::new(
             admission::DEFAULT_MAX_CONCURRENT_REQUESTS,
         ))
@@ -128,12 +172,35 @@ pub async fn serve(
         .add_service(
             IngestServer::new(services.ingest).max_decoding_message_size(MAX_INGEST_REQUEST_BYTES),
         )
-        .add_service(AdminServer::new(services.admin).max_decoding_message_size(MAX_REQUEST_BYTES))
-        // Small unary answers must not wait for Nagle + delayed ACKs (~40 ms).
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled(),
-        )
-        .await?;
+        .add_service(AdminServer::new(services.admin).max_decoding_message_size(MAX_REQUEST_BYTES));
+    match security.tls {
+        None => {
+            router
+                // Small unary answers must not wait for Nagle + delayed ACKs (~40 ms).
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled(),
+                )
+                .await?;
+        }
+        Some(tls) => {
+            tls.watch(waymark_tls::DEFAULT_RELOAD_INTERVAL, shutdown.clone());
+            let (ready, established) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(waymark_tls::accept_loop(
+                listener,
+                tls,
+                "grpc",
+                ready,
+                shutdown.clone(),
+            ));
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(established),
+                Ok::<_, std::io::Error>,
+            );
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await?;
+        }
+    }
     Ok(())
 }
