@@ -450,8 +450,14 @@ struct EngineArgs {
     bootstrap: String,
     /// A librdkafka property, KEY=VALUE (repeatable), e.g.
     /// security.protocol=SASL_SSL; env: comma-separated.
-    #[arg(long = "kafka-property", value_parser = waymark_cli::scale::parse_property, env = "WAYMARK_KAFKA_PROPERTIES", value_delimiter = ',')]
+    #[arg(long = "kafka-property", value_parser = waymark_cli::scale::parse_property, env = "WAYMARK_KAFKA_PROPERTIES", value_delimiter = ',', hide_env_values = true)]
     kafka_properties: Vec<(String, String)>,
+    /// librdkafka properties from a file, KEY=VALUE per line (`#`
+    /// comments): the place for sasl.password and other secrets, which a
+    /// command line would show to every user of the machine. Applied before
+    /// --kafka-property.
+    #[arg(long, env = "WAYMARK_KAFKA_PROPERTIES_FILE")]
+    kafka_properties_file: Option<PathBuf>,
     /// CQL contact points, host:port, comma-separated (ScyllaDB or Cassandra).
     #[arg(
         long,
@@ -463,6 +469,31 @@ struct EngineArgs {
     /// Keyspace of the projections (created when missing).
     #[arg(long, default_value = "waymark", env = "WAYMARK_KEYSPACE")]
     keyspace: String,
+    /// CQL role to log in as (PasswordAuthenticator).
+    #[arg(long, env = "WAYMARK_CQL_USERNAME")]
+    cql_username: Option<String>,
+    /// Its password (prefer WAYMARK_CQL_PASSWORD or --cql-password-file:
+    /// a command line is visible to other users).
+    #[arg(
+        long,
+        env = "WAYMARK_CQL_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "cql_password_file"
+    )]
+    cql_password: Option<String>,
+    /// Read the CQL password from this file.
+    #[arg(long, env = "WAYMARK_CQL_PASSWORD_FILE")]
+    cql_password_file: Option<PathBuf>,
+    /// TLS to the CQL nodes, trusting this CA (PEM); node certificates
+    /// must name the node's IP address.
+    #[arg(long, env = "WAYMARK_CQL_TLS_CA")]
+    cql_tls_ca: Option<PathBuf>,
+    /// CQL client certificate (PEM), when the cluster requires one.
+    #[arg(long, env = "WAYMARK_CQL_TLS_CERT", requires_all = ["cql_tls_key", "cql_tls_ca"])]
+    cql_tls_cert: Option<PathBuf>,
+    /// The CQL client certificate's key (PEM).
+    #[arg(long, env = "WAYMARK_CQL_TLS_KEY", requires = "cql_tls_cert")]
+    cql_tls_key: Option<PathBuf>,
     /// Prefix of the consumer groups: <prefix>.<processor>.v<version>.
     #[arg(long, default_value = "waymark", env = "WAYMARK_GROUP_PREFIX")]
     group_prefix: String,
@@ -477,9 +508,30 @@ struct EngineArgs {
 
 impl EngineArgs {
     fn options(self, metrics_addr: SocketAddr) -> anyhow::Result<EngineOptions> {
+        let mut kafka_properties = match &self.kafka_properties_file {
+            Some(path) => waymark_cli::scale::read_properties(path)?,
+            None => Vec::new(),
+        };
+        kafka_properties.extend(self.kafka_properties);
+        let cql_password = match (self.cql_password, &self.cql_password_file) {
+            (Some(p), _) => Some(p),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
         Ok(EngineOptions {
             bootstrap: self.bootstrap,
-            kafka_properties: self.kafka_properties,
+            kafka_properties,
+            cql_username: self.cql_username,
+            cql_password: cql_password.map(waymark_cql::Secret::new),
+            cql_tls: self.cql_tls_ca.map(|ca| waymark_cql::CqlTls {
+                ca,
+                client: self.cql_tls_cert.zip(self.cql_tls_key),
+            }),
             cql_nodes: self.cql_nodes,
             keyspace: self.keyspace,
             group_prefix: self.group_prefix,

@@ -31,6 +31,12 @@ pub struct EngineOptions {
     pub kafka_properties: Vec<(String, String)>,
     /// CQL contact points, `host:port`.
     pub cql_nodes: Vec<String>,
+    /// CQL role to log in as.
+    pub cql_username: Option<String>,
+    /// Its password.
+    pub cql_password: Option<waymark_cql::Secret>,
+    /// TLS to the CQL nodes.
+    pub cql_tls: Option<waymark_cql::CqlTls>,
     /// Keyspace of the projections.
     pub keyspace: String,
     /// Prefix of consumer group names (`<prefix>.<processor>.v<version>`).
@@ -41,6 +47,36 @@ pub struct EngineOptions {
     pub topology: Topology,
     /// Prometheus listen address (an ephemeral port if busy).
     pub metrics_addr: SocketAddr,
+}
+
+/// How long the first contact with Kafka may take before start-up goes on
+/// retrying in the background (a refusal is reported at once).
+const KAFKA_PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Reads librdkafka properties from a file: `KEY=VALUE` per line, blank
+/// lines and `#` comments ignored (Java properties files of this shape, as
+/// Kafka's own tools take with `--command-config`).
+///
+/// # Errors
+/// When the file cannot be read, or a line is not `KEY=VALUE` (its number
+/// is given; its value never is).
+pub fn read_properties(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut properties = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                properties.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+            _ => anyhow::bail!("{} line {}: not KEY=VALUE", path.display(), n + 1),
+        }
+    }
+    Ok(properties)
 }
 
 /// Parses `KEY=VALUE`.
@@ -68,11 +104,32 @@ async fn connect(
     for (k, v) in &options.kafka_properties {
         kafka = kafka.property(k.clone(), v.clone());
     }
+    // A refused login or a failed TLS handshake is a configuration error:
+    // say so now instead of retrying forever.
+    let probe_config = kafka.clone();
+    let probed = tokio::task::spawn_blocking(move || {
+        waymark_kafka::probe(&probe_config, KAFKA_PROBE_TIMEOUT)
+    })
+    .await?;
+    match probed {
+        Ok(()) => {}
+        Err(e @ waymark_kafka::KafkaLogError::Unreachable { .. }) => {
+            warn!(error = %e, "kafka not reachable yet, retrying");
+        }
+        Err(e) => {
+            return Err(anyhow!(
+                "{e} (check sasl.username, sasl.password, sasl.mechanism, security.protocol and ssl.ca.location)"
+            ))
+        }
+    }
     let log = KafkaLog::new(kafka).map_err(|e| anyhow!("{e}"))?;
     let cql = CqlConfig {
         nodes: options.cql_nodes.clone(),
         keyspace: options.keyspace.clone(),
         row_cache_bytes: options.row_cache_bytes,
+        username: options.cql_username.clone(),
+        password: options.cql_password.clone(),
+        tls: options.cql_tls.clone(),
         ..CqlConfig::default()
     };
     // The engines may still be starting: retry with backoff until shutdown.
@@ -234,6 +291,27 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_properties_file_is_key_value_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.properties");
+        std::fs::write(
+            &path,
+            "# secure\nsecurity.protocol=SASL_SSL\n\nsasl.password = p=w\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_properties(&path).unwrap(),
+            vec![
+                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+                ("sasl.password".to_owned(), "p=w".to_owned())
+            ]
+        );
+        std::fs::write(&path, "ok=1\nsasl.password hunter2\n").unwrap();
+        let e = read_properties(&path).unwrap_err().to_string();
+        assert!(e.contains("line 2") && !e.contains("hunter2"), "{e}");
+    }
 
     #[test]
     fn properties_parse() {

@@ -1,6 +1,7 @@
 //! The store's configuration: passed in by the binary, which owns the file
 //! format and the `WAYMARK_…` overrides; defaults live here.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cql::{validate_keyspace_name, Replication};
@@ -31,6 +32,46 @@ pub struct CqlConfig {
     /// (`waymark_runtime::cache::RowCache`), so that it reads from the
     /// cluster only rows it has not seen; 0 turns the cache off.
     pub row_cache_bytes: usize,
+    /// The role to log in as (`PasswordAuthenticator`); with `password`.
+    pub username: Option<String>,
+    /// Its password.
+    pub password: Option<Secret>,
+    /// TLS to the nodes (client encryption); plaintext when `None`.
+    pub tls: Option<CqlTls>,
+}
+
+/// A secret string: compared and cloned, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// TLS to the CQL nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CqlTls {
+    /// PEM CA certificates the nodes' certificates must chain to. Each
+    /// node's certificate must also name the node's IP address (the
+    /// driver checks it).
+    pub ca: PathBuf,
+    /// A client certificate and key (PEM), for clusters that require them
+    /// (`require_client_auth`).
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// The replication of a keyspace the store creates when none is configured.
@@ -53,6 +94,9 @@ impl Default for CqlConfig {
             local_datacenter: None,
             concurrency: 64,
             row_cache_bytes: DEFAULT_ROW_CACHE_BYTES,
+            username: None,
+            password: None,
+            tls: None,
         }
     }
 }
@@ -86,6 +130,12 @@ impl CqlConfig {
         }
         if self.local_datacenter.as_deref() == Some("") {
             problems.push("local_datacenter: empty; leave it unset instead".to_owned());
+        }
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) if u.is_empty() => problems.push("username: empty".to_owned()),
+            (Some(_), None) => problems.push("username: given without a password".to_owned()),
+            (None, Some(_)) => problems.push("password: given without a username".to_owned()),
+            _ => {}
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             problems.push(format!(
@@ -121,11 +171,29 @@ mod tests {
             local_datacenter: Some(String::new()),
             concurrency: 0,
             row_cache_bytes: 0,
+            username: Some("waymark".to_owned()),
+            password: None,
+            tls: None,
         };
         let problems = config.problems();
-        assert_eq!(problems.len(), 9, "{problems:#?}");
+        assert_eq!(problems.len(), 10, "{problems:#?}");
         assert!(problems[0].contains("\"localhost\""));
         assert!(problems[3].starts_with("keyspace: invalid keyspace name \"Waymark\""));
+    }
+
+    #[test]
+    fn a_password_is_never_printed() {
+        let config = CqlConfig {
+            username: Some("waymark".to_owned()),
+            password: Some(Secret::new("hunter2")),
+            ..CqlConfig::default()
+        };
+        assert!(config.problems().is_empty());
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("hunter2") && printed.contains("<redacted>"),
+            "{printed}"
+        );
     }
 
     #[test]

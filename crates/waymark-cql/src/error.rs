@@ -32,9 +32,39 @@ pub enum ConnectError {
         /// The server's error.
         reason: String,
     },
+    /// A node answered but refused the credentials, or the TLS handshake
+    /// failed (an untrusted certificate, TLS to a plaintext port or the
+    /// other way round): retrying cannot help (not retryable).
+    #[error("cql cluster refused the connection: {reason}")]
+    Refused {
+        /// What failed, and the driver's error.
+        reason: String,
+    },
 }
 
 impl ConnectError {
+    /// Classifies an error of opening the session: credentials refused or
+    /// a failed TLS handshake are [`ConnectError::Refused`], anything else
+    /// [`ConnectError::Unavailable`].
+    pub(crate) fn opening(e: &impl std::fmt::Display, username: Option<&str>) -> Self {
+        let reason = e.to_string();
+        let lower = reason.to_ascii_lowercase();
+        if lower.contains("authenticat") || lower.contains("credentials") {
+            ConnectError::Refused {
+                reason: format!(
+                    "authentication failed{}: {reason}",
+                    username.map_or(String::new(), |u| format!(" for {u:?}"))
+                ),
+            }
+        } else if lower.contains("ssl") || lower.contains("tls") || lower.contains("certificate") {
+            ConnectError::Refused {
+                reason: format!("tls handshake failed: {reason}"),
+            }
+        } else {
+            ConnectError::Unavailable { reason }
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, ConnectError::Unavailable { .. })

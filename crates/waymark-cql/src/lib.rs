@@ -154,7 +154,7 @@ pub mod cql;
 pub mod error;
 pub mod store;
 
-pub use config::{CqlConfig, DEFAULT_REPLICATION, DEFAULT_ROW_CACHE_BYTES};
+pub use config::{CqlConfig, CqlTls, Secret, DEFAULT_REPLICATION, DEFAULT_ROW_CACHE_BYTES};
 pub use cql::{validate_table_name, NameError};
 pub use error::ConnectError;
 pub use store::CqlStore;

@@ -28,6 +28,33 @@ use crate::error::{
     ConnectError,
 };
 
+/// The driver's TLS context for `tls`: the nodes' certificates must chain
+/// to the CA and name the node's IP address.
+fn tls_context(
+    tls: &crate::config::CqlTls,
+) -> Result<scylla::client::session::TlsContext, ConnectError> {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+    let config = |what: &str, e: openssl::error::ErrorStack| ConnectError::Config {
+        problems: vec![format!("tls: {what}: {e}")],
+    };
+    let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|e| config("openssl", e))?;
+    builder
+        .set_ca_file(&tls.ca)
+        .map_err(|e| config(&format!("CA file {}", tls.ca.display()), e))?;
+    if let Some((cert, key)) = &tls.client {
+        builder
+            .set_certificate_chain_file(cert)
+            .map_err(|e| config(&format!("client certificate {}", cert.display()), e))?;
+        builder
+            .set_private_key_file(key, SslFiletype::PEM)
+            .map_err(|e| config(&format!("client key {}", key.display()), e))?;
+        builder
+            .check_private_key()
+            .map_err(|e| config("client key does not match its certificate", e))?;
+    }
+    Ok(scylla::client::session::OpenSsl010Config::new(builder).into())
+}
+
 /// The projection store on ScyllaDB or Cassandra. Cheap to clone; clones
 /// share one session and one statement cache.
 #[derive(Clone)]
@@ -144,15 +171,20 @@ impl CqlStore {
             .consistency(scylla::statement::Consistency::LocalQuorum)
             .load_balancing_policy(policy.build())
             .build();
-        let session = SessionBuilder::new()
+        let mut builder = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
-            .default_execution_profile_handle(profile.into_handle())
+            .default_execution_profile_handle(profile.into_handle());
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            builder = builder.user(user, password.expose());
+        }
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_context(Some(tls_context(tls)?));
+        }
+        let session = builder
             .build()
             .await
-            .map_err(|e| ConnectError::Unavailable {
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConnectError::opening(&e, config.username.as_deref()))?;
         info!(nodes = ?config.nodes, keyspace = keyspace.as_str(), "cql session open");
 
         for ddl in cql::keyspace_ddl(&keyspace, &replication) {

@@ -23,4 +23,4 @@
 
 pub mod log;
 
-pub use log::{KafkaConfig, KafkaLog, KafkaLogError, PRODUCER_DEFAULTS, PRODUCER_FORCED};
+pub use log::{probe, KafkaConfig, KafkaLog, KafkaLogError, PRODUCER_DEFAULTS, PRODUCER_FORCED};

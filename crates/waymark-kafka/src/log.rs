@@ -252,6 +252,88 @@ pub enum KafkaLogError {
         /// librdkafka's reason.
         reason: String,
     },
+    /// The cluster answered but refused the credentials (SASL) or the TLS
+    /// handshake failed (an untrusted certificate, a plaintext listener):
+    /// retrying cannot help.
+    #[error("kafka refused the connection: {reason}")]
+    Refused {
+        /// librdkafka's reason.
+        reason: String,
+    },
+    /// No broker answered within the timeout (it may still be starting).
+    #[error("kafka not reachable: {reason}")]
+    Unreachable {
+        /// librdkafka's reason.
+        reason: String,
+    },
+}
+
+/// Records the first authentication or TLS error librdkafka reports.
+#[derive(Default)]
+struct ProbeContext {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = match &error {
+            KafkaError::Global(code) => Some(*code),
+            _ => error.rdkafka_error_code(),
+        };
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
+            let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+            refused.get_or_insert_with(|| reason.to_owned());
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// Connects to the cluster of `config` once and asks for its metadata:
+/// `Ok` when it answers, [`KafkaLogError::Refused`] when it refuses the
+/// credentials or the TLS handshake fails (a wrong SCRAM password, an
+/// untrusted CA), [`KafkaLogError::Unreachable`] when nothing answers in
+/// `timeout`. Blocks; call it from a blocking thread.
+///
+/// # Errors
+/// As above, or [`KafkaLogError::InvalidConfig`].
+pub fn probe(config: &KafkaConfig, timeout: Duration) -> Result<(), KafkaLogError> {
+    let consumer: BaseConsumer<ProbeContext> = config
+        .client_config(&[], &[("group.id", "waymark-probe")])
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| KafkaLogError::InvalidConfig {
+            reason: e.to_string(),
+        })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let step = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(500));
+        let outcome = consumer.fetch_metadata(None, step);
+        // Serves the error callbacks (errors are events of the queue).
+        let _ = consumer.poll(Duration::from_millis(50));
+        let refused = consumer
+            .context()
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(reason) = refused {
+            return Err(KafkaLogError::Refused { reason });
+        }
+        match outcome {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(KafkaLogError::Unreachable {
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 fn unavailable(e: impl fmt::Display) -> LogError {

@@ -48,6 +48,84 @@ pub fn engines() -> Option<(String, String)> {
     Some((kafka()?, cassandra()?))
 }
 
+/// The secured engines of `scripts/dev-services up --secure`: Kafka's
+/// SASL_SSL listener and `cassandra-secure` (password authentication, TLS
+/// only), with the files that reach them.
+#[derive(Debug, Clone)]
+pub struct SecureEngines {
+    /// The SASL_SSL listener, e.g. `127.0.0.1:9094`.
+    pub kafka_bootstrap: String,
+    /// librdkafka client properties (SASL_SSL, SCRAM-SHA-512, the CA).
+    pub kafka_properties_file: String,
+    /// The SCRAM user.
+    pub kafka_username: String,
+    /// A file holding its password.
+    pub kafka_password_file: String,
+    /// The CA (PEM) of both engines' certificates.
+    pub ca: String,
+    /// The CQL contact points of `cassandra-secure`.
+    pub cql_nodes: String,
+    /// The CQL role.
+    pub cql_username: String,
+    /// A file holding its password.
+    pub cql_password_file: String,
+}
+
+/// The secured engines, or `None` when the calling test is skipped: from
+/// the `WAYMARK_SECURE_*` variables (`scripts/test` exports them), else
+/// from `.services/secure/secure.env`, which `scripts/dev-services up
+/// --secure` writes once they are ready.
+///
+/// # Panics
+/// When they are required (`CI=true`) and missing or not answering.
+pub fn secure() -> Option<SecureEngines> {
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.services/secure/secure.env");
+    let from_file: std::collections::HashMap<String, String> = std::fs::read_to_string(&file)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let get = |key: &str| {
+        std::env::var(key)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| from_file.get(key).cloned())
+    };
+    let engines = (|| {
+        Some(SecureEngines {
+            kafka_bootstrap: get("WAYMARK_SECURE_KAFKA_BOOTSTRAP")?,
+            kafka_properties_file: get("WAYMARK_SECURE_KAFKA_PROPERTIES_FILE")?,
+            kafka_username: get("WAYMARK_SECURE_KAFKA_USERNAME")?,
+            kafka_password_file: get("WAYMARK_SECURE_KAFKA_PASSWORD_FILE")?,
+            ca: get("WAYMARK_SECURE_CA")?,
+            cql_nodes: get("WAYMARK_SECURE_CQL_NODES")?,
+            cql_username: get("WAYMARK_SECURE_CQL_USERNAME")?,
+            cql_password_file: get("WAYMARK_SECURE_CQL_PASSWORD_FILE")?,
+        })
+    })();
+    let problem = match &engines {
+        None => "no WAYMARK_SECURE_* variables and no .services/secure/secure.env".to_owned(),
+        Some(e) if !answers(&e.kafka_bootstrap) || !answers(&e.cql_nodes) => format!(
+            "nothing answers at {} or {}",
+            e.kafka_bootstrap, e.cql_nodes
+        ),
+        Some(_) => return engines,
+    };
+    assert!(
+        !in_ci(),
+        "the secured engines are required here (CI=true) but {problem}; start them with \
+         `scripts/dev-services up --secure`"
+    );
+    skip(&format!(
+        "{problem} (start them with `scripts/dev-services up --secure`; under CI=true this fails)"
+    ));
+    None
+}
+
 /// Whether `CI=true`.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")

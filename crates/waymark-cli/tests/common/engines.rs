@@ -151,19 +151,27 @@ impl Deployment {
 
     /// `waymark serve` on a free port; returns it with its address.
     pub fn serve(&self) -> (Proc, String) {
+        self.serve_with(&[])
+    }
+
+    /// `waymark serve` with more environment variables.
+    pub fn serve_with(&self, env: &[(&str, &str)]) -> (Proc, String) {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let proc = self.command(&[
-            "serve",
-            "--grpc-addr",
-            &addr,
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]);
+        let proc = self.command_with(
+            &[
+                "serve",
+                "--grpc-addr",
+                &addr,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            env,
+        );
         (proc, addr)
     }
 

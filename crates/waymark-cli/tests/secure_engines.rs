@@ -1,0 +1,141 @@
+//! `waymark run` and `waymark serve` on secured engines
+//! (`scripts/dev-services up --secure`): Kafka through its SASL_SSL
+//! listener with SCRAM-SHA-512, Cassandra with password authentication and
+//! TLS only. The full contract workload passes; a wrong SCRAM password and
+//! a wrong CQL password each stop the process at once with a message that
+//! says which. Under `CI=true` missing engines fail these tests; elsewhere
+//! they skip.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::contract::contract_workload;
+use common::engines::{wait_for_grpc, Deployment, Proc};
+use waymark_testenv::SecureEngines;
+
+/// The plaintext listener of the same Kafka cluster: the workload's own
+/// producer uses it (the processes under test use the SASL_SSL one).
+fn plain_kafka() -> Option<String> {
+    waymark_testenv::kafka()
+}
+
+fn secured_env(e: &SecureEngines) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "WAYMARK_KAFKA_PROPERTIES_FILE",
+            e.kafka_properties_file.clone(),
+        ),
+        ("WAYMARK_CQL_USERNAME", e.cql_username.clone()),
+        ("WAYMARK_CQL_PASSWORD_FILE", e.cql_password_file.clone()),
+        ("WAYMARK_CQL_TLS_CA", e.ca.clone()),
+    ]
+}
+
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Waits for `proc` to exit by itself, at most `limit`.
+fn exits_within(proc: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {limit:?}; log:\n{}",
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_workload_on_sasl_ssl_kafka_and_authenticated_tls_cassandra() {
+    let Some(secure) = waymark_testenv::secure() else {
+        return;
+    };
+    let Some(plain) = plain_kafka() else {
+        return;
+    };
+    let d = Deployment::new(secure.kafka_bootstrap.clone(), secure.cql_nodes.clone());
+    let env = secured_env(&secure);
+    let run = d.run_with(&[], &borrowed(&env));
+    let (serve, addr) = d.serve_with(&borrowed(&env));
+    wait_for_grpc(&addr).await;
+    contract_workload(&addr, &plain, &d.inputs).await;
+    for p in [&run, &serve] {
+        let log = p.log();
+        assert!(
+            !log.contains("sasl.password"),
+            "a secret name in the log:\n{log}"
+        );
+        let password = std::fs::read_to_string(&secure.cql_password_file).unwrap();
+        assert!(
+            !log.contains(password.trim()),
+            "the CQL password was logged"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_scram_password_stops_run_at_once_and_says_so() {
+    let Some(secure) = waymark_testenv::secure() else {
+        return;
+    };
+    let d = Deployment::new(secure.kafka_bootstrap.clone(), secure.cql_nodes.clone());
+    let properties = std::fs::read_to_string(&secure.kafka_properties_file).unwrap();
+    let wrong: String = properties
+        .lines()
+        .map(|l| {
+            if l.starts_with("sasl.password=") {
+                "sasl.password=not-the-password".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let wrong_file = d.path().join("wrong.properties");
+    std::fs::write(&wrong_file, wrong).unwrap();
+    let mut env = secured_env(&secure);
+    env[0].1 = wrong_file.to_str().unwrap().to_owned();
+    let mut run = d.run_with(&[], &borrowed(&env));
+    let status = exits_within(&mut run, Duration::from_secs(60));
+    assert!(!status.success());
+    let log = run.log();
+    assert!(log.contains("kafka refused the connection"), "{log}");
+    assert!(log.to_lowercase().contains("authentication"), "{log}");
+    assert!(
+        !log.contains("not-the-password"),
+        "the password was logged:\n{log}"
+    );
+}
+
+#[test]
+fn a_wrong_cql_password_stops_serve_at_once_and_says_so() {
+    let Some(secure) = waymark_testenv::secure() else {
+        return;
+    };
+    let d = Deployment::new(secure.kafka_bootstrap.clone(), secure.cql_nodes.clone());
+    let wrong_file = d.path().join("wrong-cql-password");
+    std::fs::write(&wrong_file, "not-the-password").unwrap();
+    let mut env = secured_env(&secure);
+    env[2].1 = wrong_file.to_str().unwrap().to_owned();
+    let (mut serve, _) = d.serve_with(&borrowed(&env));
+    let status = exits_within(&mut serve, Duration::from_secs(60));
+    assert!(!status.success());
+    let log = serve.log();
+    assert!(
+        log.contains("cql cluster refused the connection: authentication failed"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("not-the-password"),
+        "the password was logged:\n{log}"
+    );
+}
