@@ -244,6 +244,10 @@ enum Command {
         /// Topic for --bootstrap.
         #[arg(long, default_value = "waymark.inputs", requires = "bootstrap")]
         topic: String,
+        /// For --bootstrap: librdkafka properties from a file, KEY=VALUE
+        /// per line (security.protocol, sasl.*, ssl.ca.location).
+        #[arg(long, env = "WAYMARK_KAFKA_PROPERTIES_FILE", requires = "bootstrap")]
+        kafka_properties_file: Option<PathBuf>,
         /// JSON-lines file; stdin when absent or "-".
         file: Option<PathBuf>,
     },
@@ -666,6 +670,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             grpc_addr,
             bootstrap,
             topic,
+            kafka_properties_file,
             file,
         } => {
             let input = match &file {
@@ -680,7 +685,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let target = match bootstrap {
-                Some(bootstrap) => Target::Kafka { bootstrap, topic },
+                Some(bootstrap) => Target::Kafka {
+                    bootstrap,
+                    topic,
+                    properties: match &kafka_properties_file {
+                        Some(path) => waymark_cli::scale::read_properties(path)?,
+                        None => Vec::new(),
+                    },
+                },
                 None => Target::Grpc(client.endpoint(&grpc_addr)?),
             };
             let report = publish(&input, &target).await?;

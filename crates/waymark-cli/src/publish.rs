@@ -30,6 +30,9 @@ pub enum Target {
         bootstrap: String,
         /// Topic.
         topic: String,
+        /// librdkafka properties (TLS, SASL), applied before the
+        /// producer's guarantees (idempotence, `acks=all`).
+        properties: Vec<(String, String)>,
     },
 }
 
@@ -62,9 +65,11 @@ pub async fn publish(input: &str, target: &Target) -> anyhow::Result<PublishRepo
     }
     match target {
         Target::Grpc(endpoint) => publish_grpc(endpoint, valid, &mut report).await?,
-        Target::Kafka { bootstrap, topic } => {
-            publish_kafka(bootstrap, topic, valid, &mut report).await?
-        }
+        Target::Kafka {
+            bootstrap,
+            topic,
+            properties,
+        } => publish_kafka(bootstrap, topic, properties, valid, &mut report).await?,
     }
     report.rejected.sort_by_key(|r| r.0);
     Ok(report)
@@ -117,15 +122,21 @@ async fn publish_grpc(
 async fn publish_kafka(
     bootstrap: &str,
     topic: &str,
+    properties: &[(String, String)],
     valid: Vec<(usize, String, String)>,
     report: &mut PublishReport,
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let producer: FutureProducer = config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
         .create()
         .context("cannot create the kafka producer")?;
     let mut pending = Vec::with_capacity(valid.len());

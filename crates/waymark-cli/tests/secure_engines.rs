@@ -68,6 +68,36 @@ async fn contract_workload_on_sasl_ssl_kafka_and_authenticated_tls_cassandra() {
     let (serve, addr) = d.serve_with(&borrowed(&env));
     wait_for_grpc(&addr).await;
     contract_workload(&addr, &plain, &d.inputs).await;
+
+    // `waymark publish --bootstrap` through the SASL_SSL listener too.
+    let events = d.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        common::event(
+            "secure-publish-1",
+            "interaction.recorded",
+            "2026-03-01T11:00:00Z",
+            ("web", "secure-publisher"),
+            serde_json::json!({"kind": "message", "content_type": "text", "content": "hi"}),
+        ),
+    )
+    .unwrap();
+    let out = common::replay::waymark(&[
+        "publish",
+        "--bootstrap",
+        &secure.kafka_bootstrap,
+        "--topic",
+        &d.inputs,
+        "--kafka-properties-file",
+        &secure.kafka_properties_file,
+        events.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", common::replay::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published 1 events"),
+        "{}",
+        common::replay::text(&out)
+    );
     for p in [&run, &serve] {
         let log = p.log();
         assert!(
