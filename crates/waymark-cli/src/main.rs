@@ -158,6 +158,8 @@ impl GrpcSecurityArgs {
     }
 }
 
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the whole platform in one process: a durable embedded log and

@@ -169,3 +169,56 @@ fn a_wrong_cql_password_stops_serve_at_once_and_says_so() {
         "the password was logged:\n{log}"
     );
 }
+
+/// SCRAM-SHA-256, SCRAM-SHA-512, PLAIN and OAUTHBEARER (unsecured JWS)
+/// each log in through the librdkafka Waymark is built with; a wrong
+/// password is refused, not waited for.
+#[test]
+fn every_sasl_mechanism_logs_in() {
+    let Some(secure) = waymark_testenv::secure() else {
+        return;
+    };
+    let password = std::fs::read_to_string(&secure.kafka_password_file).unwrap();
+    let config = |mechanism: &str, password: &str| {
+        let mut c = waymark_kafka::KafkaConfig::new(secure.kafka_bootstrap.clone())
+            .property("security.protocol", "SASL_SSL")
+            .property("ssl.ca.location", secure.ca.clone())
+            .property("sasl.mechanism", mechanism);
+        if mechanism == "OAUTHBEARER" {
+            c = c
+                .property("enable.sasl.oauthbearer.unsecure.jwt", "true")
+                .property("sasl.oauthbearer.config", "principal=waymark");
+        } else {
+            c = c
+                .property("sasl.username", secure.kafka_username.clone())
+                .property("sasl.password", password.trim().to_owned());
+        }
+        c
+    };
+    for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN", "OAUTHBEARER"] {
+        waymark_kafka::probe(&config(mechanism, &password), Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{mechanism}: {e}"));
+    }
+    for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] {
+        let e = waymark_kafka::probe(&config(mechanism, "wrong"), Duration::from_secs(20))
+            .expect_err(mechanism);
+        assert!(
+            matches!(e, waymark_kafka::KafkaLogError::Refused { .. }),
+            "{mechanism}: {e}"
+        );
+    }
+    // An untrusted CA: the TLS handshake fails, and that is a refusal too.
+    let dir = tempfile::tempdir().unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let untrusted = config("SCRAM-SHA-512", &password)
+        .property("ssl.ca.location", other_ca.to_str().unwrap().to_owned());
+    let e = waymark_kafka::probe(&untrusted, Duration::from_secs(20)).expect_err("untrusted CA");
+    assert!(
+        matches!(e, waymark_kafka::KafkaLogError::Refused { .. }),
+        "{e}"
+    );
+}
