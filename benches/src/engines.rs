@@ -192,6 +192,8 @@ impl Target {
                     kafka_addr: None,
                     kafka_limits: Default::default(),
                     grpc_security: waymark_server::Security::open(),
+                    kafka_tls: None,
+                    kafka_sasl: None,
                 })
                 .await?;
                 Ok(Platform {

@@ -23,7 +23,8 @@ use kafka_protocol::messages::{
     ApiKey, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse, FindCoordinatorRequest,
     FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
-    ProducerId, RequestHeader, RequestKind, ResponseKind, TopicName,
+    ProducerId, RequestHeader, RequestKind, ResponseKind, SaslAuthenticateResponse,
+    SaslHandshakeResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use tokio::task::JoinSet;
@@ -35,6 +36,7 @@ use waymark_embedded::{
 
 use crate::groups::Coordinator as Groups;
 use crate::records::{self, BatchError, Limits};
+use crate::sasl::Authenticator;
 use crate::server::Pending;
 use crate::{BrokerConfig, Counters, BYTES_IN, BYTES_OUT, RECORDS_IN, RECORDS_OUT};
 
@@ -62,6 +64,9 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 5),
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::InitProducerId, 0, 5),
+    // Always advertised, as Kafka does; see `sasl.rs` and the crate docs.
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// The name Kafka gives an error code (for metrics and messages).
@@ -91,12 +96,16 @@ pub(crate) struct Api {
     pub(crate) groups: Arc<Groups>,
     /// Bytes of request frames being read or handled, broker-wide.
     pub(crate) memory: Arc<tokio::sync::Semaphore>,
+    /// SASL verifiers, when SASL is on (`config.sasl` is then `None`: the
+    /// passwords are not kept).
+    pub(crate) sasl: Option<Arc<Authenticator>>,
 }
 
 impl Api {
     pub(crate) fn new(
         log: EmbeddedLog,
         config: BrokerConfig,
+        sasl: Option<Arc<Authenticator>>,
         counters: Arc<Counters>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -115,6 +124,7 @@ impl Api {
             counters,
             shutdown,
             groups,
+            sasl,
         }
     }
 
@@ -230,6 +240,41 @@ impl Api {
             }
             RequestKind::ListGroups(r) => {
                 ready(ResponseKind::ListGroups(self.groups.list(&r, version)))
+            }
+            // Reached without SASL, or once authenticated (the
+            // connection's SASL session answers them before): Kafka's
+            // answers on a listener without SASL, or after authentication.
+            RequestKind::SaslHandshake(_) => {
+                let code = self.refuse(
+                    ResponseError::IllegalSaslState,
+                    "SaslHandshake without SASL or after authentication",
+                );
+                let mechanisms = self
+                    .sasl
+                    .as_ref()
+                    .map(|s| s.mechanism_names())
+                    .unwrap_or_default();
+                ready(ResponseKind::SaslHandshake(
+                    SaslHandshakeResponse::default()
+                        .with_error_code(code)
+                        .with_mechanisms(mechanisms),
+                ))
+            }
+            RequestKind::SaslAuthenticate(_) => {
+                let code = self.refuse(
+                    ResponseError::IllegalSaslState,
+                    "SaslAuthenticate without SASL or after authentication",
+                );
+                let message = if self.sasl.is_some() {
+                    "SaslAuthenticate request received after successful authentication"
+                } else {
+                    "SASL is not enabled on this endpoint"
+                };
+                ready(ResponseKind::SaslAuthenticate(
+                    SaslAuthenticateResponse::default()
+                        .with_error_code(code)
+                        .with_error_message(Some(str_bytes(message))),
+                ))
             }
             other => {
                 // Not advertised, so a well-behaved client never sends it;

@@ -19,6 +19,8 @@
 //!   OffsetFetch, DescribeGroups, ListGroups).
 //! - `records.rs`: record batches v2 in and out, every compression
 //!   Kafka defines (gzip, snappy, lz4, zstd).
+//! - `sasl.rs`: SASL authentication (SaslHandshake, SaslAuthenticate):
+//!   PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, server side.
 //!
 //! # Guarantees
 //! - **Acknowledged means durable.** A produce with `acks=1` or `acks=-1`
@@ -49,6 +51,41 @@
 //!   limit of requests in flight, a request size limit, a broker-wide bound
 //!   on request bytes held, a bound on decompressed batch size and an idle
 //!   timeout ([`BrokerConfig`]).
+//! - **TLS is optional** ([`BrokerConfig::tls`], off by default). With it,
+//!   every connection completes a TLS 1.2 or 1.3 handshake (no ALPN) before
+//!   a byte of Kafka is read, within 10 s (or the idle timeout, if
+//!   shorter). A handshake that fails or times out (a plaintext client, an
+//!   untrusted client certificate under mutual TLS) closes that connection
+//!   only: it is logged at debug level and counted
+//!   (`waymark_tls_handshake_failures_total{listener="kafka"}` and the
+//!   refusal `TLS_HANDSHAKE_FAILED`); the listener goes on. The
+//!   certificate files are checked every 5 s and reloaded when they change
+//!   (connections already open keep theirs). A connection counts against
+//!   the connection cap from its accept, handshake included; the other
+//!   limits apply unchanged to what it sends after the handshake.
+//! - **SASL is optional** ([`BrokerConfig::sasl`], off by default): PLAIN,
+//!   SCRAM-SHA-256 and SCRAM-SHA-512, through SaslHandshake v0–v1 and
+//!   SaslAuthenticate v0–v2 (KIP-43, KIP-152), the legacy raw-token flow
+//!   after a v0 handshake included. Passwords are kept only until the
+//!   broker starts: SCRAM verifiers are derived then (random salt, 4096
+//!   iterations), PLAIN ones are keyed hashes. Authentication does not
+//!   expire (`session_lifetime_ms` is 0). A failed authentication is
+//!   answered `SASL_AUTHENTICATION_FAILED` with the message
+//!   "Authentication failed: Invalid username or password", the same for
+//!   an unknown user as for a wrong password, counted
+//!   (`waymark_kafka_auth_failures_total{mechanism}`) and the connection
+//!   closed; an unsupported mechanism is answered
+//!   `UNSUPPORTED_SASL_MECHANISM` with the enabled ones, then closed.
+//! - **An unauthenticated connection can do nothing else.** With SASL on,
+//!   until a connection has authenticated the only requests served are
+//!   ApiVersions, SaslHandshake and SaslAuthenticate, each frame at most
+//!   512 KiB (Kafka's `sasl.server.max.receive.size`); anything else closes
+//!   the connection unanswered (as Kafka does) and is counted as
+//!   `ILLEGAL_SASL_STATE`. SaslHandshake and SaslAuthenticate are always
+//!   advertised by ApiVersions, as Kafka does, so clients see the same
+//!   versions whether SASL is on or not; without SASL (or once
+//!   authenticated) they are answered `ILLEGAL_SASL_STATE`, as Kafka
+//!   answers them on a listener without SASL.
 //!
 //! # What it does not do
 //! Transactions, static group membership (`group.instance.id` is accepted
@@ -58,11 +95,16 @@
 //! advertised), offset-commit metadata (stored offsets come back with empty
 //! metadata), and admin requests such as CreateTopics (topics come from
 //! `topology.yaml`). Timestamps are the log's append time
-//! (`message.timestamp.type=LogAppendTime`).
+//! (`message.timestamp.type=LogAppendTime`). With SASL: no ACLs (every
+//! authenticated user may do what any client may do without SASL), no
+//! re-authentication (KIP-368), no GSSAPI or OAUTHBEARER, no SCRAM channel
+//! binding or delegation tokens; the principal of a client certificate
+//! (mutual TLS) is not used for anything beyond the handshake.
 
 mod api;
 mod groups;
 pub mod records;
+mod sasl;
 mod server;
 
 use std::collections::HashMap;
@@ -71,7 +113,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use server::{decode_request, Broker, BrokerError, DecodedRequest, FrameError};
+pub use sasl::{SaslConfig, SaslConfigError, SaslMechanism, UnknownMechanism, SCRAM_ITERATIONS};
+pub use server::{
+    decode_request, Broker, BrokerError, DecodedRequest, FrameError,
+    MAX_UNAUTHENTICATED_REQUEST_BYTES,
+};
+pub use waymark_tls::ServerTls;
 
 /// Metric: requests handled, by `api`.
 pub const REQUESTS: &str = "waymark_kafka_requests_total";
@@ -89,6 +136,11 @@ pub const BYTES_OUT: &str = "waymark_kafka_bytes_out_total";
 pub const REFUSALS: &str = "waymark_kafka_refusals_total";
 /// Metric: open connections.
 pub const CONNECTIONS: &str = "waymark_kafka_connections";
+/// Metric: failed SASL authentications, by `mechanism`.
+pub const AUTH_FAILURES: &str = "waymark_kafka_auth_failures_total";
+/// The `listener` label of this endpoint's TLS handshake failures
+/// ([`waymark_tls::HANDSHAKE_FAILURES`]).
+pub const TLS_LISTENER: &str = "kafka";
 
 /// Registers the help text of every metric above with the installed
 /// recorder.
@@ -114,6 +166,10 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(REFUSALS, "Kafka requests or batches refused, by error code");
     metrics::describe_gauge!(CONNECTIONS, "Open Kafka connections");
+    metrics::describe_counter!(
+        AUTH_FAILURES,
+        "Failed SASL authentications on the Kafka endpoint, by mechanism"
+    );
 }
 
 /// What clients may do with one topic.
@@ -153,6 +209,11 @@ pub struct BrokerConfig {
     /// Bounds on a group member's session timeout
     /// (`group.min/max.session.timeout.ms`).
     pub session_timeout_bounds: (Duration, Duration),
+    /// TLS for every connection (load it with no ALPN protocol); `None`:
+    /// plaintext. Its files are watched for changes while the broker runs.
+    pub tls: Option<ServerTls>,
+    /// SASL authentication before anything else; `None`: none.
+    pub sasl: Option<SaslConfig>,
 }
 
 /// Kafka's `max.message.bytes` of Waymark topics (as on real Kafka).
@@ -174,7 +235,21 @@ impl BrokerConfig {
             idle_timeout: Duration::from_secs(600),
             topics: HashMap::new(),
             session_timeout_bounds: (Duration::from_secs(6), Duration::from_secs(1800)),
+            tls: None,
+            sasl: None,
         }
+    }
+
+    /// Serves every connection over TLS.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Requires SASL authentication.
+    pub fn with_sasl(mut self, sasl: SaslConfig) -> Self {
+        self.sasl = Some(sasl);
+        self
     }
 
     /// Lets clients produce to `topic`.

@@ -7,19 +7,26 @@
 //! queued to the log's writer right there, so pipelined produces keep their
 //! order), keeps at most `max_in_flight` of them running and writes their
 //! responses in request order, as Kafka clients require.
+//!
+//! With TLS, the connection task first completes the handshake; the reader
+//! and the connection task then share the TLS stream through
+//! `tokio::io::split`. With SASL, the connection task holds the
+//! connection's SASL session and lets nothing but ApiVersions, SaslHandshake
+//! and SaslAuthenticate through until it has authenticated (the reader
+//! bounds frames by [`MAX_UNAUTHENTICATED_REQUEST_BYTES`] until then).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -28,7 +35,14 @@ use tracing::{debug, info, warn};
 use waymark_embedded::EmbeddedLog;
 
 use crate::api::Api;
-use crate::{BrokerConfig, Counters, StatusHandle, CONNECTIONS, REQUESTS, REQUEST_SECONDS};
+use crate::sasl::{Authenticator, SaslConfigError, Session};
+use crate::{
+    BrokerConfig, Counters, StatusHandle, CONNECTIONS, REQUESTS, REQUEST_SECONDS, TLS_LISTENER,
+};
+
+/// The largest request frame of a connection that has not authenticated
+/// yet, when SASL is on (Kafka's `sasl.server.max.receive.size`).
+pub const MAX_UNAUTHENTICATED_REQUEST_BYTES: usize = 512 * 1024;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +56,9 @@ pub enum BrokerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The SASL configuration cannot be used.
+    #[error("Kafka endpoint SASL: {0}")]
+    Sasl(#[from] SaslConfigError),
 }
 
 /// A running broker. [`Broker::stop`] (or dropping it) closes the listener
@@ -59,8 +76,16 @@ pub(crate) type Pending = Pin<Box<dyn Future<Output = Option<ResponseKind>> + Se
 
 impl Broker {
     /// Binds `config.addr` and serves `log` until stopped. A busy address
-    /// is an error here, before anything is served.
-    pub async fn start(log: EmbeddedLog, config: BrokerConfig) -> Result<Self, BrokerError> {
+    /// or an unusable SASL configuration is an error here, before anything
+    /// is served. With SASL, every user's verifiers are derived here (4096
+    /// PBKDF2 rounds per user and SCRAM mechanism) and the passwords
+    /// dropped; with TLS, its files are watched until the broker stops.
+    pub async fn start(log: EmbeddedLog, mut config: BrokerConfig) -> Result<Self, BrokerError> {
+        // Verifiers are derived here, and the passwords dropped.
+        let sasl = match config.sasl.take() {
+            Some(sasl) => Some(Arc::new(Authenticator::new(sasl)?)),
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.addr)
                 .await
@@ -74,10 +99,20 @@ impl Broker {
         })?;
         let counters = Arc::new(Counters::default());
         let shutdown = CancellationToken::new();
-        let api = Arc::new(Api::new(log, config, counters.clone(), shutdown.clone()));
+        if let Some(tls) = &config.tls {
+            tls.watch(waymark_tls::DEFAULT_RELOAD_INTERVAL, shutdown.clone());
+        }
+        let (tls, with_sasl) = (config.tls.is_some(), sasl.is_some());
+        let api = Arc::new(Api::new(
+            log,
+            config,
+            sasl,
+            counters.clone(),
+            shutdown.clone(),
+        ));
         let token = shutdown.clone();
         let task = tokio::spawn(accept_loop(listener, api, counters.clone(), token));
-        info!(%addr, "kafka endpoint listening");
+        info!(%addr, tls, sasl = with_sasl, "kafka endpoint listening");
         Ok(Self {
             addr,
             status: StatusHandle {
@@ -158,7 +193,7 @@ async fn accept_loop(
         connections.spawn(async move {
             counters.connections.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(CONNECTIONS).increment(1.0);
-            if let Err(e) = connection(stream, peer, &api, token).await {
+            if let Err(e) = serve(stream, peer, &api, token).await {
                 debug!(%peer, error = %e, "kafka connection closed");
             }
             counters.connections.fetch_sub(1, Ordering::Relaxed);
@@ -168,6 +203,41 @@ async fn accept_loop(
     }
     drop(listener);
     connections.shutdown().await;
+}
+
+/// Serves one accepted connection: the TLS handshake first when TLS is on,
+/// then Kafka.
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    api: &Arc<Api>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let local = stream.local_addr()?;
+    let Some(tls) = &api.config.tls else {
+        let (rd, wr) = stream.into_split();
+        return connection(rd, wr, peer, local, api, shutdown).await;
+    };
+    let limit = waymark_tls::HANDSHAKE_TIMEOUT.min(api.config.idle_timeout);
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        handshake = tokio::time::timeout(limit, tls.acceptor().accept(stream)) => handshake,
+    };
+    let why = match handshake {
+        Ok(Ok(stream)) => {
+            let (rd, wr) = tokio::io::split(stream);
+            return connection(rd, wr, peer, local, api, shutdown).await;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no handshake within {limit:?}"),
+    };
+    metrics::counter!(waymark_tls::HANDSHAKE_FAILURES, "listener" => TLS_LISTENER).increment(1);
+    api.counters.refused(
+        "TLS_HANDSHAKE_FAILED",
+        &format!("{peer}: TLS handshake failed: {why}"),
+    );
+    debug!(%peer, error = %why, "kafka endpoint: TLS handshake failed; connection closed");
+    Ok(())
 }
 
 /// What the reader hands to the connection task.
@@ -181,14 +251,19 @@ enum Incoming {
 
 /// Reads frames until the peer closes, a frame is too large, or the
 /// connection task is gone.
-async fn read_frames(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+///
+/// Until `authenticated` (always, without SASL) frames are bounded by
+/// [`MAX_UNAUTHENTICATED_REQUEST_BYTES`]. Frames shorter than a request
+/// header are handed over (raw SASL tokens of the v0 flow are); the
+/// connection task refuses them otherwise.
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut rd: R,
     tx: mpsc::Sender<Incoming>,
     api: Arc<Api>,
     peer: SocketAddr,
+    authenticated: Arc<AtomicBool>,
 ) {
     let idle = api.config.idle_timeout;
-    let max = api.config.max_request_bytes;
     loop {
         let mut len = [0u8; 4];
         match tokio::time::timeout(idle, rd.read_exact(&mut len)).await {
@@ -201,13 +276,23 @@ async fn read_frames(
             Ok(Err(_)) => return,
             Ok(Ok(_)) => {}
         }
+        // Read once the frame has begun: a client sends its first request
+        // after authenticating once it has the answer, written after the
+        // flag is set.
+        let max = if authenticated.load(Ordering::Acquire) {
+            api.config.max_request_bytes
+        } else {
+            api.config
+                .max_request_bytes
+                .min(MAX_UNAUTHENTICATED_REQUEST_BYTES)
+        };
         let size = i32::from_be_bytes(len);
         let Ok(size) = usize::try_from(size) else {
             api.counters
                 .refused("INVALID_REQUEST", &format!("{peer}: negative frame size"));
             return;
         };
-        if size > max || size < 8 {
+        if size > max {
             api.counters.refused(
                 "INVALID_REQUEST",
                 &format!("{peer}: request frame of {size} bytes (limit {max}); connection closed"),
@@ -234,19 +319,33 @@ async fn read_frames(
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Serves Kafka on one connection (TCP or TLS, already split) until the
+/// peer closes, a request closes it, it idles out or the broker stops.
+async fn connection<R, W>(
+    rd: R,
+    mut wr: W,
     peer: SocketAddr,
+    local: SocketAddr,
     api: &Arc<Api>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let local = stream.local_addr()?;
-    let (rd, mut wr) = stream.into_split();
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut session = api.sasl.as_ref().map(|a| Session::new(a.clone(), peer));
+    let authenticated = Arc::new(AtomicBool::new(session.is_none()));
     let (tx, mut rx) = mpsc::channel(1);
     // Ends with the connection, however it ends (even aborted at shutdown).
-    let _reader = AbortOnDrop(tokio::spawn(read_frames(rd, tx, api.clone(), peer)));
+    let _reader = AbortOnDrop(tokio::spawn(read_frames(
+        rd,
+        tx,
+        api.clone(),
+        peer,
+        authenticated.clone(),
+    )));
     let mut pending: FuturesOrdered<Outgoing> = FuturesOrdered::new();
-    loop {
+    let closed = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             incoming = rx.recv(), if pending.len() < api.config.max_in_flight => {
@@ -254,12 +353,7 @@ async fn connection(
                     None => {
                         // The peer closed (or sent a bad frame): finish what
                         // is in flight, then close.
-                        while let Some(out) = pending.next().await {
-                            if let Some(frame) = out {
-                                wr.write_all(&frame).await?;
-                            }
-                        }
-                        break Ok(());
+                        break drain(&mut pending, &mut wr).await;
                     }
                     Some(Incoming::Idle) => {
                         if pending.is_empty() {
@@ -268,24 +362,57 @@ async fn connection(
                         }
                     }
                     Some(Incoming::Frame(frame, permit)) => {
-                        match start_request(api, frame, peer, local).await {
-                            Some(fut) => pending.push_back(Box::pin(async move {
-                                let out = fut.await;
-                                drop(permit);
-                                out
-                            })),
-                            None => break Ok(()),
+                        let started = start_request(api, frame, peer, local, session.as_mut()).await;
+                        if session.as_ref().is_some_and(Session::authenticated) {
+                            authenticated.store(true, Ordering::Release);
+                        }
+                        match started {
+                            Started::Respond(fut, close) => {
+                                pending.push_back(Box::pin(async move {
+                                    let out = fut.await;
+                                    drop(permit);
+                                    out
+                                }));
+                                if close {
+                                    // Its answer (and those before it) go
+                                    // out, then the connection closes.
+                                    break drain(&mut pending, &mut wr).await;
+                                }
+                            }
+                            Started::Close => break Ok(()),
                         }
                     }
                 }
             }
             Some(out) = pending.next(), if !pending.is_empty() => {
                 if let Some(frame) = out {
-                    wr.write_all(&frame).await?;
+                    send(&mut wr, &frame).await?;
                 }
             }
         }
+    };
+    // Best effort: a TLS close_notify, a TCP FIN.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    closed
+}
+
+/// Writes a response frame and flushes it (TLS buffers otherwise).
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    wr.write_all(frame).await?;
+    wr.flush().await
+}
+
+/// Finishes every request in flight and writes their answers, in order.
+async fn drain<W: AsyncWrite + Unpin>(
+    pending: &mut FuturesOrdered<Outgoing>,
+    wr: &mut W,
+) -> std::io::Result<()> {
+    while let Some(out) = pending.next().await {
+        if let Some(frame) = out {
+            send(wr, &frame).await?;
+        }
     }
+    Ok(())
 }
 
 /// Aborts a task when dropped.
@@ -398,14 +525,62 @@ pub fn decode_request(mut frame: Bytes) -> Result<DecodedRequest, FrameError> {
 /// A response frame, or nothing to send.
 type Outgoing = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 
-/// Decodes a frame and starts its request; `None` closes the connection
+/// What became of a request frame.
+enum Started {
+    /// Its answer; `true`: close the connection once it is written.
+    Respond(Outgoing, bool),
+    /// Close the connection without an answer.
+    Close,
+}
+
+/// The requests an unauthenticated connection may send.
+fn allowed_before_authentication(key: i16) -> bool {
+    [
+        ApiKey::ApiVersions,
+        ApiKey::SaslHandshake,
+        ApiKey::SaslAuthenticate,
+    ]
+    .iter()
+    .any(|k| *k as i16 == key)
+}
+
+/// Decodes a frame and starts its request; `Close` closes the connection
 /// (what Kafka does with a request it cannot parse or does not support).
+/// Until `session` (SASL on) has authenticated, only ApiVersions and the
+/// SASL requests get through, and after a v0 handshake frames are raw SASL
+/// tokens.
 async fn start_request(
     api: &Arc<Api>,
     frame: Bytes,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Option<Outgoing> {
+    session: Option<&mut Session>,
+) -> Started {
+    let mut session = session.filter(|s| !s.authenticated());
+    if let Some(session) = session.as_deref_mut() {
+        if session.wants_raw_token() {
+            return match session.raw_token(&frame, &api.counters) {
+                Some(reply) => Started::Respond(Box::pin(async move { Some(reply) }), false),
+                None => Started::Close,
+            };
+        }
+        let key = frame.get(..2).map(|k| i16::from_be_bytes([k[0], k[1]]));
+        if !key.is_some_and(allowed_before_authentication) {
+            let name = key.map_or_else(
+                || "a frame".to_owned(),
+                |k| match ApiKey::try_from(k) {
+                    Ok(k) => format!("{k:?}"),
+                    Err(_) => format!("API key {k}"),
+                },
+            );
+            api.counters.refused(
+                "ILLEGAL_SASL_STATE",
+                &format!("{peer}: {name} before SASL authentication; connection closed"),
+            );
+            debug!(%peer, request = %name, "kafka endpoint: request before authentication; closing");
+            return Started::Close;
+        }
+    }
     let DecodedRequest {
         key,
         version,
@@ -422,28 +597,48 @@ async fn start_request(
             // KIP-511: answer in v0 with UNSUPPORTED_VERSION and the versions
             // supported, so the client can pick one.
             let body = api.api_versions_unsupported();
-            return Some(Box::pin(async move {
-                encode_response(ApiKey::ApiVersions, 0, correlation_id, &body)
-            }));
+            return Started::Respond(
+                Box::pin(
+                    async move { encode_response(ApiKey::ApiVersions, 0, correlation_id, &body) },
+                ),
+                false,
+            );
         }
         Err(e) => {
             api.counters.refused(e.code(), &format!("{peer}: {e}"));
             if !matches!(e, FrameError::UnknownKey(_) | FrameError::Header(_)) {
                 warn!(%peer, error = %e, "kafka endpoint: request refused; closing");
             }
-            return None;
+            return Started::Close;
         }
     };
     let started = Instant::now();
-    let pending = api.start(request, &header, version, local).await;
-    Some(Box::pin(async move {
+    // The SASL requests of a connection that has not authenticated go to
+    // its session.
+    let sasl = match (session, request) {
+        (Some(s), RequestKind::SaslHandshake(r)) => {
+            let (response, close) = s.handshake(r.mechanism.as_str(), version, &api.counters);
+            Ok((ResponseKind::SaslHandshake(response), close))
+        }
+        (Some(s), RequestKind::SaslAuthenticate(r)) => {
+            let (response, close) = s.authenticate(&r.auth_bytes, &api.counters);
+            Ok((ResponseKind::SaslAuthenticate(response), close))
+        }
+        (_, request) => Err(request),
+    };
+    let (pending, close): (crate::server::Pending, bool) = match sasl {
+        Ok((response, close)) => (Box::pin(async move { Some(response) }), close),
+        Err(request) => (api.start(request, &header, version, local).await, false),
+    };
+    let outgoing: Outgoing = Box::pin(async move {
         let response = pending.await;
         let name = format!("{key:?}");
         metrics::counter!(REQUESTS, "api" => name.clone()).increment(1);
         metrics::histogram!(REQUEST_SECONDS, "api" => name).record(started.elapsed().as_secs_f64());
         let response = response?;
         encode_response(key, version, correlation_id, &response)
-    }))
+    });
+    Started::Respond(outgoing, close)
 }
 
 fn encode_response(

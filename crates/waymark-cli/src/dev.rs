@@ -46,6 +46,10 @@ pub struct DevOptions {
     /// TLS and authentication of the gRPC port (`Security::open()` on
     /// loopback by default).
     pub grpc_security: waymark_server::Security,
+    /// TLS of the Kafka endpoint (plaintext when `None`).
+    pub kafka_tls: Option<waymark_tls::ServerTls>,
+    /// SASL of the Kafka endpoint (anyone may connect when `None`).
+    pub kafka_sasl: Option<waymark_broker::SaslConfig>,
 }
 
 /// Limits of the Kafka endpoint (`waymark dev --kafka-*`); the defaults are
@@ -151,12 +155,14 @@ impl Dev {
             .with_context(|| format!("cannot listen for gRPC on {}", options.grpc_addr))?;
         let broker = match options.kafka_addr {
             Some(addr) => Some(
-                Broker::start(
-                    log.clone(),
-                    options
+                Broker::start(log.clone(), {
+                    let mut config = options
                         .kafka_limits
-                        .config(addr, &topology.topics.inputs.name),
-                )
+                        .config(addr, &topology.topics.inputs.name);
+                    config.tls = options.kafka_tls.clone();
+                    config.sasl = options.kafka_sasl.clone();
+                    config
+                })
                     .await
                     .context("cannot start the Kafka endpoint (choose another with --kafka-addr, or --no-kafka)")?,
             ),

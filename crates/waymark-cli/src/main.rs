@@ -199,6 +199,26 @@ enum Command {
         /// Kafka endpoint: seconds after which an idle connection is closed.
         #[arg(long, default_value_t = KafkaLimits::default().idle_timeout.as_secs(), env = "WAYMARK_KAFKA_IDLE_TIMEOUT_SECS")]
         kafka_idle_timeout_secs: u64,
+        /// Kafka endpoint TLS: server certificate chain (PEM); reloaded
+        /// when it changes.
+        #[arg(long, env = "WAYMARK_KAFKA_TLS_CERT", requires = "kafka_tls_key")]
+        kafka_tls_cert: Option<PathBuf>,
+        /// Kafka endpoint TLS: the certificate's private key (PEM).
+        #[arg(long, env = "WAYMARK_KAFKA_TLS_KEY", requires = "kafka_tls_cert")]
+        kafka_tls_key: Option<PathBuf>,
+        /// Kafka endpoint SASL: users, one `name:password` per line (keep
+        /// the file private); clients must log in before anything else.
+        #[arg(long, env = "WAYMARK_KAFKA_SASL_USERS")]
+        kafka_sasl_users: Option<PathBuf>,
+        /// Kafka endpoint SASL mechanisms offered, comma-separated.
+        #[arg(
+            long,
+            env = "WAYMARK_KAFKA_SASL_MECHANISMS",
+            value_delimiter = ',',
+            default_value = "SCRAM-SHA-512,SCRAM-SHA-256,PLAIN",
+            requires = "kafka_sasl_users"
+        )]
+        kafka_sasl_mechanisms: Vec<waymark_broker::SaslMechanism>,
         #[command(flatten)]
         security: GrpcSecurityArgs,
     },
@@ -607,9 +627,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kafka_max_in_flight,
             kafka_max_request_bytes,
             kafka_idle_timeout_secs,
+            kafka_tls_cert,
+            kafka_tls_key,
+            kafka_sasl_users,
+            kafka_sasl_mechanisms,
             security,
         } => {
+            let insecure = security.insecure;
             let grpc_security = security.options()?.load(grpc_addr)?;
+            let kafka_tls = match kafka_tls_cert.zip(kafka_tls_key) {
+                Some((cert, key)) => Some(
+                    waymark_tls::ServerTls::load(
+                        waymark_tls::TlsFiles {
+                            cert,
+                            key,
+                            client_ca: None,
+                        },
+                        Vec::new(),
+                    )
+                    .context("Kafka endpoint TLS")?,
+                ),
+                None => None,
+            };
+            let kafka_sasl = match &kafka_sasl_users {
+                Some(path) => Some(
+                    waymark_broker::SaslConfig::load_users(path)
+                        .context("Kafka endpoint SASL")?
+                        .with_mechanisms(kafka_sasl_mechanisms),
+                ),
+                None => None,
+            };
+            if !no_kafka {
+                waymark_cli::security::check_exposure(
+                    "the Kafka endpoint",
+                    kafka_addr,
+                    kafka_tls.is_some(),
+                    kafka_sasl.is_some(),
+                    insecure,
+                    "--kafka-tls-cert and --kafka-tls-key, and --kafka-sasl-users",
+                )?;
+            }
             let topology = match topology {
                 Some(path) => registry::load_topology(&path)?,
                 None => registry::default_topology()?,
@@ -627,6 +684,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     idle_timeout: std::time::Duration::from_secs(kafka_idle_timeout_secs.max(1)),
                 },
                 grpc_security,
+                kafka_tls,
+                kafka_sasl,
             })
             .await?;
             println!("waymark dev is ready (data in {})", data_dir.display());

@@ -138,6 +138,8 @@ async fn start(dir: &Path, options: GrpcSecurityOptions) -> Dev {
         kafka_addr: None,
         kafka_limits: Default::default(),
         grpc_security,
+        kafka_tls: None,
+        kafka_sasl: None,
     })
     .await
     .expect("waymark dev starts")
@@ -478,8 +480,90 @@ fn serving_beyond_loopback_unsecured_is_refused() {
             "{all}"
         );
     }
+    // The Kafka endpoint of `dev` follows the same rule.
+    let out = waymark(&[
+        "dev",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--kafka-addr",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains(
+            "refusing to serve the Kafka endpoint on 0.0.0.0:0 without TLS and authentication"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("--kafka-sasl-users"), "{all}");
     // Nothing was created: the check comes before anything starts.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// `waymark dev`'s Kafka endpoint with TLS and SASL, as `DevOptions`
+/// passes them on: librdkafka logs in with SCRAM over TLS; a wrong
+/// password and plaintext are refused (the handshakes themselves are
+/// tested in `waymark-broker`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_kafka_endpoint_takes_tls_and_sasl() {
+    let m = material();
+    let data = tempfile::tempdir().unwrap();
+    let dev = Dev::start(DevOptions {
+        data_dir: data.path().to_path_buf(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        topology: waymark_cli::registry::default_topology().unwrap(),
+        kafka_addr: Some("127.0.0.1:0".parse().unwrap()),
+        kafka_limits: Default::default(),
+        grpc_security: waymark_server::Security::open(),
+        kafka_tls: Some(
+            waymark_tls::ServerTls::load(
+                waymark_tls::TlsFiles {
+                    cert: m.cert.clone(),
+                    key: m.key.clone(),
+                    client_ca: None,
+                },
+                vec![],
+            )
+            .unwrap(),
+        ),
+        kafka_sasl: Some(waymark_broker::SaslConfig::parse_users("alice:s3cret\n").unwrap()),
+    })
+    .await
+    .expect("waymark dev starts");
+    let bootstrap = dev.info.kafka_bootstrap.clone();
+    let config = |protocol: &str, password: &str| {
+        waymark_kafka::KafkaConfig::new(bootstrap.clone())
+            .property("security.protocol", protocol)
+            .property("ssl.ca.location", m.ca_file.to_str().unwrap().to_owned())
+            .property("ssl.endpoint.identification.algorithm", "none")
+            .property("sasl.mechanism", "SCRAM-SHA-256")
+            .property("sasl.username", "alice")
+            .property("sasl.password", password.to_owned())
+    };
+    let probe = |c: waymark_kafka::KafkaConfig| {
+        tokio::task::spawn_blocking(move || waymark_kafka::probe(&c, Duration::from_secs(10)))
+    };
+    probe(config("SASL_SSL", "s3cret"))
+        .await
+        .unwrap()
+        .expect("SCRAM over TLS logs in");
+    let e = probe(config("SASL_SSL", "wrong"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(e, waymark_kafka::KafkaLogError::Refused { .. }),
+        "{e}"
+    );
+    assert!(probe(config("SASL_PLAINTEXT", "s3cret"))
+        .await
+        .unwrap()
+        .is_err());
+    dev.stop().await.unwrap();
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
         kafka_addr: kafka.then(|| "127.0.0.1:0".parse().unwrap()),
         kafka_limits: Default::default(),
         grpc_security: waymark_server::Security::open(),
+        kafka_tls: None,
+        kafka_sasl: None,
     })
     .await
     .expect("waymark dev starts")
