@@ -194,6 +194,7 @@ impl Target {
                     grpc_security: waymark_server::Security::open(),
                     kafka_tls: None,
                     kafka_sasl: None,
+                    metrics_security: Default::default(),
                 })
                 .await?;
                 Ok(Platform {

@@ -5,7 +5,7 @@
 //! (requests before authentication, the legacy v0 flow, unknown
 //! mechanisms).
 //!
-//! Certificates are made here with `rcgen`.
+//! Certificates are made here (`waymark_testenv::certs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,9 +22,6 @@ use kafka_protocol::messages::{
     ApiVersionsRequest, MetadataRequest, SaslAuthenticateRequest, SaslHandshakeRequest,
 };
 use kafka_protocol::protocol::StrBytes;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
@@ -37,41 +34,11 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waymark_broker::{BrokerConfig, SaslConfig, SaslMechanism, ServerTls};
+use waymark_testenv::certs::TestCa as Ca;
 use waymark_tls::TlsFiles;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "wonder:land,=pw";
-
-/// A CA that signs server certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for localhost and 127.0.0.1, and its key (PEM).
-    fn server(&self, cn: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
@@ -90,7 +57,7 @@ struct Material {
 fn material() -> Material {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("waymark test ca");
-    let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+    let ca_file = write(dir.path(), "ca.pem", ca.pem());
     let (cert, key) = ca.server("localhost");
     let cert = write(dir.path(), "server.pem", &cert);
     let key = write(dir.path(), "server.key", &key);
@@ -427,7 +394,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     // size: the change is seen within the file system's time resolution).
     let renewed = Ca::new("waymark renewed test ca");
     let (cert, key) = renewed.server("renewed.localhost.example");
-    let new_ca = write(m.dir.path(), "renewed-ca.pem", &renewed.pem);
+    let new_ca = write(m.dir.path(), "renewed-ca.pem", renewed.pem());
     write(m.dir.path(), "server.key", &key);
     write(m.dir.path(), "server.pem", &cert);
     let mut props = security("SSL", None, None);

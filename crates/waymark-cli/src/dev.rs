@@ -50,6 +50,8 @@ pub struct DevOptions {
     pub kafka_tls: Option<waymark_tls::ServerTls>,
     /// SASL of the Kafka endpoint (anyone may connect when `None`).
     pub kafka_sasl: Option<waymark_broker::SaslConfig>,
+    /// Who may scrape the metrics endpoint, and over what.
+    pub metrics_security: crate::metrics_http::MetricsSecurity,
 }
 
 /// Limits of the Kafka endpoint (`waymark dev --kafka-*`); the defaults are
@@ -272,8 +274,9 @@ impl Dev {
         let metrics = bind_metrics(options.metrics_addr).await?;
         let metrics_addr = metrics.local_addr()?;
         let token = shutdown.clone();
+        let metrics_security = options.metrics_security.clone();
         tasks.spawn(async move {
-            crate::metrics_http::serve(metrics, token).await;
+            crate::metrics_http::serve(metrics, metrics_security, token).await;
             ("metrics".to_owned(), Ok(()))
         });
 

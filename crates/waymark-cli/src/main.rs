@@ -71,12 +71,7 @@ impl ClientArgs {
     fn endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Some(t.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
+            (None, Some(path)) => Some(waymark_cli::security::read_secret(path)?),
             (None, None) => None,
         };
         let tls = (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some())
@@ -90,6 +85,60 @@ impl ClientArgs {
             token,
             tls,
         })
+    }
+}
+
+/// Who may scrape the metrics endpoint (docs/operations/security.md).
+#[derive(Debug, clap::Args)]
+struct MetricsArgs {
+    /// Metrics: scrapes must send `authorization: Bearer <token>` with the
+    /// token in this file (Prometheus: authorization.credentials_file).
+    #[arg(long, env = "WAYMARK_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
+    /// Metrics TLS: certificate chain (PEM); reloaded when it changes.
+    #[arg(long, env = "WAYMARK_METRICS_TLS_CERT", requires = "metrics_tls_key")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// Metrics TLS: the certificate's private key (PEM).
+    #[arg(long, env = "WAYMARK_METRICS_TLS_KEY", requires = "metrics_tls_cert")]
+    metrics_tls_key: Option<PathBuf>,
+}
+
+impl MetricsArgs {
+    /// Reads the files and applies the loopback rule for `addr`.
+    fn load(
+        self,
+        addr: SocketAddr,
+        insecure: bool,
+    ) -> anyhow::Result<waymark_cli::metrics_http::MetricsSecurity> {
+        let token = match &self.metrics_token_file {
+            Some(path) => Some(waymark_server::auth::token_digest(
+                &waymark_cli::security::read_secret(path)?,
+            )),
+            None => None,
+        };
+        let tls = match self.metrics_tls_cert.zip(self.metrics_tls_key) {
+            Some((cert, key)) => Some(
+                waymark_tls::ServerTls::load(
+                    waymark_tls::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: None,
+                    },
+                    Vec::new(),
+                )
+                .context("metrics TLS")?,
+            ),
+            None => None,
+        };
+        waymark_cli::security::check_exposure(
+            "metrics",
+            addr,
+            tls.is_some(),
+            token.is_some(),
+            insecure,
+            "--metrics-tls-cert and --metrics-tls-key, and --metrics-token-file",
+        )?;
+        Ok(waymark_cli::metrics_http::MetricsSecurity { token, tls })
     }
 }
 
@@ -221,6 +270,8 @@ enum Command {
         kafka_sasl_mechanisms: Vec<waymark_broker::SaslMechanism>,
         #[command(flatten)]
         security: GrpcSecurityArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Run processors on Apache Kafka and ScyllaDB/Cassandra (all by
     /// default). Start as many as you like: each processor is a Kafka
@@ -233,6 +284,11 @@ enum Command {
         /// Prometheus metrics listen address (an ephemeral port if busy).
         #[arg(long, default_value = "127.0.0.1:9464", env = "WAYMARK_METRICS_ADDR")]
         metrics_addr: SocketAddr,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+        /// Serve metrics beyond loopback without TLS and a token.
+        #[arg(long, env = "WAYMARK_INSECURE")]
+        insecure: bool,
     },
     /// Serve the gRPC API (Query, Ingest, Admin) on Kafka and
     /// ScyllaDB/Cassandra.
@@ -251,6 +307,8 @@ enum Command {
         metrics_addr: SocketAddr,
         #[command(flatten)]
         security: GrpcSecurityArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Validate JSON-lines events (FILE or stdin) and publish them.
     ///
@@ -533,7 +591,11 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    fn options(self, metrics_addr: SocketAddr) -> anyhow::Result<EngineOptions> {
+    fn options(
+        self,
+        metrics_addr: SocketAddr,
+        metrics_security: waymark_cli::metrics_http::MetricsSecurity,
+    ) -> anyhow::Result<EngineOptions> {
         let mut kafka_properties = match &self.kafka_properties_file {
             Some(path) => waymark_cli::scale::read_properties(path)?,
             None => Vec::new(),
@@ -541,12 +603,7 @@ impl EngineArgs {
         kafka_properties.extend(self.kafka_properties);
         let cql_password = match (self.cql_password, &self.cql_password_file) {
             (Some(p), _) => Some(p),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
+            (None, Some(path)) => Some(waymark_cli::security::read_secret(path)?),
             (None, None) => None,
         };
         Ok(EngineOptions {
@@ -564,6 +621,7 @@ impl EngineArgs {
             row_cache_bytes: self.row_cache_mb.saturating_mul(1024 * 1024),
             topology: load_topology(self.topology.as_deref())?,
             metrics_addr,
+            metrics_security,
         })
     }
 }
@@ -632,8 +690,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kafka_sasl_users,
             kafka_sasl_mechanisms,
             security,
+            metrics,
         } => {
             let insecure = security.insecure;
+            let metrics_security = metrics.load(metrics_addr, insecure)?;
             let grpc_security = security.options()?.load(grpc_addr)?;
             let kafka_tls = match kafka_tls_cert.zip(kafka_tls_key) {
                 Some((cert, key)) => Some(
@@ -686,6 +746,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 grpc_security,
                 kafka_tls,
                 kafka_sasl,
+                metrics_security,
             })
             .await?;
             println!("waymark dev is ready (data in {})", data_dir.display());
@@ -702,9 +763,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             processors,
             engines,
             metrics_addr,
+            metrics,
+            insecure,
         } => {
+            let metrics_security = metrics.load(metrics_addr, insecure)?;
             waymark_cli::scale::run(
-                engines.options(metrics_addr)?,
+                engines.options(metrics_addr, metrics_security)?,
                 &processors,
                 shutdown_signal(),
             )
@@ -716,10 +780,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             engines,
             metrics_addr,
             security,
+            metrics,
         } => {
+            let metrics_security = metrics.load(metrics_addr, security.insecure)?;
             let security = security.options()?.load(grpc_addr)?;
             waymark_cli::scale::serve(
-                engines.options(metrics_addr)?,
+                engines.options(metrics_addr, metrics_security)?,
                 grpc_addr,
                 security,
                 shutdown_signal(),

@@ -47,6 +47,8 @@ pub struct EngineOptions {
     pub topology: Topology,
     /// Prometheus listen address (an ephemeral port if busy).
     pub metrics_addr: SocketAddr,
+    /// Who may scrape it, and over what.
+    pub metrics_security: crate::metrics_http::MetricsSecurity,
 }
 
 /// How long the first contact with Kafka may take before start-up goes on
@@ -178,6 +180,7 @@ async fn connect(
 async fn start_metrics(
     tasks: &mut Tasks,
     addr: SocketAddr,
+    security: crate::metrics_http::MetricsSecurity,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     crate::metrics_http::recorder();
@@ -191,7 +194,7 @@ async fn start_metrics(
     let bound = listener.local_addr()?;
     let token = shutdown.clone();
     tasks.spawn(async move {
-        crate::metrics_http::serve(listener, token).await;
+        crate::metrics_http::serve(listener, security, token).await;
         ("metrics".to_owned(), Ok(()))
     });
     Ok(bound)
@@ -225,7 +228,13 @@ pub async fn run(
         &shutdown,
     )
     .await?;
-    let metrics = start_metrics(&mut tasks, options.metrics_addr, &shutdown).await?;
+    let metrics = start_metrics(
+        &mut tasks,
+        options.metrics_addr,
+        options.metrics_security.clone(),
+        &shutdown,
+    )
+    .await?;
     println!(
         "waymark run: {} on kafka {} and cql {}",
         names.join(", "),
@@ -277,7 +286,13 @@ pub async fn serve(
             result.map_err(anyhow::Error::from),
         )
     });
-    let metrics = start_metrics(&mut tasks, options.metrics_addr, &shutdown).await?;
+    let metrics = start_metrics(
+        &mut tasks,
+        options.metrics_addr,
+        options.metrics_security.clone(),
+        &shutdown,
+    )
+    .await?;
     println!(
         "waymark serve: grpc {bound} on kafka {} and cql {}",
         options.bootstrap,

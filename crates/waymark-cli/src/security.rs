@@ -145,6 +145,22 @@ pub fn jwt_config(
     }
 }
 
+/// A secret (token, password) from a file: its first line, without the
+/// line ending (so `echo secret > file` works).
+///
+/// # Errors
+/// When the file cannot be read or is empty; the message never holds the
+/// file's content.
+pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("");
+    if secret.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(secret.to_owned())
+}
+
 /// A new random token (256 bits, URL-safe) and its tokens-file line.
 ///
 /// # Errors

@@ -1129,13 +1129,21 @@ async fn real_broker_sigstop_and_sigkill() {
     let mut member = r.member();
     let load = background(&r.addr, traffic("rb", scale(2000, 20000), 20), &ledger);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Restarted as it ran: with its SASL_SSL listener when it had one
+    // (`scripts/test` starts it so, for the secured-engine tests).
+    let secure = dev_services(&["status", "--secure", "kafka"]);
     let kafka = service_pid("kafka");
     signal(kafka, "STOP");
     tokio::time::sleep(Duration::from_secs(8)).await;
     signal(kafka, "CONT");
     tokio::time::sleep(Duration::from_secs(3)).await;
     kill_and_wait(kafka).await;
-    assert!(dev_services(&["up", "kafka"]), "kafka restarts");
+    let up: &[&str] = if secure {
+        &["up", "--secure", "kafka"]
+    } else {
+        &["up", "kafka"]
+    };
+    assert!(dev_services(up), "kafka restarts");
     load.await.unwrap();
     finish(case, started, &r, &ledger).await;
     assert!(member.terminate().success(), "{}", member.log());

@@ -210,10 +210,8 @@ fn every_sasl_mechanism_logs_in() {
     // An untrusted CA: the TLS handshake fails, and that is a refusal too.
     let dir = tempfile::tempdir().unwrap();
     let other_ca = dir.path().join("other-ca.pem");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let ca = waymark_testenv::certs::TestCa::new("another ca");
+    std::fs::write(&other_ca, ca.pem()).unwrap();
     let untrusted = config("SCRAM-SHA-512", &password)
         .property("ssl.ca.location", other_ca.to_str().unwrap().to_owned());
     let e = waymark_kafka::probe(&untrusted, Duration::from_secs(20)).expect_err("untrusted CA");

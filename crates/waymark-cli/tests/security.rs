@@ -2,7 +2,7 @@
 //! tokens, JWTs and roles, certificate reload, the `waymark` client flags,
 //! and the refusal to serve beyond loopback unsecured.
 //!
-//! Certificates and keys are made here with `rcgen`; JWTs are signed with
+//! Certificates and keys are made here (`waymark_testenv::certs`); JWTs are signed with
 //! `jsonwebtoken` by a key whose public half is the server's JWKS file.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,9 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::replay::{text, waymark};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
+use rcgen::KeyPair;
 use tonic::Code;
 use waymark_cli::connect::{connect, ClientTls, Connection, Endpoint};
 use waymark_cli::dev::{Dev, DevOptions};
@@ -27,42 +25,7 @@ use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::ingest_client::IngestClient;
 use waymark_proto::v1::query_client::QueryClient;
 use waymark_server::auth::{token_digest, AuthConfig, JwtConfig, Roles};
-
-/// A CA that signs server and client certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf certificate and its key, PEM.
-    fn leaf(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
+use waymark_testenv::certs::TestCa as Ca;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
@@ -91,7 +54,7 @@ const AUDIENCE: &str = "waymark";
 fn material() -> Material {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("waymark test ca");
-    let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+    let ca_file = write(dir.path(), "ca.pem", ca.pem());
     let (cert, key) = ca.leaf("localhost", &["localhost", "127.0.0.1"], false);
     let cert = write(dir.path(), "server.pem", &cert);
     let key = write(dir.path(), "server.key", &key);
@@ -140,6 +103,7 @@ async fn start(dir: &Path, options: GrpcSecurityOptions) -> Dev {
         grpc_security,
         kafka_tls: None,
         kafka_sasl: None,
+        metrics_security: Default::default(),
     })
     .await
     .expect("waymark dev starts")
@@ -161,23 +125,28 @@ async fn conn(endpoint: &Endpoint) -> Connection {
     connect(endpoint).await.expect("connects")
 }
 
-fn jwt(m: &Material, roles: &[&str], audience: &str, expires_in: i64, key: &EncodingKey) -> String {
-    let now = SystemTime::now()
+fn now() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_secs() as i64;
+        .as_secs() as i64
+}
+
+/// A JWT with these claims, signed by `key` as key `k1`.
+fn signed(claims: serde_json::Value, key: &EncodingKey) -> String {
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some("k1".to_owned());
-    let _ = m;
-    jsonwebtoken::encode(
-        &header,
-        &serde_json::json!({
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+fn jwt(roles: &[&str], audience: &str, expires_in: i64, key: &EncodingKey) -> String {
+    signed(
+        serde_json::json!({
             "sub": "svc-1", "iss": ISSUER, "aud": audience,
-            "iat": now, "exp": now + expires_in, "roles": roles,
+            "iat": now(), "exp": now() + expires_in, "roles": roles,
         }),
         key,
     )
-    .unwrap()
 }
 
 async fn status_of(endpoint: &Endpoint) -> Result<(), tonic::Status> {
@@ -238,7 +207,7 @@ async fn tokens_and_roles_over_tls() {
     assert!(!refused.is_empty());
     // TLS trusting another CA: the handshake fails.
     let stranger_ca = Ca::new("another ca");
-    let other = write(m.dir.path(), "other-ca.pem", &stranger_ca.pem);
+    let other = write(m.dir.path(), "other-ca.pem", stranger_ca.pem());
     let mut wrong_ca = endpoint(&addr, &m, Some(OPERATOR));
     wrong_ca.tls.as_mut().unwrap().ca = Some(other);
     let Err(e) = connect(&wrong_ca).await else {
@@ -295,31 +264,49 @@ async fn tokens_and_roles_over_tls() {
     assert_eq!(person_of(&operator).await, Code::NotFound);
 
     // JWTs: roles from the claim; expiry, audience and signature checked.
-    let good = jwt(&m, &["admin"], AUDIENCE, 300, &m.jwt_key);
+    let good = jwt(&["admin"], AUDIENCE, 300, &m.jwt_key);
     status_of(&endpoint(&addr, &m, Some(&good))).await.unwrap();
     let e = status_of(&endpoint(
         &addr,
         &m,
-        Some(&jwt(&m, &["query"], AUDIENCE, 300, &m.jwt_key)),
+        Some(&jwt(&["query"], AUDIENCE, 300, &m.jwt_key)),
     ))
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let expired = jwt(&m, &["admin"], AUDIENCE, -3600, &m.jwt_key);
+    let expired = jwt(&["admin"], AUDIENCE, -3600, &m.jwt_key);
     let e = status_of(&endpoint(&addr, &m, Some(&expired)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("expired"), "{}", e.message());
-    let elsewhere = jwt(&m, &["admin"], "another-service", 300, &m.jwt_key);
+    let elsewhere = jwt(&["admin"], "another-service", 300, &m.jwt_key);
     let e = status_of(&endpoint(&addr, &m, Some(&elsewhere)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("audience"), "{}", e.message());
+    // Roles from the `scope` claim; `sub` is required.
+    let scoped = signed(
+        serde_json::json!({"sub": "svc-2", "iss": ISSUER, "aud": AUDIENCE,
+            "exp": now() + 300, "scope": "openid admin"}),
+        &m.jwt_key,
+    );
+    status_of(&endpoint(&addr, &m, Some(&scoped)))
+        .await
+        .unwrap();
+    let anonymous_jwt = signed(
+        serde_json::json!({"iss": ISSUER, "aud": AUDIENCE, "exp": now() + 300, "roles": ["admin"]}),
+        &m.jwt_key,
+    );
+    let e = status_of(&endpoint(&addr, &m, Some(&anonymous_jwt)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("sub"), "{}", e.message());
     let forger = KeyPair::generate().unwrap();
     let forged_key = EncodingKey::from_ec_pem(forger.serialize_pem().as_bytes()).unwrap();
-    let forged = jwt(&m, &["admin"], AUDIENCE, 300, &forged_key);
+    let forged = jwt(&["admin"], AUDIENCE, 300, &forged_key);
     let e = status_of(&endpoint(&addr, &m, Some(&forged)))
         .await
         .unwrap_err();
@@ -432,7 +419,7 @@ async fn client_certificates_and_a_renewed_server_certificate() {
     // Renew the server certificate under a new CA: new connections get it
     // without a restart; clients trusting only the old CA are refused.
     let renewed_ca = Ca::new("renewed ca");
-    let renewed_ca_file = write(m.dir.path(), "renewed-ca.pem", &renewed_ca.pem);
+    let renewed_ca_file = write(m.dir.path(), "renewed-ca.pem", renewed_ca.pem());
     let (cert, key) = renewed_ca.leaf("localhost", &["localhost", "127.0.0.1", "renewed"], false);
     write(m.dir.path(), "server.key", &key);
     write(m.dir.path(), "server.pem", &cert);
@@ -499,6 +486,27 @@ fn serving_beyond_loopback_unsecured_is_refused() {
         "{all}"
     );
     assert!(all.contains("--kafka-sasl-users"), "{all}");
+    // And the metrics endpoint of every command that has one.
+    for args in [
+        vec!["run", "--metrics-addr", "0.0.0.0:0"],
+        vec!["serve", "--metrics-addr", "0.0.0.0:0"],
+        vec![
+            "dev",
+            "--metrics-addr",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    ] {
+        let out = waymark(&args);
+        assert!(!out.status.success(), "{}", text(&out));
+        let all = text(&out);
+        assert!(
+            all.contains("refusing to serve metrics on 0.0.0.0:0 without TLS and authentication"),
+            "{all}"
+        );
+        assert!(all.contains("--metrics-token-file"), "{all}");
+    }
     // Nothing was created: the check comes before anything starts.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -531,6 +539,7 @@ async fn the_dev_kafka_endpoint_takes_tls_and_sasl() {
             .unwrap(),
         ),
         kafka_sasl: Some(waymark_broker::SaslConfig::parse_users("alice:s3cret\n").unwrap()),
+        metrics_security: Default::default(),
     })
     .await
     .expect("waymark dev starts");

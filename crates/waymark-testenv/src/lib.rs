@@ -11,6 +11,10 @@
 //!   written straight to the process's stderr, past the test harness's
 //!   output capture, so a skip is visible in every run, and the test
 //!   returns.
+//!
+//! [`certs`] makes the certificates of the TLS tests.
+
+pub mod certs;
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};

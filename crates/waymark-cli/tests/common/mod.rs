@@ -41,6 +41,7 @@ pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
         grpc_security: waymark_server::Security::open(),
         kafka_tls: None,
         kafka_sasl: None,
+        metrics_security: Default::default(),
     })
     .await
     .expect("waymark dev starts")
