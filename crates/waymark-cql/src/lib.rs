@@ -29,6 +29,14 @@
 //! batch across partitions, which is slow, limited in size and still not
 //! isolated); each head with its sub rows is. Beyond that:
 //!
+//! - **Credentials and TLS.** [`CqlConfig::username`] and
+//!   [`CqlConfig::password`] log in with `PasswordAuthenticator`;
+//!   [`CqlConfig::tls`] encrypts every connection (OpenSSL; the node's
+//!   certificate must chain to the CA and name its IP address). Refused
+//!   credentials or a failed handshake are [`ConnectError::Refused`], which
+//!   is not retryable, so a wrong password stops start-up with the reason
+//!   instead of a retry loop (`tests/secure_engines.rs` of `waymark-cli`).
+//!   The password is a [`Secret`]: it is never printed.
 //! - **Row cache.** The store asks each fold runner to keep
 //!   [`CqlConfig::row_cache_bytes`] (64 MiB by default) of rows cached in
 //!   front of it (`waymark_runtime::cache::RowCache`), so a fold reads from

@@ -13,6 +13,13 @@
 //!   in-sync replicas (`acks=all`); records of one partition keep their order
 //!   (idempotent producer). Keyed records are partitioned with
 //!   [`waymark_runtime::partition_for`], like Kafka's Java client.
+//! - Every client takes the same librdkafka properties
+//!   ([`KafkaConfig::property`]): TLS and SASL (SCRAM-SHA-256/512, PLAIN,
+//!   OAUTHBEARER) work, librdkafka being built with OpenSSL from source.
+//!   Properties that hold secrets are printed `<redacted>`. [`probe`] tells
+//!   a cluster that refuses the credentials or the TLS handshake
+//!   ([`KafkaLogError::Refused`], not worth retrying) from one that does
+//!   not answer yet ([`KafkaLogError::Unreachable`]).
 //! - A group member hands out `Assigned` before any record of a newly
 //!   assigned partition, and those records start exactly at the offset the
 //!   runner seeks to. A revocation takes effect only while the runner waits
