@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,17 +34,11 @@ use rdkafka::producer::{
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waymark_broker::{BrokerConfig, SaslConfig, SaslMechanism, ServerTls};
-use waymark_testenv::certs::TestCa as Ca;
+use waymark_testenv::certs::{write_pem as write, TestCa as Ca};
 use waymark_tls::TlsFiles;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "wonder:land,=pw";
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// A CA and a server certificate it signed, as files.
 struct Material {

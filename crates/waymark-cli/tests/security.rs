@@ -25,13 +25,7 @@ use waymark_proto::v1::admin_client::AdminClient;
 use waymark_proto::v1::ingest_client::IngestClient;
 use waymark_proto::v1::query_client::QueryClient;
 use waymark_server::auth::{token_digest, AuthConfig, JwtConfig, Roles};
-use waymark_testenv::certs::TestCa as Ca;
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use waymark_testenv::certs::{write_pem as write, TestCa as Ca};
 
 /// Files of a secured server.
 struct Material {
@@ -313,43 +307,28 @@ async fn tokens_and_roles_over_tls() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("signature"), "{}", e.message());
 
-    // The command line: --tls-ca and --token (or WAYMARK_TOKEN).
+    // The command line: --tls-ca and --token or --token-file.
     let ca = m.ca_file.to_str().unwrap();
-    let out = waymark(&[
-        "projections",
-        "--grpc-addr",
-        &addr,
-        "--tls-ca",
-        ca,
-        "--tls-domain",
-        "localhost",
-        "--token",
-        OPERATOR,
-    ]);
+    let projections = |credentials: &[&str]| {
+        let mut args = vec![
+            "projections",
+            "--grpc-addr",
+            &addr,
+            "--tls-ca",
+            ca,
+            "--tls-domain",
+            "localhost",
+        ];
+        args.extend_from_slice(credentials);
+        waymark(&args)
+    };
+    let out = projections(&["--token", OPERATOR]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = waymark(&[
-        "projections",
-        "--grpc-addr",
-        &addr,
-        "--tls-ca",
-        ca,
-        "--tls-domain",
-        "localhost",
-    ]);
+    let out = projections(&[]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("not authenticated"), "{}", text(&out));
     let token_file = write(m.dir.path(), "reader-token", &format!("{READER}\n"));
-    let out = waymark(&[
-        "projections",
-        "--grpc-addr",
-        &addr,
-        "--tls-ca",
-        ca,
-        "--tls-domain",
-        "localhost",
-        "--token-file",
-        token_file.to_str().unwrap(),
-    ]);
+    let out = projections(&["--token-file", token_file.to_str().unwrap()]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("permission denied"), "{}", text(&out));
 

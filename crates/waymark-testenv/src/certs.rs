@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -59,4 +61,14 @@ impl TestCa {
     pub fn server(&self, cn: &str) -> (String, String) {
         self.leaf(cn, &["localhost", "127.0.0.1"], false)
     }
+}
+
+/// Writes `pem` to `dir/name` and returns the path.
+///
+/// # Panics
+/// If the file cannot be written.
+pub fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
 }
