@@ -25,6 +25,7 @@
 
 pub mod connect;
 pub mod dev;
+pub mod k8s;
 pub mod metrics_http;
 pub mod ops;
 pub mod platform;

@@ -641,6 +641,28 @@ enum TopologyCommand {
         #[arg(default_value = "topology.yaml")]
         file: PathBuf,
     },
+    /// Print the Strimzi `KafkaTopic`s of the topology (k8s/base/kafka/
+    /// topics.yaml), or with --verify check rendered manifests against it.
+    K8s {
+        /// Topology file; the built-in topology.yaml when not given.
+        #[arg(long, env = "WAYMARK_TOPOLOGY")]
+        topology: Option<PathBuf>,
+        /// The Strimzi `Kafka` cluster the topics belong to.
+        #[arg(long, default_value = "waymark")]
+        cluster: String,
+        /// Replicas of each partition.
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// The topics' min.insync.replicas.
+        #[arg(long, default_value_t = 2)]
+        min_insync_replicas: u32,
+        /// Check manifests (`kustomize build` output; "-" for stdin)
+        /// instead: topics equal to the topology's, one Deployment per
+        /// processor, none (and no KEDA ScaledObject) above its input's
+        /// partitions. Exit 1 with every disagreement.
+        #[arg(long, value_name = "FILE")]
+        verify: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -960,6 +982,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("{}", waymark_server::auth::token_digest(token));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology {
+            command:
+                TopologyCommand::K8s {
+                    topology,
+                    cluster,
+                    replicas,
+                    min_insync_replicas,
+                    verify,
+                },
+        } => {
+            let topology = load_topology(topology.as_deref())?;
+            let Some(file) = verify else {
+                let options = waymark_cli::k8s::TopicOptions {
+                    cluster,
+                    replicas,
+                    min_insync_replicas,
+                };
+                print!("{}", waymark_cli::k8s::render_topics(&topology, &options));
+                return Ok(ExitCode::SUCCESS);
+            };
+            let manifests = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("cannot read stdin")?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            match waymark_cli::k8s::verify(&topology, &manifests) {
+                Ok(v) => {
+                    println!("{}", waymark_cli::k8s::summary(&v));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("{}: {p}", file.display());
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Topology {
             command: TopologyCommand::Check { file },

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,12 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// How long the metrics endpoint waits for a request, and for its answer to
 /// be taken.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bucket bounds (seconds) of every `*_seconds` histogram: 0.5 ms to 1 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
 
 /// The largest request head the endpoint reads.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -49,9 +55,14 @@ impl MetricsSecurity {
 pub fn recorder() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new().install_recorder().ok();
+            let handle = PrometheusBuilder::new()
+                // Latencies as histograms, so that replicas aggregate.
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.install_recorder())
+                .ok();
             waymark_runtime::metrics::describe();
             waymark_broker::describe_metrics();
+            waymark_server::observe::describe();
             handle
         })
         .clone()

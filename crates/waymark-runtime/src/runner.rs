@@ -449,7 +449,11 @@ impl Runner {
             lag.clone(),
             shutdown.child_token(),
         ));
-        let _stop_reporter = AbortOnDrop(reporter);
+        let _stop_reporter = StopLagReport {
+            task: reporter,
+            lag: lag.clone(),
+            labels: self.labels.clone(),
+        };
         // Since when every poll has failed, if they do.
         let mut polls_failing_since: Option<Instant> = None;
         let mut idle = tokio::time::interval(Duration::from_secs(1));
@@ -1821,12 +1825,25 @@ async fn report_lag(
     }
 }
 
-/// Aborts a task when dropped (the runner's lag reporter ends with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Ends the lag reporter with the runner, and zeroes the lag gauges of the
+/// partitions it still owned: a runner that stopped (shut down, or a
+/// retired version that handed off) leaves no stale lag behind for an
+/// alert to fire on.
+struct StopLagReport {
+    task: tokio::task::JoinHandle<()>,
+    lag: Arc<Mutex<LagState>>,
+    labels: Vec<Label>,
+}
 
-impl Drop for AbortOnDrop {
+impl Drop for StopLagReport {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+        let partitions: Vec<u32> = lag_state(&self.lag).partitions.keys().copied().collect();
+        for partition in partitions {
+            let labels = partition_labels(&self.labels, partition);
+            metrics::gauge!(m::LAG, labels.clone()).set(0.0);
+            metrics::gauge!(m::LAG_SECONDS, labels).set(0.0);
+        }
     }
 }
 
@@ -2066,6 +2083,69 @@ mod tests {
         assert_eq!(store.writes(), writes);
         assert_eq!(counts(&store).await, expected);
         assert_eq!(log.records(DLQ).len(), 1);
+    }
+
+    /// The lag gauges of every (processor, version, partition): sum of the
+    /// records gauge and the smallest seconds gauge.
+    fn lag_gauges(snapshotter: &metrics_util::debugging::Snapshotter) -> (f64, f64, usize) {
+        let (mut records, mut min_seconds, mut series) = (0.0, f64::MAX, 0);
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let metrics_util::debugging::DebugValue::Gauge(v) = value else {
+                continue;
+            };
+            let name = key.key().name();
+            if name == m::LAG {
+                records += v.into_inner();
+                series += 1;
+            } else if name == m::LAG_SECONDS {
+                min_seconds = min_seconds.min(v.into_inner());
+            }
+        }
+        (records, min_seconds, series)
+    }
+
+    /// The lag gauges follow the runner on a timer: the records behind and
+    /// their age while it cannot apply them, 0 once it has caught up (no
+    /// stale value after a burst), and 0 once it stops.
+    #[tokio::test]
+    async fn lag_gauges_are_refreshed_and_cleared_when_the_runner_stops() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        // The test runtime has one thread: every task records here.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let (log, store) = setup().await;
+        let records: Vec<OutRecord> = (0..30)
+            .map(|i| record(&format!("e{i}"), (i % 5) as u128))
+            .collect();
+        log.produce(records).await.unwrap();
+
+        // Behind: the store refuses every write.
+        store.fail_next_writes(usize::MAX);
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner(&log, &store).run(token.clone()));
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let (behind, oldest, series) = lag_gauges(&snapshotter);
+        assert_eq!(series, 3, "one series per partition");
+        assert_eq!(behind, 30.0);
+        assert!(oldest >= 1.0, "the oldest record is {oldest} s old");
+        token.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(
+            lag_gauges(&snapshotter).0,
+            0.0,
+            "a stopped runner leaves no lag"
+        );
+
+        // Caught up: back to 0 within a tick.
+        store.fail_next_writes(0);
+        let token = CancellationToken::new();
+        let task = tokio::spawn(runner(&log, &store).run(token.clone()));
+        caught_up(&log, &store).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let (behind, oldest, series) = lag_gauges(&snapshotter);
+        assert_eq!((behind, oldest, series), (0.0, 0.0, 3));
+        token.cancel();
+        task.await.unwrap().unwrap();
     }
 
     /// Forwards every record's value to [`OUT`] (an output per record).

@@ -644,7 +644,8 @@ where
                 request.headers(),
                 certificate.as_ref(),
             ) {
-                metrics::counter!(REFUSED, "code" => format!("{:?}", status.code())).increment(1);
+                metrics::counter!(REFUSED, "code" => crate::observe::code_label(status.code()))
+                    .increment(1);
                 tracing::debug!(path = request.uri().path(), code = ?status.code(), "rpc refused");
                 return Box::pin(async move { Ok(status.into_http()) });
             }

@@ -47,6 +47,7 @@ pub mod auth;
 mod convert;
 mod error;
 mod ingest;
+pub mod observe;
 mod projections;
 mod query;
 
@@ -160,6 +161,15 @@ pub async fn serve_with(
     let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_CONCURRENT_REQUESTS_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
+        // Outermost: every answer is counted, refusals and shedding too.
+        .layer(observe::ObserveLayer::new(
+            observe::KnownMethods::from_descriptor_sets(&[
+                waymark_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ]),
+        ))
         // Refusals first: a caller without credentials takes no permit.
         .layer(auth::AuthLayer::new(security.auth.clone()))
         .layer(admission::AdmissionLayer::new(
