@@ -217,6 +217,11 @@ impl Dev {
         }
         let token = shutdown.clone();
         let grpc_security = options.grpc_security.clone();
+        let status = crate::status::StatusSources {
+            admin: services.admin.clone(),
+            query: services.query.clone(),
+            auth: grpc_security.auth.clone(),
+        };
         tasks.spawn(async move {
             let result = waymark_server::serve_with(grpc, services, grpc_security, token).await;
             (
@@ -276,7 +281,7 @@ impl Dev {
         let token = shutdown.clone();
         let metrics_security = options.metrics_security.clone();
         tasks.spawn(async move {
-            crate::metrics_http::serve(metrics, metrics_security, token).await;
+            crate::metrics_http::serve(metrics, metrics_security, Some(status), token).await;
             ("metrics".to_owned(), Ok(()))
         });
 

@@ -34,3 +34,4 @@ pub mod recovery;
 pub mod registry;
 pub mod scale;
 pub mod security;
+pub mod status;

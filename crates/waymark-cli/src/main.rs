@@ -777,6 +777,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("  kafka:   {}", dev.info.kafka_bootstrap);
             }
             println!("  metrics: http://{}/metrics", dev.info.metrics_addr);
+            println!("  status:  http://{}/", dev.info.metrics_addr);
             println!("  info:    {}", data_dir.join("dev.json").display());
             dev.run_until(shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

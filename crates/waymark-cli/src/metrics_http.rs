@@ -1,20 +1,40 @@
-//! Prometheus metrics: one process-wide recorder, rendered over HTTP.
+//! The HTTP port of `waymark dev`, `waymark run` and `waymark serve`:
+//! Prometheus metrics, and (dev and serve) the status page with its JSON
+//! API ([`crate::status`]).
+//!
+//! # Routes
+//! - `GET /metrics`: the Prometheus text format.
+//! - `GET /`: the status page (HTML and its script, nothing fetched from
+//!   elsewhere); `GET /api/status` and `GET /api/person?q=…` are what it
+//!   shows. `waymark run` serves no status (404): it has no Admin or Query
+//!   service.
 //!
 //! # Guarantees
 //! - With a token ([`MetricsSecurity::token`]), a scrape without
 //!   `authorization: Bearer <token>` is answered `401` and gets no metric
 //!   (Prometheus: `authorization: {credentials_file: …}`).
+//! - The status API asks for the same credentials and roles as the gRPC
+//!   services it reads (`admin` for the status, `query` for a person) when
+//!   gRPC authentication is configured: `401` without valid credentials,
+//!   `403` without the role. The page itself holds no data.
 //! - With TLS, the port speaks nothing else.
-//! - A client that sends no complete request head (at most
-//!   [`MAX_REQUEST_HEAD`] bytes) within [`IO_TIMEOUT`] is dropped; idle
-//!   connections are never held open.
+//! - A client that sends no complete request head within [`IO_TIMEOUT`] is
+//!   dropped, and a connection carries one request: idle connections are
+//!   never held open.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceExt as _;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -68,15 +88,68 @@ pub fn recorder() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Serves `GET /metrics` (any path) on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, security: MetricsSecurity, shutdown: CancellationToken) {
-    serve_with_timeout(listener, security, shutdown, IO_TIMEOUT).await;
+/// Serves the port on `listener` until `shutdown`: the metrics, and the
+/// status page when `status` is given.
+pub async fn serve(
+    listener: TcpListener,
+    security: MetricsSecurity,
+    status: Option<crate::status::StatusSources>,
+    shutdown: CancellationToken,
+) {
+    serve_with_timeout(listener, security, status, shutdown, IO_TIMEOUT).await;
+}
+
+/// The state every route shares.
+#[derive(Clone)]
+struct Port {
+    handle: PrometheusHandle,
+    token: Option<Arc<str>>,
+}
+
+/// The routes of the port.
+fn router(
+    handle: PrometheusHandle,
+    token: Option<String>,
+    status: Option<crate::status::StatusSources>,
+) -> Router {
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Port {
+            handle,
+            token: token.map(Arc::from),
+        });
+    let status = match status {
+        Some(sources) => crate::status::router(sources),
+        None => Router::new().fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "no status page here: `waymark dev` and `waymark serve` serve it; this port has /metrics\n",
+            )
+        }),
+    };
+    metrics.merge(status)
+}
+
+async fn metrics(State(port): State<Port>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, port.token.as_deref()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+        )
+            .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        port.handle.render(),
+    )
+        .into_response()
 }
 
 /// [`serve`] with `io_timeout` for [`IO_TIMEOUT`].
 async fn serve_with_timeout(
     listener: TcpListener,
     security: MetricsSecurity,
+    status: Option<crate::status::StatusSources>,
     shutdown: CancellationToken,
     io_timeout: Duration,
 ) {
@@ -87,7 +160,7 @@ async fn serve_with_timeout(
     if let Some(tls) = &security.tls {
         tls.watch(waymark_tls::DEFAULT_RELOAD_INTERVAL, shutdown.clone());
     }
-    let token = std::sync::Arc::new(security.token);
+    let app = router(handle, security.token.clone(), status);
     loop {
         let (socket, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -100,15 +173,22 @@ async fn serve_with_timeout(
                 }
             },
         };
-        let (handle, token, tls) = (handle.clone(), token.clone(), security.tls.clone());
+        let (app, tls) = (app.clone(), security.tls.clone());
         tokio::spawn(async move {
+            // Nothing sent in time: dropped without a word.
+            if !matches!(
+                tokio::time::timeout(io_timeout, socket.readable()).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
             match tls {
-                None => answer(socket, &handle, token.as_deref(), io_timeout).await,
+                None => answer(socket, app, io_timeout).await,
                 Some(tls) => {
                     if let Ok(Ok(stream)) =
                         tokio::time::timeout(io_timeout, tls.acceptor().accept(socket)).await
                     {
-                        answer(stream, &handle, token.as_deref(), io_timeout).await;
+                        answer(stream, app, io_timeout).await;
                     } else {
                         metrics::counter!(waymark_tls::HANDSHAKE_FAILURES, "listener" => "metrics")
                             .increment(1);
@@ -119,78 +199,42 @@ async fn serve_with_timeout(
     }
 }
 
-/// Reads one request head and answers it: the metrics, or `401` without
-/// the right token.
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    mut socket: S,
-    handle: &PrometheusHandle,
-    token: Option<&str>,
-    io_timeout: Duration,
-) {
-    let Ok(Some(head)) = tokio::time::timeout(io_timeout, read_head(&mut socket)).await else {
-        return;
-    };
-    let (status, body) = if authorized(&head, token) {
-        ("200 OK", handle.render())
-    } else {
-        (
-            "401 Unauthorized\r\nwww-authenticate: Bearer",
-            String::new(),
-        )
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        socket.write_all(head.as_bytes()).await?;
-        socket.write_all(body.as_bytes()).await?;
-        socket.shutdown().await
-    };
-    let _ = tokio::time::timeout(io_timeout, write).await;
+/// Serves one request on `socket` (HTTP/1.1 or 1.0), then closes it.
+async fn answer<S>(socket: S, app: Router, io_timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let app = app.clone();
+            async move { app.oneshot(request.map(axum::body::Body::new)).await }
+        });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(io_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD.max(8192))
+        .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
+    // The answers are small and quick; a peer that does not take one is
+    // dropped.
+    let _ = tokio::time::timeout(io_timeout * 6, connection).await;
 }
 
-/// The request head (through the blank line), or `None` when the peer
-/// closes first or it is larger than [`MAX_REQUEST_HEAD`].
-async fn read_head<S: AsyncRead + Unpin>(socket: &mut S) -> Option<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = socket.read(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            return Some(head);
-        }
-        if head.len() > MAX_REQUEST_HEAD {
-            return None;
-        }
-    }
-}
-
-/// Whether the head carries the bearer token whose digest is `token`
+/// Whether `headers` carry the bearer token whose digest is `token`
 /// (always, when no token is configured).
-fn authorized(head: &[u8], token: Option<&str>) -> bool {
+fn authorized(headers: &HeaderMap, token: Option<&str>) -> bool {
     let Some(expected) = token else {
         return true;
     };
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut headers);
-    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
-        return false;
-    }
-    request.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("authorization")
-            && std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().split_once(' '))
-                .is_some_and(|(scheme, credential)| {
-                    scheme.eq_ignore_ascii_case("bearer")
-                        && waymark_server::auth::token_digest(credential.trim()) == expected
-                })
-    })
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.trim().split_once(' '))
+        .any(|(scheme, credential)| {
+            scheme.eq_ignore_ascii_case("bearer")
+                && waymark_server::auth::token_digest(credential.trim()) == expected
+        })
 }
 
 /// The address a listener is bound to, for printing.
@@ -200,6 +244,8 @@ pub fn local(listener: &TcpListener) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[tokio::test]
@@ -210,6 +256,7 @@ mod tests {
         let server = tokio::spawn(serve_with_timeout(
             listener,
             MetricsSecurity::default(),
+            None,
             shutdown.clone(),
             Duration::from_millis(100),
         ));
@@ -264,14 +311,15 @@ mod tests {
                 token: Some(waymark_server::auth::token_digest("scrape-me")),
                 tls: None,
             },
+            None,
             shutdown.clone(),
             Duration::from_secs(5),
         ));
         let refused = scrape(addr, None).await;
         assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
         assert!(
-            refused.ends_with("\r\n\r\n"),
-            "no metrics without the token"
+            !refused.contains("# TYPE") && !refused.contains("waymark_"),
+            "no metrics without the token: {refused}"
         );
         let wrong = scrape(addr, Some("Bearer guess")).await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");

@@ -163,6 +163,7 @@ async fn dead_letters(
             .list_dead_letters(pb::ListDeadLettersRequest {
                 page_size: 1000,
                 page_token: token,
+                newest_first: false,
             })
             .await
             .map_err(status)?

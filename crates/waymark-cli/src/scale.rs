@@ -181,6 +181,7 @@ async fn start_metrics(
     tasks: &mut Tasks,
     addr: SocketAddr,
     security: crate::metrics_http::MetricsSecurity,
+    status: Option<crate::status::StatusSources>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     crate::metrics_http::recorder();
@@ -194,7 +195,7 @@ async fn start_metrics(
     let bound = listener.local_addr()?;
     let token = shutdown.clone();
     tasks.spawn(async move {
-        crate::metrics_http::serve(listener, security, token).await;
+        crate::metrics_http::serve(listener, security, status, token).await;
         ("metrics".to_owned(), Ok(()))
     });
     Ok(bound)
@@ -232,6 +233,7 @@ pub async fn run(
         &mut tasks,
         options.metrics_addr,
         options.metrics_security.clone(),
+        None,
         &shutdown,
     )
     .await?;
@@ -278,6 +280,11 @@ pub async fn serve(
         &shutdown,
     )
     .await?;
+    let status = crate::status::StatusSources {
+        admin: services.admin.clone(),
+        query: services.query.clone(),
+        auth: security.auth.clone(),
+    };
     let token = shutdown.clone();
     tasks.spawn(async move {
         let result = waymark_server::serve_with(listener, services, security, token).await;
@@ -290,6 +297,7 @@ pub async fn serve(
         &mut tasks,
         options.metrics_addr,
         options.metrics_security.clone(),
+        Some(status),
         &shutdown,
     )
     .await?;
@@ -299,6 +307,7 @@ pub async fn serve(
         options.cql_nodes.join(",")
     );
     println!("  metrics: http://{metrics}/metrics");
+    println!("  status:  http://{metrics}/");
     info!(grpc = %bound, "waymark serve ready");
     platform::supervise(&mut tasks, stop, &shutdown, DRAIN_TIMEOUT).await
 }

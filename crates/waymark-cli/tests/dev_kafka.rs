@@ -258,6 +258,7 @@ async fn big_records_are_dead_letters_or_refused_and_nothing_else_is_lost() {
         .list_dead_letters(pb::ListDeadLettersRequest {
             page_size: 10,
             page_token: String::new(),
+            newest_first: false,
         })
         .await
         .unwrap()

@@ -460,6 +460,7 @@ async fn dev_poison_records_of_every_kind() {
             .list_dead_letters(pb::ListDeadLettersRequest {
                 page_size: 1000,
                 page_token: token,
+                newest_first: false,
             })
             .await
             .unwrap()

@@ -572,3 +572,59 @@ fn token_new_prints_a_token_and_its_line() {
     assert!(!out.status.success());
     assert!(text(&out).contains("unknown role"), "{}", text(&out));
 }
+
+/// `GET path` on the metrics port with an optional bearer token: the
+/// status line and the body.
+async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The status page's API asks for the gRPC port's credentials and roles:
+/// the page is open, its data is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_api_needs_the_grpc_credentials_and_roles() {
+    let m = material();
+    let data = tempfile::tempdir().unwrap();
+    let dev = start(data.path(), tls_and_auth(&m)).await;
+    let addr = dev.info.metrics_addr.clone();
+    let (page, html) = http_get(&addr, "/", None).await;
+    assert!(page.contains("200"), "{page}");
+    assert!(html.contains("<title>Waymark status</title>"));
+    for (token, path, want) in [
+        (None, "/api/status", "401"),
+        (Some("wmk_guess"), "/api/status", "401"),
+        (Some(READER), "/api/status", "403"),
+        (Some(OPERATOR), "/api/status", "200"),
+        (None, "/api/person?q=telegram:1", "401"),
+        (Some(PUBLISHER), "/api/person?q=telegram:1", "403"),
+        // Authorized, and nobody is there.
+        (Some(READER), "/api/person?q=telegram:1", "404"),
+    ] {
+        let (status, body) = http_get(&addr, path, token).await;
+        assert!(
+            status.contains(want),
+            "{path} with {token:?}: {status} {body}, want {want}"
+        );
+        if want != "200" {
+            assert!(body.contains("\"error\""), "{body}");
+            assert!(
+                !body.contains("projections"),
+                "no data when refused: {body}"
+            );
+        }
+    }
+    dev.stop().await.unwrap();
+}

@@ -255,6 +255,29 @@ impl PlatformOperator {
         }
     }
 
+    /// Seconds since the record at `position` of `topic`'s `partition`
+    /// was appended (the oldest not applied); 0 when caught up or when it
+    /// cannot be read (it left the retention: the lag in records still
+    /// tells).
+    async fn lag_seconds(
+        &self,
+        topic: &str,
+        partition: u32,
+        position: u64,
+        high: u64,
+        now_ms: i64,
+    ) -> f64 {
+        if position >= high {
+            return 0.0;
+        }
+        match self.log.read(topic, partition, position, 1).await {
+            Ok(records) => records.first().map_or(0.0, |r| {
+                now_ms.saturating_sub(r.timestamp_ms).max(0) as f64 / 1000.0
+            }),
+            Err(_) => 0.0,
+        }
+    }
+
     async fn describe(&self, processor: &str, sizes: bool) -> Result<pb::Projection, ApiError> {
         let topic = self.known(processor)?;
         let entry = self.entry(processor).await?;
@@ -277,6 +300,18 @@ impl PlatformOperator {
                     *stored_bytes.get_or_insert(0) += bytes;
                 }
             }
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let mut partitions = Vec::new();
+            for (p, (pos, high)) in &progress.partitions {
+                partitions.push(pb::PartitionProgress {
+                    partition: i32::try_from(*p).unwrap_or(i32::MAX),
+                    position: i64::try_from(*pos).unwrap_or(i64::MAX),
+                    high_watermark: i64::try_from(*high).unwrap_or(i64::MAX),
+                    lag: i64::try_from(high.saturating_sub(*pos)).unwrap_or(i64::MAX),
+                    lag_seconds: self.lag_seconds(&topic, *p, *pos, *high, now_ms).await,
+                });
+            }
+            let lag_seconds = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
             versions.push(pb::ProjectionVersion {
                 version: *v,
                 state: match info.state {
@@ -284,16 +319,7 @@ impl PlatformOperator {
                     VersionState::Live => pb::VersionState::Live,
                     VersionState::Retired => pb::VersionState::Retired,
                 } as i32,
-                partitions: progress
-                    .partitions
-                    .iter()
-                    .map(|(p, (pos, high))| pb::PartitionProgress {
-                        partition: i32::try_from(*p).unwrap_or(i32::MAX),
-                        position: i64::try_from(*pos).unwrap_or(i64::MAX),
-                        high_watermark: i64::try_from(*high).unwrap_or(i64::MAX),
-                        lag: i64::try_from(high.saturating_sub(*pos)).unwrap_or(i64::MAX),
-                    })
-                    .collect(),
+                partitions,
                 lag,
                 rate,
                 eta_seconds: (lag > 0 && rate > 0.0).then(|| lag as f64 / rate),
@@ -304,6 +330,7 @@ impl PlatformOperator {
                 stored_bytes,
                 created_at: Some(timestamp(&info.created_at)),
                 switched_at: info.switched_at.as_ref().map(timestamp),
+                lag_seconds,
             });
         }
         Ok(pb::Projection {

@@ -265,7 +265,11 @@ mod tests {
             ("PublishResult", &["accepted", "rejected"]),
             ("PublishResult.Accepted", &["partition", "offset"]),
             ("PublishResult.Rejected", &["error", "message"]),
-            ("ListDeadLettersRequest", &["page_size", "page_token"]),
+            // `newest_first` is an addition (docs/contract.md).
+            (
+                "ListDeadLettersRequest",
+                &["page_size", "page_token", "newest_first"],
+            ),
             (
                 "ListDeadLettersResponse",
                 &["dead_letters", "next_page_token"],

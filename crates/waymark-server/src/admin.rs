@@ -291,22 +291,35 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let r = request.into_inner();
         let limit = page_size(r.page_size)?;
-        let mut next = parse_token(&r.page_token)?;
-        let partitions = self
-            .log
-            .partitions(&self.dlq_topic)
-            .await
-            .map_err(ApiError::from)?;
+        let page = if r.newest_first {
+            self.dead_letters_newest_first(limit, &r.page_token).await?
+        } else {
+            self.dead_letters_oldest_first(limit, &r.page_token).await?
+        };
+        Ok(Response::new(page))
+    }
+}
+
+impl AdminService {
+    /// A page of dead letters oldest first; the token holds the next offset
+    /// to read per partition.
+    async fn dead_letters_oldest_first(
+        &self,
+        limit: usize,
+        token: &str,
+    ) -> Result<pb::ListDeadLettersResponse, ApiError> {
+        if token.starts_with(NEWEST_FIRST) {
+            return Err(ApiError::InvalidArgument(
+                "page_token was issued for newest_first".into(),
+            ));
+        }
+        let mut next = parse_token(token)?;
+        let partitions = self.log.partitions(&self.dlq_topic).await?;
         // Read up to a page from every partition, merge oldest first.
         let mut candidates: Vec<Record> = Vec::new();
         for p in 0..partitions {
             let from = next.get(&p).copied().unwrap_or(0);
-            let records = self
-                .log
-                .read(&self.dlq_topic, p, from, limit)
-                .await
-                .map_err(ApiError::from)?;
-            candidates.extend(records);
+            candidates.extend(self.log.read(&self.dlq_topic, p, from, limit).await?);
         }
         candidates.sort_by_key(|r| (r.timestamp_ms, r.partition, r.offset));
         candidates.truncate(limit);
@@ -317,25 +330,75 @@ impl Admin for AdminService {
         }
         let mut more = false;
         for p in 0..partitions {
-            let (_, high) = self
-                .log
-                .watermarks(&self.dlq_topic, p)
-                .await
-                .map_err(ApiError::from)?;
+            let (_, high) = self.log.watermarks(&self.dlq_topic, p).await?;
             if next.get(&p).copied().unwrap_or(0) < high {
                 more = true;
             }
         }
-        Ok(Response::new(pb::ListDeadLettersResponse {
+        Ok(pb::ListDeadLettersResponse {
             dead_letters,
             next_page_token: if more {
                 format_token(&next)
             } else {
                 String::new()
             },
-        }))
+        })
+    }
+
+    /// A page of dead letters newest first; the token holds, per partition,
+    /// the offset below which the next page reads.
+    async fn dead_letters_newest_first(
+        &self,
+        limit: usize,
+        token: &str,
+    ) -> Result<pb::ListDeadLettersResponse, ApiError> {
+        let mut end = match token.strip_prefix(NEWEST_FIRST) {
+            Some(rest) => parse_token(rest)?,
+            None if token.is_empty() => BTreeMap::new(),
+            None => {
+                return Err(ApiError::InvalidArgument(
+                    "page_token was issued for oldest first".into(),
+                ))
+            }
+        };
+        let partitions = self.log.partitions(&self.dlq_topic).await?;
+        let mut low = BTreeMap::new();
+        let mut candidates: Vec<Record> = Vec::new();
+        for p in 0..partitions {
+            let (first, high) = self.log.watermarks(&self.dlq_topic, p).await?;
+            low.insert(p, first);
+            let until = end.get(&p).copied().unwrap_or(high).min(high);
+            let from = until.saturating_sub(limit as u64).max(first);
+            if from < until {
+                let records = self.log.read(&self.dlq_topic, p, from, limit).await?;
+                candidates.extend(records.into_iter().filter(|r| r.offset < until));
+            }
+            end.insert(p, until);
+        }
+        candidates.sort_by_key(|r| std::cmp::Reverse((r.timestamp_ms, r.partition, r.offset)));
+        candidates.truncate(limit);
+        let mut dead_letters: Vec<pb::DeadLetter> = candidates.iter().map(dead_letter).collect();
+        dead_letters.truncate(fit_page(&dead_letters));
+        for r in &candidates[..dead_letters.len()] {
+            let e = end.entry(r.partition).or_insert(r.offset);
+            *e = (*e).min(r.offset);
+        }
+        let more = end
+            .iter()
+            .any(|(p, e)| *e > low.get(p).copied().unwrap_or(0));
+        Ok(pb::ListDeadLettersResponse {
+            dead_letters,
+            next_page_token: if more {
+                format!("{NEWEST_FIRST}{}", format_token(&end))
+            } else {
+                String::new()
+            },
+        })
     }
 }
+
+/// The prefix of newest-first page tokens.
+const NEWEST_FIRST: &str = "n:";
 
 fn dead_letter(record: &Record) -> pb::DeadLetter {
     let d = DeadLetter::from_record(record);

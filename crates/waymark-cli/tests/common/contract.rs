@@ -409,6 +409,7 @@ pub async fn contract_workload(grpc_addr: &str, kafka_bootstrap: &str, inputs_to
         .list_dead_letters(pb::ListDeadLettersRequest {
             page_size: 4,
             page_token: String::new(),
+            newest_first: false,
         })
         .await
         .unwrap()
@@ -418,16 +419,49 @@ pub async fn contract_workload(grpc_addr: &str, kafka_bootstrap: &str, inputs_to
         .list_dead_letters(pb::ListDeadLettersRequest {
             page_size: 4,
             page_token: first.next_page_token,
+            newest_first: false,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(second.dead_letters.len(), 2);
     assert!(second.next_page_token.is_empty());
+    // Newest first, in pages: the same letters in reverse.
+    let mut newest = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                page_size: 4,
+                page_token: token,
+                newest_first: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        newest.extend(
+            page.dead_letters
+                .into_iter()
+                .map(|d| (d.partition, d.offset)),
+        );
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut oldest: Vec<(i32, i64)> = first
+        .dead_letters
+        .iter()
+        .chain(&second.dead_letters)
+        .map(|d| (d.partition, d.offset))
+        .collect();
+    oldest.reverse();
+    assert_eq!(newest, oldest, "newest first is oldest first reversed");
     let err = admin
         .list_dead_letters(pb::ListDeadLettersRequest {
             page_size: 1001,
             page_token: String::new(),
+            newest_first: false,
         })
         .await
         .unwrap_err();
