@@ -248,6 +248,66 @@ mod tests {
 
     use super::*;
 
+    /// docs/operations/metrics.md lists every metric a process exports.
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../../docs/operations/metrics.md");
+        use waymark_runtime::metrics as m;
+        let names = [
+            m::DECODED,
+            m::EVENTS_APPLIED,
+            m::EVENTS_DUPLICATE,
+            m::EVENTS_REDELIVERED,
+            m::DEAD_LETTERS,
+            m::DROPPED,
+            m::BATCH_DURATION,
+            m::BATCH_SIZE,
+            m::LAG,
+            m::LAG_SECONDS,
+            m::POSITION,
+            m::RETRIES,
+            m::ROWS_WRITTEN,
+            m::FAILING_RETRIES,
+            m::PARKED,
+            m::PARKED_KEYS,
+            m::STAGE_DURATION,
+            waymark_broker::REQUESTS,
+            waymark_broker::REQUEST_SECONDS,
+            waymark_broker::RECORDS_IN,
+            waymark_broker::BYTES_IN,
+            waymark_broker::RECORDS_OUT,
+            waymark_broker::BYTES_OUT,
+            waymark_broker::REFUSALS,
+            waymark_broker::CONNECTIONS,
+            waymark_broker::AUTH_FAILURES,
+            waymark_server::observe::REQUESTS,
+            waymark_server::observe::REQUEST_DURATION,
+            waymark_server::auth::REFUSED,
+            waymark_server::admission::SHED,
+            waymark_tls::HANDSHAKE_FAILURES,
+            waymark_tls::RELOADS,
+        ];
+        for name in names {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is not in docs/operations/metrics.md"
+            );
+        }
+    }
+
+    /// A scrape has the histograms' buckets, so replicas aggregate.
+    #[tokio::test]
+    async fn latencies_are_histograms() {
+        let handle = recorder().expect("the recorder installs");
+        metrics::histogram!(waymark_server::observe::REQUEST_DURATION, "service" => "s", "method" => "m", "code" => "OK")
+            .record(0.003);
+        let text = handle.render();
+        assert!(
+            text.contains("waymark_grpc_request_duration_seconds_bucket{service=\"s\",method=\"m\",code=\"OK\",le=\"0.005\"} 1"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn answers_a_request_and_drops_an_idle_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

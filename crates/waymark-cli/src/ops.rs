@@ -66,17 +66,26 @@ fn bytes(n: Option<u64>) -> String {
     }
 }
 
+/// How far behind the append time a version is: `-` when caught up.
+fn behind(lag: u64, seconds: f64) -> String {
+    if lag == 0 {
+        return "-".to_owned();
+    }
+    eta(Some(seconds))
+}
+
 /// Renders `waymark projections`.
 pub fn projections_table(projections: &[pb::Projection]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<13} {:>7} {:<9} {:>10} {:>10} {:>9} {:>8} {:<9} {:<8} {:>10}",
+        "{:<13} {:>7} {:<9} {:>10} {:>10} {:>8} {:>9} {:>8} {:<9} {:<8} {:>10}",
         "PROCESSOR",
         "VERSION",
         "STATE",
         "POSITION",
         "LAG",
+        "BEHIND",
         "RATE/s",
         "ETA",
         "CAUGHT_UP",
@@ -88,12 +97,13 @@ pub fn projections_table(projections: &[pb::Projection]) -> String {
             let position: i64 = v.partitions.iter().map(|x| x.position).sum();
             let _ = writeln!(
                 out,
-                "{:<13} {:>7} {:<9} {:>10} {:>10} {:>9.0} {:>8} {:<9} {:<8} {:>10}",
+                "{:<13} {:>7} {:<9} {:>10} {:>10} {:>8} {:>9.0} {:>8} {:<9} {:<8} {:>10}",
                 p.processor,
                 format!("v{}", v.version),
                 state_name(v.state),
                 position,
                 v.lag,
+                behind(v.lag, v.lag_seconds),
                 v.rate,
                 eta(v.eta_seconds),
                 if v.caught_up { "yes" } else { "no" },

@@ -32,6 +32,9 @@ pub const LAG: &str = "waymark_processor_lag_records";
 /// Seconds since the oldest record not yet applied was appended (0 when
 /// caught up), by processor, version and partition.
 pub const LAG_SECONDS: &str = "waymark_processor_lag_seconds";
+/// Gauge: the next offset to apply (records applied so far), by
+/// processor, version and partition; its rate is a rebuild's speed.
+pub const POSITION: &str = "waymark_processor_position";
 /// Retries after a store or log error, by processor and stage.
 pub const RETRIES: &str = "waymark_processor_retries_total";
 /// Row writes (upserts and deletes) sent to the store, by processor: set
@@ -94,6 +97,11 @@ pub fn describe() {
         LAG_SECONDS,
         Unit::Seconds,
         "age of the oldest record in the input partition not yet applied"
+    );
+    describe_gauge!(
+        POSITION,
+        Unit::Count,
+        "next offset of the input partition to apply (a rebuild's progress)"
     );
     describe_counter!(RETRIES, Unit::Count, "retries after a store or log error");
     describe_counter!(

@@ -1819,6 +1819,7 @@ async fn report_lag(
                 })
             };
             let labels = partition_labels(&labels, partition);
+            metrics::gauge!(m::POSITION, labels.clone()).set(state.next as f64);
             metrics::gauge!(m::LAG, labels.clone()).set(records as f64);
             metrics::gauge!(m::LAG_SECONDS, labels).set(seconds);
         }
