@@ -191,6 +191,7 @@ impl Target {
                     topology: self.topology.clone(),
                     kafka_addr: None,
                     kafka_limits: Default::default(),
+                    kafka_advertised: None,
                     grpc_security: waymark_server::Security::open(),
                     kafka_tls: None,
                     kafka_sasl: None,

@@ -285,11 +285,21 @@ impl Api {
         }
     }
 
-    fn broker(local: SocketAddr) -> MetadataResponseBroker {
+    /// The host and port clients are sent to: the configured advertised
+    /// address, else the one the connection arrived on.
+    fn advertised(&self, local: SocketAddr) -> (String, i32) {
+        match &self.config.advertised {
+            Some((host, port)) => (host.clone(), i32::from(*port)),
+            None => (local.ip().to_string(), i32::from(local.port())),
+        }
+    }
+
+    fn broker(&self, local: SocketAddr) -> MetadataResponseBroker {
+        let (host, port) = self.advertised(local);
         MetadataResponseBroker::default()
             .with_node_id(BrokerId(NODE_ID))
-            .with_host(str_bytes(local.ip().to_string()))
-            .with_port(i32::from(local.port()))
+            .with_host(str_bytes(host))
+            .with_port(port)
     }
 
     fn metadata(&self, r: &MetadataRequest, version: i16, local: SocketAddr) -> MetadataResponse {
@@ -332,7 +342,7 @@ impl Api {
             })
             .collect();
         MetadataResponse::default()
-            .with_brokers(vec![Self::broker(local)])
+            .with_brokers(vec![self.broker(local)])
             .with_cluster_id(Some(str_bytes(CLUSTER_ID)))
             .with_controller_id(BrokerId(NODE_ID))
             .with_topics(topics)
@@ -344,8 +354,8 @@ impl Api {
         version: i16,
         local: SocketAddr,
     ) -> FindCoordinatorResponse {
-        let host = str_bytes(local.ip().to_string());
-        let port = i32::from(local.port());
+        let (host, port) = self.advertised(local);
+        let host = str_bytes(host);
         let (error, message) = if r.key_type == 0 {
             (0, None)
         } else {

@@ -214,6 +214,11 @@ pub struct BrokerConfig {
     pub tls: Option<ServerTls>,
     /// SASL authentication before anything else; `None`: none.
     pub sasl: Option<SaslConfig>,
+    /// The host and port clients are told to connect to (Metadata,
+    /// FindCoordinator), like Kafka's `advertised.listeners`; `None`: the
+    /// address each connection arrived on. Needed behind NAT, e.g. in a
+    /// container whose port is published on the host.
+    pub advertised: Option<(String, u16)>,
 }
 
 /// Kafka's `max.message.bytes` of Waymark topics (as on real Kafka).
@@ -237,6 +242,7 @@ impl BrokerConfig {
             session_timeout_bounds: (Duration::from_secs(6), Duration::from_secs(1800)),
             tls: None,
             sasl: None,
+            advertised: None,
         }
     }
 

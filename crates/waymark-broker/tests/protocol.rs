@@ -525,3 +525,38 @@ async fn request_memory_is_bounded_across_connections() {
     assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
     assert_eq!(s.log.offsets(INPUTS, 0).unwrap().1, 1);
 }
+
+/// With an advertised address (a published container port, NAT), clients
+/// are sent there after bootstrapping, as with Kafka's
+/// `advertised.listeners`; without one, to the address they connected to.
+#[tokio::test]
+async fn metadata_and_coordinator_name_the_advertised_address() {
+    use kafka_protocol::messages::{FindCoordinatorRequest, MetadataRequest};
+    let plain = setup(|_| {}).await;
+    let mut raw = Raw::connect(plain.broker.addr()).await;
+    let md = raw
+        .call(&MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert_eq!(md.brokers[0].host.as_str(), "127.0.0.1");
+    assert_eq!(md.brokers[0].port, i32::from(plain.broker.addr().port()));
+
+    let s = setup(|c| c.advertised = Some(("kafka.example.test".into(), 29092))).await;
+    let mut raw = Raw::connect(s.broker.addr()).await;
+    let md = raw
+        .call(&MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert_eq!(md.brokers.len(), 1);
+    assert_eq!(md.brokers[0].host.as_str(), "kafka.example.test");
+    assert_eq!(md.brokers[0].port, 29092);
+    let coordinator = raw
+        .call(
+            &FindCoordinatorRequest::default()
+                .with_key(StrBytes::from_static_str("group"))
+                .with_key_type(0),
+            3,
+        )
+        .await;
+    assert_eq!(coordinator.error_code, 0);
+    assert_eq!(coordinator.host.as_str(), "kafka.example.test");
+    assert_eq!(coordinator.port, 29092);
+}

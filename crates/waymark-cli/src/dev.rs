@@ -43,6 +43,9 @@ pub struct DevOptions {
     pub kafka_addr: Option<SocketAddr>,
     /// Limits of the Kafka endpoint.
     pub kafka_limits: KafkaLimits,
+    /// The `host:port` the Kafka endpoint tells clients to connect to;
+    /// `None`: the address each connection arrived on.
+    pub kafka_advertised: Option<(String, u16)>,
     /// TLS and authentication of the gRPC port (`Security::open()` on
     /// loopback by default).
     pub grpc_security: waymark_server::Security,
@@ -163,6 +166,7 @@ impl Dev {
                         .config(addr, &topology.topics.inputs.name);
                     config.tls = options.kafka_tls.clone();
                     config.sasl = options.kafka_sasl.clone();
+                    config.advertised = options.kafka_advertised.clone();
                     config
                 })
                     .await

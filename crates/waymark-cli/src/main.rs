@@ -234,6 +234,11 @@ enum Command {
         /// Do not start the Kafka-protocol endpoint.
         #[arg(long)]
         no_kafka: bool,
+        /// Kafka endpoint: the HOST:PORT clients are told to connect to
+        /// after bootstrapping (Kafka's advertised.listeners), when it is
+        /// not the listen address: a published container port, NAT.
+        #[arg(long, env = "WAYMARK_KAFKA_ADVERTISED_ADDR", value_parser = parse_host_port)]
+        kafka_advertised_addr: Option<(String, u16)>,
         /// Kafka endpoint: open connections at most (more are closed).
         #[arg(long, default_value_t = KafkaLimits::default().max_connections, env = "WAYMARK_KAFKA_MAX_CONNECTIONS")]
         kafka_max_connections: usize,
@@ -626,6 +631,23 @@ impl EngineArgs {
     }
 }
 
+/// `HOST:PORT` (a name, an IPv4 address, or `[IPv6]`).
+fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{text:?} has no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
 fn load_topology(path: Option<&std::path::Path>) -> anyhow::Result<waymark_topology::Topology> {
     match path {
         Some(path) => registry::load_topology(path),
@@ -703,6 +725,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topology,
             kafka_addr,
             no_kafka,
+            kafka_advertised_addr: kafka_advertised,
             kafka_max_connections,
             kafka_max_in_flight,
             kafka_max_request_bytes,
@@ -765,6 +788,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_request_bytes: kafka_max_request_bytes,
                     idle_timeout: std::time::Duration::from_secs(kafka_idle_timeout_secs.max(1)),
                 },
+                kafka_advertised,
                 grpc_security,
                 kafka_tls,
                 kafka_sasl,
@@ -1078,5 +1102,21 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn host_port_parses() {
+        use super::parse_host_port;
+        assert_eq!(
+            parse_host_port("kafka.example:9092"),
+            Ok(("kafka.example".to_owned(), 9092))
+        );
+        assert_eq!(
+            parse_host_port("[::1]:19092"),
+            Ok(("::1".to_owned(), 19092))
+        );
+        for bad in ["kafka", ":9092", "h:0", "h:70000", "h:x"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -94,6 +94,7 @@ async fn start(dir: &Path, options: GrpcSecurityOptions) -> Dev {
         topology: waymark_cli::registry::default_topology().unwrap(),
         kafka_addr: None,
         kafka_limits: Default::default(),
+        kafka_advertised: None,
         grpc_security,
         kafka_tls: None,
         kafka_sasl: None,
@@ -505,6 +506,7 @@ async fn the_dev_kafka_endpoint_takes_tls_and_sasl() {
         topology: waymark_cli::registry::default_topology().unwrap(),
         kafka_addr: Some("127.0.0.1:0".parse().unwrap()),
         kafka_limits: Default::default(),
+        kafka_advertised: None,
         grpc_security: waymark_server::Security::open(),
         kafka_tls: Some(
             waymark_tls::ServerTls::load(

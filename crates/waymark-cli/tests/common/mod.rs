@@ -38,6 +38,7 @@ pub async fn start_dev(dir: &Path, kafka: bool) -> Dev {
         topology,
         kafka_addr: kafka.then(|| "127.0.0.1:0".parse().unwrap()),
         kafka_limits: Default::default(),
+        kafka_advertised: None,
         grpc_security: waymark_server::Security::open(),
         kafka_tls: None,
         kafka_sasl: None,
