@@ -36,7 +36,8 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
+/// The name of a `VersionState` (`building`, `live`, `retired`).
+pub fn state_name(state: i32) -> &'static str {
     match pb::VersionState::try_from(state) {
         Ok(pb::VersionState::Building) => "building",
         Ok(pb::VersionState::Live) => "live",

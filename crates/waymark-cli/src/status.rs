@@ -106,15 +106,6 @@ fn time(t: Option<&prost_types::Timestamp>) -> Value {
         .map_or(Value::Null, |t| Value::String(t.to_rfc3339()))
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::VersionState::try_from(state) {
-        Ok(pb::VersionState::Building) => "building",
-        Ok(pb::VersionState::Live) => "live",
-        Ok(pb::VersionState::Retired) => "retired",
-        _ => "unknown",
-    }
-}
-
 fn projection(p: &pb::Projection) -> Value {
     let versions: Vec<Value> = p
         .versions
@@ -122,7 +113,7 @@ fn projection(p: &pb::Projection) -> Value {
         .map(|v| {
             json!({
                 "version": v.version,
-                "state": state_name(v.state),
+                "state": crate::ops::state_name(v.state),
                 "lag_records": v.lag,
                 "lag_seconds": v.lag_seconds,
                 "rate": v.rate,

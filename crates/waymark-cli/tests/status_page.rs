@@ -122,6 +122,20 @@ async fn eventually_contains(client: &Client, css: &str, want: &str) -> String {
     panic!("{css} never showed {want:?}; it shows:\n{text}");
 }
 
+/// Types `q` into the lookup box (replacing what is there) and submits it.
+async fn look_up(client: &Client, q: &str) {
+    let input = client.find(Locator::Id("person-q")).await.unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(q).await.unwrap();
+    client
+        .find(Locator::Css("#person-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_shows_processors_dead_letters_rebuilds_and_a_person() {
     let Some((driver, chromium)) = driver() else {
@@ -186,15 +200,7 @@ async fn status_page_shows_processors_dead_letters_rebuilds_and_a_person() {
     assert!(letters.contains("identity"), "{letters}");
 
     // A person looked up by an identity, typed and submitted.
-    let q = client.find(Locator::Id("person-q")).await.unwrap();
-    q.send_keys("telegram:alice").await.unwrap();
-    client
-        .find(Locator::Css("#person-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    look_up(&client, "telegram:alice").await;
     let person = text_of(&client, "#person-result").await;
     assert!(person.contains("web:alice@example.com"), "{person}");
     assert!(person.contains("onboarding: completed"), "{person}");
@@ -202,16 +208,7 @@ async fn status_page_shows_processors_dead_letters_rebuilds_and_a_person() {
     assert!(person.contains("hello!"), "{person}");
 
     // An unknown identity says so.
-    let q = client.find(Locator::Id("person-q")).await.unwrap();
-    q.clear().await.unwrap();
-    q.send_keys("telegram:nobody").await.unwrap();
-    client
-        .find(Locator::Css("#person-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    look_up(&client, "telegram:nobody").await;
     let missing = text_of(&client, "#person-error").await;
     assert!(
         missing.contains("identity telegram:nobody not found"),
@@ -219,16 +216,7 @@ async fn status_page_shows_processors_dead_letters_rebuilds_and_a_person() {
     );
 
     // Back to alice for the picture.
-    let q = client.find(Locator::Id("person-q")).await.unwrap();
-    q.clear().await.unwrap();
-    q.send_keys("telegram:alice").await.unwrap();
-    client
-        .find(Locator::Css("#person-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    look_up(&client, "telegram:alice").await;
     text_of(&client, "#person-result").await;
     let png = client.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
