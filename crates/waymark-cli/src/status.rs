@@ -94,11 +94,8 @@ fn error(status: &tonic::Status) -> Response {
 }
 
 /// Checks the caller as the gRPC port would check a call to `rpc`.
-fn check(sources: &StatusSources, headers: &HeaderMap, rpc: &str) -> Result<(), Response> {
-    sources
-        .auth
-        .check(rpc, headers, None)
-        .map_err(|status| error(&status))
+fn check(sources: &StatusSources, headers: &HeaderMap, rpc: &str) -> Result<(), tonic::Status> {
+    sources.auth.check(rpc, headers, None)
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Value {
@@ -171,7 +168,7 @@ fn parked(k: &pb::ParkedKey) -> Value {
 
 async fn status(State(sources): State<StatusSources>, headers: HeaderMap) -> Response {
     if let Err(refused) = check(&sources, &headers, "/waymark.v1.Admin/ListProjections") {
-        return refused;
+        return error(&refused);
     }
     match read_status(&sources).await {
         Ok(v) => Json(v).into_response(),
@@ -254,7 +251,7 @@ async fn person(
     Query(query): Query<PersonQuery>,
 ) -> Response {
     if let Err(refused) = check(&sources, &headers, "/waymark.v1.Query/GetPerson") {
-        return refused;
+        return error(&refused);
     }
     match read_person(&sources, query.q.trim()).await {
         Ok(v) => Json(v).into_response(),
