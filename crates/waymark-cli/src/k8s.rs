@@ -21,7 +21,7 @@ use yaml_rust2::yaml::Hash;
 use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
 
 /// The Strimzi API version of the rendered `KafkaTopic`s.
-pub const STRIMZI_API_VERSION: &str = "kafka.strimzi.io/v1beta2";
+pub const STRIMZI_API_VERSION: &str = "kafka.strimzi.io/v1";
 /// The label that names the processor a Deployment runs.
 pub const PROCESSOR_LABEL: &str = "waymark.dev/processor";
 

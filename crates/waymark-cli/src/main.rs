@@ -301,6 +301,12 @@ enum Command {
         /// gRPC listen address.
         #[arg(long, default_value = "127.0.0.1:50051", env = "WAYMARK_GRPC_ADDR")]
         grpc_addr: SocketAddr,
+        /// Also serve grpc.health.v1 alone, plaintext and without
+        /// credentials, on this address: for probes that cannot use a
+        /// secured port (the kubelet's grpc probe). It reveals only
+        /// whether the services are up.
+        #[arg(long, env = "WAYMARK_GRPC_HEALTH_ADDR")]
+        grpc_health_addr: Option<SocketAddr>,
         #[command(flatten)]
         engines: EngineArgs,
         /// Prometheus metrics listen address (an ephemeral port if busy).
@@ -558,6 +564,11 @@ struct EngineArgs {
     /// Keyspace of the projections (created when missing).
     #[arg(long, default_value = "waymark", env = "WAYMARK_KEYSPACE")]
     keyspace: String,
+    /// Replication of the keyspace when Waymark creates it, as a CQL map,
+    /// e.g. "{'class': 'NetworkTopologyStrategy', 'dc1': 3}" (an existing
+    /// keyspace is left as it is).
+    #[arg(long, default_value = waymark_cql::DEFAULT_REPLICATION, env = "WAYMARK_CQL_REPLICATION")]
+    cql_replication: String,
     /// CQL role to log in as (PasswordAuthenticator).
     #[arg(long, env = "WAYMARK_CQL_USERNAME")]
     cql_username: Option<String>,
@@ -622,6 +633,7 @@ impl EngineArgs {
             }),
             cql_nodes: self.cql_nodes,
             keyspace: self.keyspace,
+            cql_replication: self.cql_replication,
             group_prefix: self.group_prefix,
             row_cache_bytes: self.row_cache_mb.saturating_mul(1024 * 1024),
             topology: load_topology(self.topology.as_deref())?,
@@ -824,6 +836,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve {
             grpc_addr,
+            grpc_health_addr,
             engines,
             metrics_addr,
             security,
@@ -834,6 +847,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             waymark_cli::scale::serve(
                 engines.options(metrics_addr, metrics_security)?,
                 grpc_addr,
+                grpc_health_addr,
                 security,
                 shutdown_signal(),
             )

@@ -83,6 +83,7 @@ pub fn recorder() -> Option<PrometheusHandle> {
             waymark_runtime::metrics::describe();
             waymark_broker::describe_metrics();
             waymark_server::observe::describe();
+            waymark_control::controller::describe_metrics();
             handle
         })
         .clone()
@@ -286,6 +287,7 @@ mod tests {
             waymark_server::admission::SHED,
             waymark_tls::HANDSHAKE_FAILURES,
             waymark_tls::RELOADS,
+            waymark_control::controller::PROJECTION_STATE,
         ];
         for name in names {
             assert!(

@@ -39,6 +39,8 @@ pub struct EngineOptions {
     pub cql_tls: Option<waymark_cql::CqlTls>,
     /// Keyspace of the projections.
     pub keyspace: String,
+    /// The CQL replication map of the keyspace when Waymark creates it.
+    pub cql_replication: String,
     /// Prefix of consumer group names (`<prefix>.<processor>.v<version>`).
     pub group_prefix: String,
     /// Bytes of rows each fold runner caches across batches (0: none).
@@ -128,6 +130,7 @@ async fn connect(
     let cql = CqlConfig {
         nodes: options.cql_nodes.clone(),
         keyspace: options.keyspace.clone(),
+        replication: options.cql_replication.clone(),
         row_cache_bytes: options.row_cache_bytes,
         username: options.cql_username.clone(),
         password: options.cql_password.clone(),
@@ -249,9 +252,14 @@ pub async fn run(
 }
 
 /// `waymark serve`: serves Query, Ingest and Admin until `stop`.
+///
+/// With `health_addr`, `grpc.health.v1` alone is also served there,
+/// plaintext and open ([`waymark_server::serve_health`]), for probes that
+/// cannot use the secured port.
 pub async fn serve(
     options: EngineOptions,
     grpc_addr: SocketAddr,
+    health_addr: Option<SocketAddr>,
     security: waymark_server::Security,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -260,6 +268,14 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen for gRPC on {grpc_addr}"))?;
     let bound = listener.local_addr()?;
+    let health = match health_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for gRPC health on {addr}"))?,
+        ),
+        None => None,
+    };
     tokio::pin!(stop);
     let engines = tokio::select! {
         engines = connect(&options, &shutdown) => engines?,
@@ -285,6 +301,16 @@ pub async fn serve(
         query: services.query.clone(),
         auth: security.auth.clone(),
     };
+    if let Some(health) = health {
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let result = waymark_server::serve_health(health, token).await;
+            (
+                "grpc health".to_owned(),
+                result.map_err(anyhow::Error::from),
+            )
+        });
+    }
     let token = shutdown.clone();
     tasks.spawn(async move {
         let result = waymark_server::serve_with(listener, services, security, token).await;

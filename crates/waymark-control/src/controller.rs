@@ -24,6 +24,57 @@ use waymark_topology::Topology;
 /// How often controllers and trackers re-read the catalog.
 pub const CATALOG_POLL: Duration = Duration::from_secs(1);
 
+/// Gauge: 1 for the state a projection version is in, 0 for the others
+/// (and for every state once it is dropped), by `processor`, `version` and
+/// `state` (`building`, `live`, `retired`). Set by every controller on each
+/// catalog poll, so alerts can tell the versions queries read from those
+/// being rebuilt (which start at offset 0, behind by design).
+pub const PROJECTION_STATE: &str = "waymark_projection_state";
+
+/// Registers the controller's metric descriptions.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        PROJECTION_STATE,
+        metrics::Unit::Count,
+        "1 for the state (building, live, retired) a projection version is in"
+    );
+}
+
+const STATES: [(VersionState, &str); 3] = [
+    (VersionState::Building, "building"),
+    (VersionState::Live, "live"),
+    (VersionState::Retired, "retired"),
+];
+
+/// Reports the state of every version of `entry`, and no state for the
+/// versions dropped since the last report (`reported`: the versions last
+/// reported per processor).
+fn report_states(reported: &mut HashMap<String, BTreeSet<u32>>, name: &str, entry: &CatalogEntry) {
+    let now: BTreeSet<u32> = entry.versions.keys().copied().collect();
+    let before = reported.insert(name.to_owned(), now).unwrap_or_default();
+    for (version, info) in &entry.versions {
+        report_state(name, *version, Some(info.state));
+    }
+    for dropped in before.iter().filter(|v| !entry.versions.contains_key(v)) {
+        report_state(name, *dropped, None);
+    }
+}
+
+/// Sets [`PROJECTION_STATE`] for `version` of `processor`: `state`, or
+/// none when dropped.
+fn report_state(processor: &str, version: u32, state: Option<VersionState>) {
+    for (s, label) in STATES {
+        let value = if Some(s) == state { 1.0 } else { 0.0 };
+        metrics::gauge!(
+            PROJECTION_STATE,
+            "processor" => processor.to_owned(),
+            "version" => version.to_string(),
+            "state" => label
+        )
+        .set(value);
+    }
+}
+
 /// The version `topology.yaml` configures for `name` (the version a fresh
 /// catalog starts with).
 pub(crate) fn configured_version(topology: &Topology, name: &str) -> u32 {
@@ -155,6 +206,9 @@ pub struct Controller {
     decoder: Arc<SharedDecoder>,
     /// Versions not run because this build cannot read them (warned once).
     skipped: HashSet<(String, u32)>,
+    /// The versions of each processor last reported in
+    /// [`PROJECTION_STATE`].
+    reported: HashMap<String, BTreeSet<u32>>,
     requests: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
@@ -199,6 +253,7 @@ impl Controller {
                 runners: HashMap::new(),
                 decoder: Arc::new(SharedDecoder::new(DEFAULT_DECODER_BYTES)),
                 skipped: HashSet::new(),
+                reported: HashMap::new(),
                 requests: rx,
             },
             ControllerHandle { requests: tx },
@@ -323,6 +378,7 @@ impl Controller {
                 }
             }
         }
+        report_states(&mut self.reported, name, &entry);
         let mut handed_off = catalog::handed_off(store, self.log.as_ref(), &topic, &entry).await?;
         if let Some(previous) = entry.previous.filter(|p| !entry.readable(*p, encoding)) {
             // It cannot run here: it stands where it stopped, and has

@@ -371,3 +371,91 @@ async fn the_unapplied_floor_is_the_slowest_reader() {
         [(0, 0), (1, 0)].into()
     );
 }
+
+/// `waymark_projection_state` follows the catalog: the live version, a
+/// rebuild while it builds, then the switch, and nothing once dropped.
+#[tokio::test]
+async fn the_projection_state_metric_follows_the_catalog() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use waymark_control::controller::PROJECTION_STATE;
+    use waymark_runtime::catalog::Configured;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // One-threaded test runtime: the controller records here.
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let states = || -> BTreeMap<(String, String), f64> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == PROJECTION_STATE)
+            .filter_map(|(k, _, _, v)| {
+                let label = |name: &str| {
+                    k.key()
+                        .labels()
+                        .find(|l| l.key() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap()
+                };
+                match v {
+                    DebugValue::Gauge(g) => {
+                        Some(((label("version"), label("state")), g.into_inner()))
+                    }
+                    _ => None,
+                }
+            })
+            .filter(|(_, v)| *v > 0.0)
+            .collect()
+    };
+    let log = MemoryLog::new();
+    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+        name: name.into(),
+        partitions,
+        retention: None,
+        compaction: false,
+    });
+    log.ensure_topics(&topics).await.unwrap();
+    let store = MemoryStore::new();
+    let configured = Configured::new(1, 1);
+
+    let mut c = controller(&log, &store, 1, 1);
+    c.start().await.unwrap();
+    let live_1 = (("1".to_owned(), "live".to_owned()), 1.0);
+    assert_eq!(states(), BTreeMap::from([live_1.clone()]));
+
+    catalog::update(&store, "count", configured, |e| {
+        e.start_rebuild(Some(2), false, 1, chrono::Utc::now())
+    })
+    .await
+    .unwrap();
+    c.reconcile("count").await.unwrap();
+    assert_eq!(
+        states(),
+        BTreeMap::from([live_1, (("2".to_owned(), "building".to_owned()), 1.0)])
+    );
+
+    catalog::update(&store, "count", configured, |e| {
+        e.switch(2, chrono::Utc::now())
+    })
+    .await
+    .unwrap();
+    c.reconcile("count").await.unwrap();
+    assert_eq!(
+        states(),
+        BTreeMap::from([
+            (("1".to_owned(), "retired".to_owned()), 1.0),
+            (("2".to_owned(), "live".to_owned()), 1.0)
+        ])
+    );
+
+    catalog::update(&store, "count", configured, |e| e.drop_version(1, true))
+        .await
+        .unwrap();
+    c.reconcile("count").await.unwrap();
+    assert_eq!(
+        states(),
+        BTreeMap::from([(("2".to_owned(), "live".to_owned()), 1.0)])
+    );
+    drop(c);
+}

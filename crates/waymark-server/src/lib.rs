@@ -214,3 +214,77 @@ pub async fn serve_with(
     }
     Ok(())
 }
+
+/// Serves only `grpc.health.v1` on `listener`, plaintext and open, until
+/// `shutdown`: the port for probes that cannot speak TLS or send
+/// credentials (the kubelet's `grpc` probe). It answers `SERVING` for the
+/// server and for Query, Ingest and Admin while the process serves them,
+/// and nothing else (every other rpc is `UNIMPLEMENTED`), so it reveals no
+/// data.
+pub async fn serve_health(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<QueryServer<QueryService>>().await;
+    reporter.set_serving::<IngestServer<IngestService>>().await;
+    reporter.set_serving::<AdminServer<AdminService>>().await;
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(8)
+        .timeout(Duration::from_secs(10))
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod health_port_tests {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_health_port_answers_health_and_nothing_else() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_health(listener, shutdown.clone()));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("a uri")
+            .connect()
+            .await
+            .expect("connects");
+        let mut health = HealthClient::new(channel.clone());
+        for service in [
+            "",
+            "waymark.v1.Query",
+            "waymark.v1.Ingest",
+            "waymark.v1.Admin",
+        ] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("answered")
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        }
+        let query = waymark_proto::v1::query_client::QueryClient::new(channel)
+            .get_person(waymark_proto::v1::GetPersonRequest {
+                person_id: "0b9f5a2e-3a47-4f1d-9c61-3f0d8f1e2a11".into(),
+            })
+            .await
+            .expect_err("no query here");
+        assert_eq!(query.code(), tonic::Code::Unimplemented);
+        shutdown.cancel();
+        server.await.expect("joins").expect("stops cleanly");
+    }
+}
