@@ -1,8 +1,10 @@
 //! Criterion micro-benchmarks of Waymark's hot paths: decode + validate of
 //! a raw event, the canonical decode the folds use (by each record, and
 //! through the process's shared decoder), the v1→v2 upcast, each
-//! fold's `Tracked::apply`, and one durable embedded-store batch write of
-//! 2000 rows.
+//! fold's `Tracked::apply`, one durable embedded-store batch write of
+//! 2000 rows, and the gRPC request metrics layer (`grpc/observe`) against
+//! the same unary call without it (`grpc/plain`), with the Prometheus
+//! recorder installed.
 //!
 //! Run with `cargo bench -p waymark-bench --bench micro` (add
 //! `-- --quick` for a fast pass). `cargo test` never runs them.
@@ -213,5 +215,80 @@ fn store_write(c: &mut Criterion) {
     store.close();
 }
 
-criterion_group!(benches, decode, shared_decode, upcast, folds, store_write);
+/// Answers every call with one data frame and OK trailers, as a unary rpc.
+#[derive(Clone)]
+struct Unary;
+
+impl tower::Service<http::Request<()>> for Unary {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let body = http_body_util::StreamBody::new(tokio_stream::iter([
+            Ok::<_, tonic::Status>(http_body::Frame::data(bytes::Bytes::from_static(
+                b"\0\0\0\0\x05hello",
+            ))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]));
+        std::future::ready(Ok(http::Response::new(tonic::body::Body::new(body))))
+    }
+}
+
+fn grpc_observe(c: &mut Criterion) {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    // The process-wide Prometheus recorder, as the servers install it.
+    waymark_cli::metrics_http::recorder();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let request = || {
+        http::Request::builder()
+            .uri("/waymark.v1.Query/GetPerson")
+            .body(())
+            .unwrap()
+    };
+    let known = waymark_server::observe::KnownMethods::from_descriptor_sets(&[
+        waymark_proto::FILE_DESCRIPTOR_SET,
+    ]);
+    let observed = waymark_server::observe::ObserveLayer::new(known).layer(Unary);
+    let mut g = c.benchmark_group("grpc");
+    g.bench_function("plain", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let response = Unary.oneshot(request()).await.unwrap();
+                black_box(response.into_body().collect().await.unwrap());
+            })
+        })
+    });
+    g.bench_function("observe", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let response = observed.clone().oneshot(request()).await.unwrap();
+                black_box(response.into_body().collect().await.unwrap());
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    shared_decode,
+    upcast,
+    folds,
+    store_write,
+    grpc_observe
+);
 criterion_main!(benches);

@@ -123,6 +123,20 @@ async fn publish(log: &MemoryLog, first: usize, n: usize) {
     log.produce(records).await.unwrap();
 }
 
+/// A memory log with the events (2 partitions) and dead-letter topics, and
+/// an empty memory store.
+async fn engines() -> (MemoryLog, MemoryStore) {
+    let log = MemoryLog::new();
+    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
+        name: name.into(),
+        partitions,
+        retention: None,
+        compaction: false,
+    });
+    log.ensure_topics(&topics).await.unwrap();
+    (log, MemoryStore::new())
+}
+
 fn controller(log: &MemoryLog, store: &MemoryStore, encoding: u32, version: u32) -> Controller {
     Controller::new(
         registry(encoding),
@@ -194,15 +208,7 @@ fn counts(store: &MemoryStore, table: &str, encoding: u32) -> Vec<u64> {
 
 #[tokio::test]
 async fn a_version_of_another_state_encoding_is_detected_and_rebuilt_once_raised() {
-    let log = MemoryLog::new();
-    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
-        name: name.into(),
-        partitions,
-        retention: None,
-        compaction: false,
-    });
-    log.ensure_topics(&topics).await.unwrap();
-    let store = MemoryStore::new();
+    let (log, store) = engines().await;
 
     // Build A (state encoding 1) runs version 1 over the first records.
     publish(&log, 0, 5).await;
@@ -323,15 +329,7 @@ async fn a_changed_partition_count_is_refused_at_start_up() {
 /// for a topic no processor reads.
 #[tokio::test]
 async fn the_unapplied_floor_is_the_slowest_reader() {
-    let log = MemoryLog::new();
-    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
-        name: name.into(),
-        partitions,
-        retention: None,
-        compaction: false,
-    });
-    log.ensure_topics(&topics).await.unwrap();
-    let store = MemoryStore::new();
+    let (log, store) = engines().await;
     let floor = |store: MemoryStore, log: MemoryLog| async move {
         waymark_control::unapplied_floor(&store, &log, &registry(1), &topology(1), EVENTS)
             .await
@@ -408,15 +406,7 @@ async fn the_projection_state_metric_follows_the_catalog() {
             .filter(|(_, v)| *v > 0.0)
             .collect()
     };
-    let log = MemoryLog::new();
-    let topics = [(EVENTS, 2), (DLQ, 1)].map(|(name, partitions)| TopicConfig {
-        name: name.into(),
-        partitions,
-        retention: None,
-        compaction: false,
-    });
-    log.ensure_topics(&topics).await.unwrap();
-    let store = MemoryStore::new();
+    let (log, store) = engines().await;
     let configured = Configured::new(1, 1);
 
     let mut c = controller(&log, &store, 1, 1);
